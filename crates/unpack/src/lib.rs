@@ -1,0 +1,267 @@
+//! Materializing a layer's file tree on a local filesystem.
+//!
+//! Used by `lazypull layer extract` and, later, by the snapshotter's fallback path for layers
+//! that cannot be mounted lazily. It works from the normalized [`estargz::Tree`] rather than from
+//! raw tar entries, so hostile names (`../x`, absolute paths) were already rejected when the TOC
+//! was parsed, duplicates are already resolved and hardlinks point at inodes.
+//!
+//! Why not just write through `std::fs`: extraction into a directory must never follow a
+//! symlink the layer itself created (`a -> /etc`, then `a/passwd`). Every entry is created
+//! relative to a parent whose real type was checked with `lstat`, and metadata calls use the
+//! no-follow variants. Directory times are applied last, after their contents stopped changing.
+//!
+//! Whiteouts are kept as regular files by default (what `tar -x` does); with
+//! [`ExtractOptions::overlay_whiteouts`] they become overlayfs whiteouts (0/0 char devices and
+//! `trusted.overlay.opaque`), which is what a snapshot directory needs.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use estargz::{BlobSource, NodeId, NodeKind, Reader};
+use nix::sys::stat::{mknod, Mode, SFlag};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid};
+
+/// Errors from extraction; each names the path it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing to extract {path:?}: its parent {parent} is not a directory (symlink escape?)")]
+    UnsafeParent { path: String, parent: PathBuf },
+    #[error(transparent)]
+    Format(#[from] estargz::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn nix_io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> Error + 'a {
+    move |e| Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source: std::io::Error::from_raw_os_error(e as i32),
+    }
+}
+
+/// Knobs for [`extract`].
+#[derive(Debug, Clone)]
+pub struct ExtractOptions {
+    /// Check every chunk's sha256 while reading.
+    pub verify: bool,
+    /// Apply owners (needs CAP_CHOWN; defaults to "am I root").
+    pub chown: bool,
+    /// Convert `.wh.*` entries to overlayfs whiteouts.
+    pub overlay_whiteouts: bool,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        ExtractOptions {
+            verify: true,
+            chown: nix::unistd::geteuid().is_root(),
+            overlay_whiteouts: false,
+        }
+    }
+}
+
+/// What an extraction did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ExtractStats {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+/// Extracts the whole layer below `dest` (created if missing).
+pub fn extract<S: BlobSource>(reader: &Reader<S>, dest: &Path, opts: &ExtractOptions) -> Result<ExtractStats> {
+    fs::create_dir_all(dest).map_err(io("creating", dest))?;
+    let tree = reader.tree();
+    let mut first_path: HashMap<NodeId, PathBuf> = HashMap::new();
+    let mut dirs: Vec<(PathBuf, NodeId)> = Vec::new();
+    let mut stats = ExtractStats::default();
+    for (rel, id) in tree.walk() {
+        let node = tree.node(id);
+        let target = if rel.is_empty() { dest.to_path_buf() } else { dest.join(&rel) };
+        if !rel.is_empty() {
+            check_parent(dest, &rel, &target)?;
+        }
+        let name = Path::new(&rel).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if opts.overlay_whiteouts && node.kind != NodeKind::Dir {
+            if name == OPAQUE {
+                let parent = target.parent().unwrap_or(dest);
+                set_xattr(parent, "trusted.overlay.opaque", b"y")?;
+                continue;
+            }
+            if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+                let wh = target.with_file_name(hidden);
+                remove_existing(&wh)?;
+                mknod(&wh, SFlag::S_IFCHR, Mode::empty(), 0).map_err(nix_io("creating whiteout", &wh))?;
+                stats.entries += 1;
+                continue;
+            }
+        }
+        if let Some(existing) = first_path.get(&id) {
+            remove_existing(&target)?;
+            fs::hard_link(existing, &target).map_err(io("hardlinking", &target))?;
+            stats.entries += 1;
+            continue;
+        }
+        match node.kind {
+            NodeKind::Dir => {
+                match fs::symlink_metadata(&target) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        remove_existing(&target)?;
+                        fs::create_dir(&target).map_err(io("creating directory", &target))?;
+                    }
+                    Err(_) => fs::create_dir(&target).map_err(io("creating directory", &target))?,
+                }
+                dirs.push((target.clone(), id));
+            }
+            NodeKind::Reg => {
+                remove_existing(&target)?;
+                stats.bytes += write_file(reader, id, &target, opts.verify)?;
+            }
+            NodeKind::Symlink => {
+                remove_existing(&target)?;
+                symlink(&node.link_target, &target).map_err(io("creating symlink", &target))?;
+            }
+            NodeKind::Char | NodeKind::Block | NodeKind::Fifo => {
+                remove_existing(&target)?;
+                let kind = match node.kind {
+                    NodeKind::Char => SFlag::S_IFCHR,
+                    NodeKind::Block => SFlag::S_IFBLK,
+                    _ => SFlag::S_IFIFO,
+                };
+                let dev = nix::sys::stat::makedev(node.dev_major as u64, node.dev_minor as u64);
+                mknod(&target, kind, Mode::from_bits_truncate(node.mode), dev).map_err(nix_io("creating device node", &target))?;
+            }
+        }
+        if node.kind != NodeKind::Dir {
+            apply_metadata(&target, node, opts)?;
+        }
+        first_path.insert(id, target);
+        stats.entries += 1;
+    }
+    // Deepest directories first so a parent's mtime is set after its children.
+    for (path, id) in dirs.iter().rev() {
+        apply_metadata(path, tree.node(*id), opts)?;
+    }
+    Ok(stats)
+}
+
+/// Every ancestor between `dest` and the entry must be a real directory.
+fn check_parent(dest: &Path, rel: &str, target: &Path) -> Result<()> {
+    let mut p = dest.to_path_buf();
+    let comps: Vec<&str> = rel.split('/').collect();
+    for c in &comps[..comps.len() - 1] {
+        p.push(c);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            _ => {
+                return Err(Error::UnsafeParent {
+                    path: target.display().to_string(),
+                    parent: p,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_existing(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(io("replacing", path)),
+        Ok(_) => fs::remove_file(path).map_err(io("replacing", path)),
+        Err(_) => Ok(()),
+    }
+}
+
+fn write_file<S: BlobSource>(reader: &Reader<S>, id: NodeId, target: &Path, verify: bool) -> Result<u64> {
+    let node = reader.tree().node(id);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(target)
+        .map_err(io("creating", target))?;
+    for c in &node.chunks {
+        let data = reader.read_chunk(node, c, verify)?;
+        f.write_all(&data).map_err(io("writing", target))?;
+    }
+    Ok(node.size)
+}
+
+fn set_xattr(path: &Path, key: &str, value: &[u8]) -> Result<()> {
+    let p = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::Io {
+        op: "setting xattr on",
+        path: path.to_path_buf(),
+        source: std::io::Error::other("NUL in path"),
+    })?;
+    let k = CString::new(key).map_err(|_| Error::Io {
+        op: "setting xattr on",
+        path: path.to_path_buf(),
+        source: std::io::Error::other(format!("NUL in xattr name {key:?}")),
+    })?;
+    // SAFETY: both strings are NUL-terminated and live across the call; value is a valid slice.
+    let rc = unsafe { libc::lsetxattr(p.as_ptr(), k.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if rc != 0 {
+        return Err(Error::Io {
+            op: "setting xattr on",
+            path: path.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn apply_metadata(path: &Path, node: &estargz::Node, opts: &ExtractOptions) -> Result<()> {
+    for (k, v) in &node.xattrs {
+        set_xattr(path, k, v)?;
+    }
+    if opts.chown {
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            Some(Uid::from_raw(node.uid)),
+            Some(Gid::from_raw(node.gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(nix_io("chown", path))?;
+    }
+    if node.kind != NodeKind::Symlink {
+        // After chown: chown clears setuid/setgid bits.
+        fs::set_permissions(path, fs::Permissions::from_mode(node.mode)).map_err(io("chmod", path))?;
+    }
+    let t = TimeSpec::new(node.mtime, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(nix_io("setting times on", path))?;
+    Ok(())
+}
