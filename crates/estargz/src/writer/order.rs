@@ -83,7 +83,8 @@ pub fn order(entries: &[IndexedEntry], prioritized: &[String]) -> Result<Ordered
     }
 
     for p in prioritized {
-        let key = match normalize(p, "prioritized path") {
+        // Lists recorded from a running container hold absolute paths.
+        let key = match normalize(p.trim_start_matches('/'), "prioritized path") {
             Ok(k) => k,
             Err(_) => {
                 missing.push(p.clone());
