@@ -1,0 +1,40 @@
+# lazypull — two commands matter: `make demo` and `make test`.
+# Both install what they need (Debian packages, idempotently) and need nothing but Rust.
+
+CARGO ?= cargo
+SHELL := /bin/bash
+
+.PHONY: all build release test demo bench fuzz deps clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --locked
+
+release:
+	$(CARGO) build --release --locked -p lazypull
+
+# Unit + integration tests, including interop with the Go reference library (required here:
+# a missing Go toolchain fails the run instead of skipping).
+test:
+	scripts/install-deps.sh test
+	LAZYPULL_INTEROP=required $(CARGO) test --workspace --locked
+
+demo:
+	scripts/install-deps.sh demo
+	scripts/demo.sh
+
+# Long benchmarks (convert throughput vs ctr-remote / gzip / pigz, random reads); writes
+# docs/benchmarks.md. Peer tools come from Debian packages.
+bench:
+	scripts/install-deps.sh bench
+	scripts/bench.sh
+
+# Bounded fuzzing of footer+TOC parsing and tar conversion (FUZZ_SECONDS per target).
+FUZZ_SECONDS ?= 120
+fuzz:
+	scripts/install-deps.sh fuzz
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
+
+clean:
+	$(CARGO) clean

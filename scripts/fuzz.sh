@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# make fuzz: runs each cargo-fuzz target for FUZZ_SECONDS (default 120) from a seed corpus of
+# real tars and blobs. Works on the stable toolchain (no sanitizer; libFuzzer's coverage
+# instrumentation only). Crashes land in fuzz/artifacts/<target>/ and fail the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${FUZZ_SECONDS:-120}"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+cargo build --release --locked -p lazypull 2>&1 | tail -1
+bin=target/release/lazypull
+seeds=fuzz/seeds
+rm -rf "$seeds" && mkdir -p "$seeds/convert" "$seeds/toc_parse"
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+mkdir -p "$tmp/t/dir/sub"
+printf 'hello\n' > "$tmp/t/dir/a"; head -c 300 /dev/urandom > "$tmp/t/dir/sub/b"
+ln -s a "$tmp/t/dir/link"; ln "$tmp/t/dir/a" "$tmp/t/dir/hard"; : > "$tmp/t/empty"; mkfifo "$tmp/t/fifo"
+tar -C "$tmp/t" --format=gnu -cf "$seeds/convert/gnu.tar" .
+tar -C "$tmp/t" --format=pax -cf "$seeds/convert/pax.tar" .
+tar -C "$tmp/t" --format=ustar -cf "$seeds/convert/ustar.tar" .
+for f in gnu pax; do
+  $bin layer convert --chunk-size 128 "$seeds/convert/$f.tar" "$seeds/toc_parse/$f.esgz" >/dev/null
+  $bin layer convert --zstd --chunk-size 128 "$seeds/convert/$f.tar" "$seeds/toc_parse/$f.zst" >/dev/null
+done
+
+status=0
+for target in toc_parse convert; do
+  echo "== fuzzing $target for ${secs}s"
+  mkdir -p "fuzz/corpus/$target"
+  start=$(date +%s)
+  if ! (cd fuzz && cargo fuzz run -s none "$target" "corpus/$target" "seeds/$target" -- \
+        -max_total_time="$secs" -max_len=65536 -timeout=10 -rss_limit_mb=4096 2>&1 | tail -n 15); then
+    status=1
+  fi
+  echo "   $target ran $(( $(date +%s) - start ))s; corpus: $(ls "fuzz/corpus/$target" | wc -l) inputs; crashes: $(ls "fuzz/artifacts/$target" 2>/dev/null | wc -l)"
+done
+exit $status

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the Debian packages a make target needs, idempotently: packages already present are
+# not touched, and `apt-get update` runs only when something is missing.
+#
+#   scripts/install-deps.sh test|demo|bench|fuzz
+set -euo pipefail
+
+target="${1:-test}"
+# Always: C toolchain for zlib/zstd/libdeflate sys crates, the plain tools the round-trip tests
+# compare against (gzip, tar, zstd), and the Go reference library for the interop tests.
+pkgs=(build-essential pkg-config gzip tar zstd ca-certificates
+      golang-go golang-github-containerd-stargz-snapshotter-dev)
+case "$target" in
+  test|fuzz) ;;
+  demo) pkgs+=(jq curl) ;;
+  bench) pkgs+=(jq curl pigz stargz-snapshotter debootstrap skopeo umoci docker-registry containerd runc) ;;
+  *) echo "usage: $0 test|demo|bench|fuzz" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}" >&2
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo_cmd[@]}" apt-get update -qq
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
