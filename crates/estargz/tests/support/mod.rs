@@ -418,3 +418,48 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
     std::fs::write(&p, bytes).unwrap();
     p
 }
+
+/// Checks that a reader serves exactly the `want` entries (metadata and verified content).
+pub fn reader_matches<S: estargz::BlobSource>(name: &str, r: &estargz::Reader<S>, want: &BTreeMap<String, Parsed>) {
+    use estargz::NodeKind;
+    let stats = estargz::verify_chunks(&r).unwrap();
+    assert!(stats.chunks >= want.values().filter(|p| p.kind == b'0' && p.size > 0).count() as u64);
+    for (k, w) in want {
+        let node = r.lookup(k).unwrap_or_else(|e| panic!("{name}: lookup {k}: {e}"));
+        match w.kind {
+            b'0' | b'\0' => {
+                assert_eq!(node.kind, NodeKind::Reg, "{name}: {k}");
+                let id = r.tree().lookup(k).unwrap();
+                let mut buf = vec![0u8; node.size as usize];
+                assert_eq!(r.read_file_at(id, 0, &mut buf, true).unwrap(), buf.len());
+                assert_eq!(sha256_hex(&buf), format!("sha256:{}", w.sha256), "{name}: {k} content");
+                assert_eq!(node.mode, w.mode & 0o7777, "{name}: {k} mode");
+                assert_eq!((node.uid as u64, node.gid as u64), (w.uid, w.gid), "{name}: {k} owner");
+                assert_eq!(node.user_name, w.uname, "{name}: {k} user name");
+                assert_eq!(node.group_name, w.gname, "{name}: {k} group name");
+                assert_eq!(node.mtime as u64, w.mtime, "{name}: {k} mtime");
+                assert_eq!(node.xattrs, w.xattrs, "{name}: {k} xattrs");
+            }
+            b'1' => {
+                let target = r.lookup(&clean_name(&w.link)).unwrap();
+                assert!(std::ptr::eq(node, target), "{name}: hardlink {k} must resolve to its target's inode");
+                assert!(node.nlink >= 2, "{name}: {k} nlink {}", node.nlink);
+            }
+            b'2' => {
+                assert_eq!(node.kind, NodeKind::Symlink);
+                assert_eq!(node.link_target, w.link);
+            }
+            b'3' | b'4' => {
+                assert_eq!((node.dev_major, node.dev_minor), w.dev, "{name}: {k} device numbers");
+                assert_eq!(node.kind, if w.kind == b'3' { NodeKind::Char } else { NodeKind::Block });
+            }
+            b'5' => {
+                assert_eq!(node.kind, NodeKind::Dir);
+                assert_eq!(node.mode, w.mode & 0o7777, "{name}: {k} dir mode");
+                assert_eq!(node.xattrs, w.xattrs, "{name}: {k} xattrs");
+            }
+            b'6' => assert_eq!(node.kind, NodeKind::Fifo),
+            other => panic!("unexpected type {other}"),
+        }
+    }
+}
