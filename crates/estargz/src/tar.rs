@@ -391,6 +391,8 @@ fn parse_pax_time(v: &[u8]) -> Option<i64> {
     if !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
+    // Rounded to the nearest second like the reference writer (Go's `Round(time.Second)`),
+    // so TOCs of the same input are identical.
     let up = frac.as_bytes().first().is_some_and(|&d| d >= b'5');
     Some(if up { if secs < 0 { secs - 1 } else { secs + 1 } } else { secs })
 }

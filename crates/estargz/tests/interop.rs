@@ -64,6 +64,7 @@ struct GoEntry {
     uid: u32,
     gid: u32,
     uname: String,
+    mod_time: String,
     link_name: String,
     dev_major: u32,
     dev_minor: u32,
@@ -121,6 +122,9 @@ fn same_view(name: &str, go: &[GoEntry], ours: &Reader<FileSource>) {
             assert_eq!(e.uname, n.user_name, "{what} user name");
         }
         assert_eq!(e.num_link, n.nlink, "{what} link count");
+        if !e.mod_time.is_empty() {
+            assert_eq!(e.mod_time, estargz::format_rfc3339(n.mtime), "{what} mtime");
+        }
         let xattrs: BTreeMap<String, Vec<u8>> = e
             .xattrs
             .iter()

@@ -46,6 +46,7 @@ fn sample_tree(root: &Path) {
          chown 123:456 {r}/etc/conf
          : > {r}/etc/.wh.gone; : > {r}/opaque/.wh..wh..opq
          setfattr -n user.note -v hello {r}/etc/conf 2>/dev/null || true
+         find {r} -exec touch -h -d '2021-05-06 07:08:09' {{}} +
          touch -d '2020-01-02 03:04:05' {r}/etc/conf {r}/etc"
     ));
 }

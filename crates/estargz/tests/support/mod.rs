@@ -181,6 +181,8 @@ pub fn write_tar(items: &[Item]) -> Vec<u8> {
                     recs.extend(pax_record("linkpath", it.link.as_bytes()));
                 }
                 recs.extend(pax_record("uname", it.uname.as_bytes()));
+                // Sub-second times: the TOC rounds to the nearest second, like the reference.
+                recs.extend(pax_record("mtime", format!("{}.25", it.mtime).as_bytes()));
                 for (k, v) in &it.xattrs {
                     recs.extend(pax_record(&format!("SCHILY.xattr.{k}"), v));
                 }
