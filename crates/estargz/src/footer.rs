@@ -198,7 +198,7 @@ pub fn parse_footer(tail: &[u8], blob_size: u64) -> Result<Footer> {
             }
             // The TOC's skippable frame precedes the footer's own 8-byte frame header.
             let limit = blob_size.saturating_sub(ZSTD_FOOTER_SIZE as u64 + 8);
-            if off.checked_add(clen).map_or(true, |e| e > limit) || off < 8 {
+            if off.checked_add(clen).is_none_or(|e| e > limit) || off < 8 {
                 return Err(Error::InvalidFooter(format!(
                     "zstd:chunked footer points at TOC bytes {off}+{clen}, outside the blob's {limit} payload bytes"
                 )));

@@ -251,7 +251,7 @@ pub fn parse_tar(bytes: &[u8]) -> Vec<Parsed> {
             }
         }
         let h = e.header().clone();
-        let name = clean_name(&String::from_utf8(e.path_bytes().to_vec()).unwrap());
+        let name = clean_name(core::str::from_utf8(&e.path_bytes()).unwrap());
         let link = e.link_name_bytes().map(|l| String::from_utf8(l.to_vec()).unwrap()).unwrap_or_default();
         let mut data = Vec::new();
         e.read_to_end(&mut data).unwrap();
@@ -424,7 +424,7 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
 /// Checks that a reader serves exactly the `want` entries (metadata and verified content).
 pub fn reader_matches<S: estargz::BlobSource>(name: &str, r: &estargz::Reader<S>, want: &BTreeMap<String, Parsed>) {
     use estargz::NodeKind;
-    let stats = estargz::verify_chunks(&r).unwrap();
+    let stats = estargz::verify_chunks(r).unwrap();
     assert!(stats.chunks >= want.values().filter(|p| p.kind == b'0' && p.size > 0).count() as u64);
     for (k, w) in want {
         let node = r.lookup(k).unwrap_or_else(|e| panic!("{name}: lookup {k}: {e}"));
