@@ -18,13 +18,15 @@ mkdir -p "$src"
 cp -a /usr/share/doc "$src/doc"
 cp -a /usr/bin "$src/bin" 2>/dev/null || true
 tar -C "$src" -cf "$work/layer.tar" .
-gzip -9 -c "$work/layer.tar" > "$work/layer.tar.gz"
+gzip -1 -c "$work/layer.tar" > "$work/layer.tar.gz"
 printf '  layer.tar %s bytes, layer.tar.gz %s bytes\n' "$(stat -c %s "$work/layer.tar")" "$(stat -c %s "$work/layer.tar.gz")"
 printf '{"path":"bin/bash"}\n{"path":"bin/ls"}\n' > "$work/prioritized.jsonl"
 
 echo "== lazypull layer convert (gzip input, prioritized bin/bash, bin/ls)"
 start=$(date +%s%N)
-$bin layer convert --prioritize "$work/prioritized.jsonl" "$work/layer.tar.gz" "$work/layer.esgz"
+$bin layer convert --json --prioritize "$work/prioritized.jsonl" "$work/layer.tar.gz" "$work/layer.esgz" > "$work/convert.json"
+jq -r '"  toc digest \(.tocDigest)\n  diff id    \(.diffID)\n  \(.uncompressedSize) bytes -> \(.blobSize) bytes, \(.entries) entries"' "$work/convert.json"
+toc=$(jq -r .tocDigest "$work/convert.json")
 conv_ms=$(( ($(date +%s%N) - start) / 1000000 ))
 
 echo "== lazypull layer convert --zstd"
@@ -34,9 +36,8 @@ echo "== lazypull layer inspect"
 $bin layer inspect "$work/layer.esgz"
 
 echo "== lazypull layer verify"
-toc=$($bin layer convert --json "$work/layer.tar" "$work/check.esgz" | jq -r .tocDigest)
 start=$(date +%s%N)
-$bin layer verify --toc-digest "$toc" "$work/check.esgz"
+$bin layer verify --toc-digest "$toc" "$work/layer.esgz"
 verify_ms=$(( ($(date +%s%N) - start) / 1000000 ))
 
 echo "== lazypull layer extract + compare with the source tree"
