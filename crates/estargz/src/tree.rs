@@ -30,6 +30,20 @@ pub enum NodeKind {
     Fifo,
 }
 
+impl NodeKind {
+    /// The TOC's name for this type (`dir`, `reg`, `symlink`, `char`, `block`, `fifo`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::Dir => "dir",
+            NodeKind::Reg => "reg",
+            NodeKind::Symlink => "symlink",
+            NodeKind::Char => "char",
+            NodeKind::Block => "block",
+            NodeKind::Fifo => "fifo",
+        }
+    }
+}
+
 /// One chunk of a regular file and where its bytes are in the blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {

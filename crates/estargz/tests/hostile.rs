@@ -18,21 +18,26 @@ fn sample() -> Vec<u8> {
     blob_of(&[Item::dir("bin"), Item::file("bin/tool", noise(3 * CHUNK + 10, 1)), Item::file("etc/motd", b"hello".to_vec())])
 }
 
-/// Replaces a valid blob's TOC with `toc` (payload unchanged) and writes a fresh footer.
-fn with_toc(blob: &[u8], toc: &Toc) -> Vec<u8> {
+/// Replaces a valid blob's TOC member with `member` (gzip-compressed here; payload unchanged)
+/// and writes a fresh footer.
+fn with_toc_member(blob: &[u8], member: &[u8]) -> Vec<u8> {
     let r = Reader::open(blob.to_vec()).unwrap();
     let off = r.footer().toc_offset as usize;
-    let json = toc.to_json();
-    let mut member = Vec::new();
-    member.extend_from_slice(&estargz::tar::ustar_header("stargz.index.json", json.len() as u64, 0o644));
-    member.extend_from_slice(&json);
-    member.resize(member.len().next_multiple_of(512) + 1024, 0);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(&member).unwrap();
+    gz.write_all(member).unwrap();
     let mut out = blob[..off].to_vec();
     out.extend(gz.finish().unwrap());
     out.extend_from_slice(&estargz_footer(off as u64));
     out
+}
+
+/// Replaces a valid blob's TOC with `toc`.
+fn with_toc(blob: &[u8], toc: &Toc) -> Vec<u8> {
+    let json = toc.to_json();
+    let mut member = estargz::tar::ustar_header("stargz.index.json", json.len() as u64, 0o644).to_vec();
+    member.extend_from_slice(&json);
+    member.resize(member.len().next_multiple_of(512) + 1024, 0);
+    with_toc_member(blob, &member)
 }
 
 fn open_err(blob: Vec<u8>) -> String {
@@ -105,17 +110,10 @@ fn footer_pointing_outside_the_blob() {
 #[test]
 fn toc_larger_than_the_blob() {
     let blob = sample();
-    let r = Reader::open(blob.clone()).unwrap();
-    let off = r.footer().toc_offset as usize;
     // A TOC member whose tar header claims 1 GiB of JSON but ends right away.
     let mut member = estargz::tar::ustar_header("stargz.index.json", 1 << 30, 0o644).to_vec();
     member.extend_from_slice(b"{\"version\":1,\"entries\":[");
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(&member).unwrap();
-    let mut out = blob[..off].to_vec();
-    out.extend(gz.finish().unwrap());
-    out.extend_from_slice(&estargz_footer(off as u64));
-    let msg = open_err(out);
+    let msg = open_err(with_toc_member(&blob, &member));
     assert!(msg.contains("TOC"), "{msg}");
     // And a hard cap on what we agree to decompress.
     let opts = estargz::OpenOptions { max_toc_size: 100, ..Default::default() };
@@ -126,18 +124,11 @@ fn toc_larger_than_the_blob() {
 #[test]
 fn toc_that_is_not_json() {
     let blob = sample();
-    let r = Reader::open(blob.clone()).unwrap();
-    let off = r.footer().toc_offset as usize;
     let junk = b"{\"version\": 1, \"entries\": [ {\"name\": 5} ]";
     let mut member = estargz::tar::ustar_header("stargz.index.json", junk.len() as u64, 0o644).to_vec();
     member.extend_from_slice(junk);
     member.resize(2048, 0);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(&member).unwrap();
-    let mut out = blob[..off].to_vec();
-    out.extend(gz.finish().unwrap());
-    out.extend_from_slice(&estargz_footer(off as u64));
-    let msg = open_err(out);
+    let msg = open_err(with_toc_member(&blob, &member));
     assert!(msg.contains("invalid TOC"), "{msg}");
 }
 

@@ -103,14 +103,7 @@ fn same_view(name: &str, go: &[GoEntry], ours: &Reader<FileSource>) {
     }) {
         assert_eq!(e.name, path);
         let n = tree.node(id);
-        let kind = match n.kind {
-            NodeKind::Dir => "dir",
-            NodeKind::Reg => "reg",
-            NodeKind::Symlink => "symlink",
-            NodeKind::Char => "char",
-            NodeKind::Block => "block",
-            NodeKind::Fifo => "fifo",
-        };
+        let kind = n.kind.as_str();
         // The reference reports a hardlink path with its target's fields.
         if e.kind != "hardlink" {
             assert_eq!(e.kind, kind, "{name}: {path} type");

@@ -209,17 +209,6 @@ fn landmark(r: &Reader<FileSource>) -> &'static str {
     }
 }
 
-fn kind_name(k: NodeKind) -> &'static str {
-    match k {
-        NodeKind::Dir => "dir",
-        NodeKind::Reg => "reg",
-        NodeKind::Symlink => "symlink",
-        NodeKind::Char => "char",
-        NodeKind::Block => "block",
-        NodeKind::Fifo => "fifo",
-    }
-}
-
 fn inspect(blob: &Path, list: bool, as_json: bool) -> Result<()> {
     let r = open(blob)?;
     let f = r.footer();
@@ -266,7 +255,7 @@ fn inspect(blob: &Path, list: bool, as_json: bool) -> Result<()> {
             let n = r.tree().node(id);
             println!(
                 "{:7} {:o} {}:{} {:>10} {:>3} chunk(s) /{}{}",
-                kind_name(n.kind),
+                n.kind.as_str(),
                 n.mode,
                 n.uid,
                 n.gid,
