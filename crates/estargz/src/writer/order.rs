@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::path::{normalize, parent};
 use crate::tar::{IndexedEntry, TarKind};
 use crate::toc::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME};
@@ -44,6 +44,28 @@ pub fn order(entries: &[IndexedEntry], prioritized: &[String]) -> Result<Ordered
     }
     let reserved = |n: &str| n == TOC_TAR_NAME || n == PREFETCH_LANDMARK || n == NO_PREFETCH_LANDMARK;
     let kept = |i: usize| last.get(&names[i]) == Some(&i) && !reserved(&names[i]);
+
+    // A hardlink must name a non-directory the layer keeps: readers (ours and the reference)
+    // refuse a TOC whose hardlink dangles, so such a layer must fail here, not at mount time.
+    for (i, e) in entries.iter().enumerate() {
+        if !kept(i) || e.meta.kind() != TarKind::Hardlink {
+            continue;
+        }
+        let target = normalize(&e.meta.link_name, "hardlink target")?;
+        let problem = match last.get(&target) {
+            None => Some("which is not in the layer"),
+            Some(_) if reserved(&target) => Some("which is a reserved eStargz name"),
+            Some(&t) if entries[t].meta.kind() == TarKind::Dir => Some("which is a directory"),
+            Some(&t) if t == i => Some("itself"),
+            Some(_) => None,
+        };
+        if let Some(p) = problem {
+            return Err(Error::InvalidTar {
+                offset: e.header_start,
+                reason: format!("hardlink {:?} points at {:?}, {p}", e.meta.name, e.meta.link_name),
+            });
+        }
+    }
 
     let mut taken: HashSet<usize> = HashSet::new();
     let mut first: Vec<Item> = Vec::new();

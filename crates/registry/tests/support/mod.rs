@@ -1,0 +1,4 @@
+#![allow(dead_code)]
+
+pub mod registry;
+pub mod fault_proxy;
