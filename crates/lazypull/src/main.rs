@@ -6,6 +6,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod image;
 mod layer;
 
 #[derive(Parser)]
@@ -20,6 +21,9 @@ enum Command {
     /// Work with single layer blobs: convert, inspect, verify, extract.
     #[command(subcommand)]
     Layer(layer::LayerCommand),
+    /// Work with whole images in registries or OCI layouts: convert, inspect.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 fn main() {
@@ -30,6 +34,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Layer(c) => layer::run(c),
+        Command::Image(c) => image::run(c),
     };
     if let Err(e) = result {
         eprintln!("lazypull: error: {e:#}");

@@ -119,9 +119,14 @@ impl Client {
         check_digest(digest)?;
         let eps = self.pull_endpoints(r);
         let mut last_err = None;
+        // Fix: progress is kept across endpoints. It used to be reset per endpoint, so when a
+        // mirror failed after writing part of the blob to `out`, the next endpoint wrote the
+        // whole blob again after it: `out` ended up with a duplicated prefix while the (reset)
+        // hash still matched. Blobs are content-addressed, so the next endpoint simply resumes
+        // at `done`.
+        let mut hasher = Sha256::new();
+        let mut done: u64 = 0;
         for ep in eps {
-            let mut hasher = Sha256::new();
-            let mut done: u64 = 0;
             let mut resumes = 0;
             let result: Result<()> = loop {
                 let mut req = self.request(&ep, Method::GET, &format!("/{}/blobs/{digest}", r.repository), &r.repository, "pull");
@@ -178,7 +183,7 @@ impl Client {
             match result {
                 Ok(()) => {
                     out.flush().await.map_err(|e| Error::io(format!("writing blob {digest}"), e))?;
-                    let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+                    let actual = format!("sha256:{}", hex::encode(std::mem::take(&mut hasher).finalize()));
                     if actual != digest {
                         return Err(Error::DigestMismatch { what: format!("blob of {r}"), expected: digest.into(), actual });
                     }
@@ -287,8 +292,8 @@ impl Client {
                 return Ok(out);
             }
             let spec = ranges.iter().map(|&(o, l)| format!("{o}-{}", o + l - 1)).collect::<Vec<_>>().join(",");
-            match self.ranged_get(r, &ep, digest, &format!("bytes={spec}")).await {
-                Ok((resp, url)) => self.collect_ranges(resp, &url, ranges).await,
+            match self.fetch_ranges(r, &ep, digest, &format!("bytes={spec}"), ranges).await {
+                Ok(parts) => Ok(parts),
                 Err(Error::Status { status: 400 | 416, .. }) => {
                     tracing::info!(host = %ep.host, "registry refuses multi-range requests; using single ranges");
                     self.single_range_hosts.lock().expect("poisoned").insert(ep.host.clone());
@@ -305,15 +310,26 @@ impl Client {
     }
 
     async fn fetch_one(&self, r: &Reference, ep: &Endpoint, digest: &str, offset: u64, len: u64) -> Result<Bytes> {
+        Ok(self.fetch_ranges(r, ep, digest, &format!("bytes={offset}-{}", offset + len - 1), &[(offset, len)]).await?.remove(0))
+    }
+
+    /// One ranged GET (`range` is the `Range` header for `ranges`), retrying a body that breaks
+    /// off mid-way.
+    ///
+    /// Fix: this used to retry every transient error, including the 5xx/429 statuses and
+    /// connection errors that [`Client::send`] had already retried, so a failing registry got
+    /// `(max_retries + 1)²` requests with compounding backoff instead of `max_retries + 1`.
+    /// Now only failures while reading the body (which `send` never sees) are retried here.
+    /// The multi-range path goes through here too, so a dropped multipart body is retried
+    /// instead of failing the read.
+    async fn fetch_ranges(&self, r: &Reference, ep: &Endpoint, digest: &str, range: &str, ranges: &[(u64, u64)]) -> Result<Vec<Bytes>> {
         let mut attempt = 0;
         loop {
-            let res = async {
-                let (resp, url) = self.ranged_get(r, ep, digest, &format!("bytes={offset}-{}", offset + len - 1)).await?;
-                Ok::<_, Error>(self.collect_ranges(resp, &url, &[(offset, len)]).await?.remove(0))
-            }
-            .await;
-            match res {
+            // Errors here were already retried by `send`.
+            let (resp, url) = self.ranged_get(r, ep, digest, range).await?;
+            match self.collect_ranges(resp, &url, ranges).await {
                 Err(e) if e.is_transient() && attempt < self.config.retry.max_retries => {
+                    tracing::debug!(%digest, range, error = %e, "range body interrupted; retrying");
                     tokio::time::sleep(self.config.retry.backoff(attempt)).await;
                     attempt += 1;
                 }

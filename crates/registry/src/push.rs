@@ -151,6 +151,10 @@ impl Client {
         let ep = self.pull_endpoints(r).pop().expect("registry endpoint");
         let mut path = format!("/{}/referrers/{digest}", r.repository);
         if let Some(t) = artifact_type {
+            // Fix: the value is percent-encoded. Artifact types are media types, which often
+            // contain `+` (`…+json`); sent raw, a server decodes that `+` as a space and filters
+            // every referrer out.
+            let t: String = url::form_urlencoded::byte_serialize(t.as_bytes()).collect();
             path.push_str(&format!("?artifactType={t}"));
         }
         let mut req = self.request(&ep, Method::GET, &path, &r.repository, "pull");
