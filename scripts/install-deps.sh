@@ -8,7 +8,7 @@ set -euo pipefail
 target="${1:-test}"
 # Always: C toolchain for zlib/zstd/libdeflate sys crates, the plain tools the round-trip tests
 # compare against (gzip, tar, zstd), and the Go reference library for the interop tests.
-pkgs=(build-essential pkg-config gzip tar zstd attr ca-certificates
+pkgs=(build-essential pkg-config gzip tar zstd attr curl openssl apache2-utils docker-registry containerd runc busybox-static ca-certificates
       golang-go golang-github-containerd-stargz-snapshotter-dev)
 case "$target" in
   test|fuzz) ;;
