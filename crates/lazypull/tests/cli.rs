@@ -229,3 +229,62 @@ fn bad_input_fails_cleanly_with_a_named_problem() {
     assert!(e.contains("../evil"), "{e}");
     assert!(!Path::new(&p("evil.esgz")).exists() && !Path::new(&p("evil.partial")).exists());
 }
+
+/// Writes a one-image OCI layout (one gzip layer) tagged `v1` into `dir`.
+fn tiny_layout(dir: &Path, src: &Path) {
+    use sha2::Digest as _;
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)));
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let d = sha(b);
+        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), b).unwrap();
+        d
+    };
+    let tar = Command::new("tar").arg("-C").arg(src).args(["-cf", "-", "."]).output().unwrap().stdout;
+    let gz = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&tar).unwrap();
+        e.finish().unwrap()
+    };
+    let layer = put(&gz);
+    let config = serde_json::to_vec(&serde_json::json!({"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[sha(&tar)]}})).unwrap();
+    let cfg = put(&config);
+    let manifest = serde_json::to_vec(&serde_json::json!({"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
+        "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":cfg,"size":config.len()},
+        "layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":layer,"size":gz.len()}]})).unwrap();
+    let m = put(&manifest);
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json",
+            "digest":m,"size":manifest.len(),"annotations":{"org.opencontainers.image.ref.name":"v1"}}]}))
+        .unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn image_convert_and_inspect_between_oci_layouts() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    sample_tree(&src);
+    let layout = d.path().join("layout");
+    tiny_layout(&layout, &src);
+    let from = format!("oci:{}:v1", layout.display());
+    let before = ok(&["image", "inspect", &from]);
+    assert!(before.contains("0 lazily pullable") && before.contains("not lazy"), "{before}");
+    let to = format!("oci:{}:esgz", d.path().join("out").display());
+    let out = ok(&["image", "convert", &from, &to]);
+    assert!(out.contains("1 layer(s) converted"), "{out}");
+    let after = ok(&["image", "inspect", &to]);
+    assert!(after.contains("1 lazily pullable") && after.contains("lazy: eStargz"), "{after}");
+    // Converting the converted image keeps its layer.
+    let again = ok(&["image", "convert", &to, &format!("oci:{}:again", d.path().join("out").display())]);
+    assert!(again.contains("0 layer(s) converted, 1 kept"), "{again}");
+    let e = fails(&["image", "inspect", &format!("oci:{}:nope", layout.display())]);
+    assert!(e.contains("nope"), "{e}");
+    let e = fails(&["image", "convert", "UPPER/Case", &to]);
+    assert!(e.contains("UPPER/Case"), "{e}");
+}

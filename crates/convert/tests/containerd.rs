@@ -1,0 +1,618 @@
+//! End-to-end interop with the real runtime: an image is converted (OCI layout → registry and
+//! registry → registry to eStargz, OCI layout → registry to zstd:chunked), pulled by a private containerd 1.6 (`ctr image pull --plain-http`,
+//! which also unpacks every layer into the overlayfs snapshotter and checks each layer's
+//! DiffID against the config), and run with runc (`ctr run`). Inside each container a busybox
+//! script lists the whole root filesystem — path, type, mode (incl. setuid/sticky), owner,
+//! link count, size, mtime, symlink target and SHA-256 of every regular file — and the listing
+//! of every converted image must equal the original image's, apart from the metadata files
+//! (`stargz.index.json` for eStargz, the prefetch landmark for both formats) that any plain tar
+//! extractor materializes.
+//!
+//! The image: layer 1 is a static busybox root filesystem; layer 2 adds a 3 MB file, a hard
+//! link to it, symlinks, a setuid file, a non-root-owned file, an empty directory, a name longer
+//! than 100 bytes, replaces a layer-1 file, deletes one with a `.wh.` whiteout and hides a
+//! directory's layer-1 contents with an opaque whiteout (so overlay semantics are exercised).
+//!
+//! Needs root, `containerd`, `ctr`, `runc`, Debian's `docker-registry` and a static
+//! `/bin/busybox`; skipped without them unless `LAZYPULL_INTEROP=required`.
+
+#[path = "../../registry/tests/support/registry.rs"]
+mod test_registry;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use convert::{convert_image, ConvertOptions, Store};
+use registry::manifest;
+use registry::{Client, Credentials, Reference, RegistryConfig};
+use sha2::{Digest as _, Sha256};
+use test_registry::{Auth, TestRegistry};
+
+/// containerd namespace; per process, so runc's state directory for it can be removed after.
+fn namespace() -> String {
+    format!("lazypull-test-{}", std::process::id())
+}
+const BUSYBOX: &str = "/bin/busybox";
+const HELLO: &str = "hello from the lazypull containerd test\n";
+const MTIME: u64 = 1_700_000_000;
+const BIG_SIZE: usize = 3 * 1024 * 1024 + 12_345;
+/// Files a plain tar extractor creates from an eStargz layer (TOC entry, prefetch landmarks).
+const ESTARGZ_METADATA: &[&str] = &["/stargz.index.json", "/.prefetch.landmark", "/.no.prefetch.landmark"];
+
+fn sha_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn interop_required() -> bool {
+    std::env::var("LAZYPULL_INTEROP").as_deref() == Ok("required")
+}
+
+fn find_in_path(bin: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.is_file());
+    found
+}
+
+fn ctr_bin() -> PathBuf {
+    find_in_path("ctr").expect("ctr")
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// Why the test cannot run here, if it cannot.
+fn missing_prerequisites() -> Option<String> {
+    let mut missing = Vec::new();
+    if !is_root() {
+        missing.push("root".to_string());
+    }
+    for bin in ["containerd", "containerd-shim-runc-v2", "ctr", "runc"] {
+        if find_in_path(bin).is_none() {
+            missing.push(bin.to_string());
+        }
+    }
+    if !Path::new(test_registry::REGISTRY_BIN).is_file() {
+        missing.push(test_registry::REGISTRY_BIN.to_string());
+    }
+    if !Path::new(BUSYBOX).is_file() {
+        missing.push(BUSYBOX.to_string());
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The image
+
+/// Deterministic, poorly compressible bytes.
+fn pseudo_random(n: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+struct LayerBuilder(tar::Builder<Vec<u8>>);
+
+impl LayerBuilder {
+    fn new() -> Self {
+        LayerBuilder(tar::Builder::new(Vec::new()))
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, uid: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(uid);
+        h.set_mtime(MTIME);
+        h.set_size(0);
+        h
+    }
+
+    fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
+        let mut h = Self::header(tar::EntryType::Directory, mode, 0);
+        h.set_cksum();
+        self.0.append_data(&mut h, path, std::io::empty()).unwrap();
+        self
+    }
+
+    fn file_owned(&mut self, path: &str, mode: u32, uid: u64, data: &[u8]) -> &mut Self {
+        let mut h = Self::header(tar::EntryType::Regular, mode, uid);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        self.0.append_data(&mut h, path, data).unwrap();
+        self
+    }
+
+    fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
+        self.file_owned(path, mode, 0, data)
+    }
+
+    fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
+        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
+        self.0.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    fn hardlink(&mut self, path: &str, target: &str) -> &mut Self {
+        let mut h = Self::header(tar::EntryType::Link, 0o644, 0);
+        self.0.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    /// (gzip blob, DiffID)
+    fn finish(self) -> (Vec<u8>, String) {
+        let tar = self.0.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        (gz.finish().unwrap(), format!("sha256:{}", sha_hex(&tar)))
+    }
+}
+
+fn long_name() -> String {
+    format!("data/{}.txt", "long-name-".repeat(12))
+}
+
+/// Layer 1: a static busybox root filesystem.
+fn layer1() -> (Vec<u8>, String) {
+    let busybox = std::fs::read(BUSYBOX).unwrap();
+    let mut l = LayerBuilder::new();
+    l.dir("bin/", 0o755);
+    l.file("bin/busybox", 0o755, &busybox);
+    for applet in ["sh", "cat", "ls", "sha256sum", "find", "stat", "sort", "echo", "test", "["] {
+        l.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    // Mount points the runtime would otherwise create (keeps / untouched by runc).
+    for d in ["dev/", "proc/", "sys/", "run/", "root/"] {
+        l.dir(d, 0o755);
+    }
+    l.dir("tmp/", 0o1777);
+    l.dir("etc/", 0o755)
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n")
+        .file("etc/group", 0o644, b"root:x:0:\nuser:x:1000:\n")
+        .file("etc/hello.txt", 0o644, HELLO.as_bytes())
+        .file("etc/removed.txt", 0o644, b"whited out by layer 2\n")
+        .file("etc/replaced.txt", 0o644, b"version 1\n");
+    l.dir("olddir/", 0o755)
+        .file("olddir/a.txt", 0o644, b"hidden by an opaque whiteout\n")
+        .dir("olddir/sub/", 0o755)
+        .file("olddir/sub/b.txt", 0o644, b"hidden too\n");
+    l.finish()
+}
+
+/// Layer 2: more files, links, special modes and whiteouts. Every directory it touches has its
+/// own entry, so containerd sets its attributes from the tar (not from the extraction time).
+fn layer2(big: &[u8]) -> (Vec<u8>, String) {
+    let mut l = LayerBuilder::new();
+    l.dir("etc/", 0o755)
+        .file("etc/.wh.removed.txt", 0o644, b"")
+        .file("etc/replaced.txt", 0o640, b"version 2, longer than before\n");
+    l.dir("olddir/", 0o750).file("olddir/.wh..wh..opq", 0o644, b"").file("olddir/c.txt", 0o644, b"only file left\n");
+    l.dir("bin/", 0o755).file("bin/suid-tool", 0o4755, b"#!/bin/sh\necho suid\n");
+    l.dir("data/", 0o755)
+        .file("data/big.bin", 0o644, big)
+        .hardlink("data/big.link", "data/big.bin")
+        .symlink("data/rel-link", "big.bin")
+        .symlink("data/abs-link", "/etc/hello.txt")
+        .symlink("data/dangling", "/nonexistent")
+        .file_owned("data/owned", 0o600, 1000, b"belongs to uid 1000\n")
+        .file("data/with space.txt", 0o644, b"spaces\n")
+        .file("data/empty-file", 0o644, b"")
+        .file(&long_name(), 0o644, b"long name\n")
+        .dir("data/empty/", 0o700)
+        .dir("data/nested/", 0o755)
+        .dir("data/nested/deeper/", 0o2775)
+        .file("data/nested/deeper/x", 0o444, b"x\n");
+    l.finish()
+}
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "powerpc64" => "ppc64le",
+        "s390x" => "s390x",
+        "riscv64" => "riscv64",
+        other => panic!("unsupported test architecture {other}"),
+    }
+}
+
+struct Image {
+    /// (digest, bytes) of config and layers; manifest bytes.
+    blobs: Vec<(String, Vec<u8>)>,
+    manifest: Vec<u8>,
+}
+
+fn build_image(big: &[u8]) -> Image {
+    let (l1, d1) = layer1();
+    let (l2, d2) = layer2(big);
+    let config = serde_json::json!({
+        "architecture": host_arch(), "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [d1, d2]},
+        "history": [{"created_by": "busybox rootfs"}, {"created_by": "more files"}]
+    });
+    let config = serde_json::to_vec(&config).unwrap();
+    let digest = |b: &[u8]| format!("sha256:{}", sha_hex(b));
+    let m = serde_json::json!({
+        "schemaVersion": 2, "mediaType": manifest::DOCKER_MANIFEST,
+        "config": {"mediaType": manifest::DOCKER_CONFIG, "digest": digest(&config), "size": config.len()},
+        "layers": [
+            {"mediaType": manifest::DOCKER_LAYER_GZIP, "digest": digest(&l1), "size": l1.len()},
+            {"mediaType": manifest::DOCKER_LAYER_GZIP, "digest": digest(&l2), "size": l2.len()}
+        ]
+    });
+    Image {
+        blobs: vec![(digest(&config), config), (digest(&l1), l1), (digest(&l2), l2)],
+        manifest: serde_json::to_vec(&m).unwrap(),
+    }
+}
+
+fn write_layout(dir: &Path, img: &Image) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let m_digest = format!("sha256:{}", sha_hex(&img.manifest));
+    for (d, b) in img.blobs.iter().chain([(m_digest.clone(), img.manifest.clone())].iter()) {
+        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), b).unwrap();
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": manifest::DOCKER_MANIFEST, "digest": m_digest, "size": img.manifest.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "v1"}}]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// Pushes the image unchanged (Docker media types, original blobs).
+async fn push_original(store: &Store, img: &Image, tmp: &Path) {
+    for (d, b) in &img.blobs {
+        let p = tmp.join(d.trim_start_matches("sha256:"));
+        std::fs::write(&p, b).unwrap();
+        store.put_blob_file(d, b.len() as u64, &p, None).await.unwrap();
+    }
+    store.put_manifest(Bytes::from(img.manifest.clone()), manifest::DOCKER_MANIFEST, true).await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// Runs a command with a deadline; stdout and stderr go through files (no pipe deadlocks).
+fn run_timeout(cmd: &mut Command, timeout: Duration, scratch: &Path) -> (bool, String, String) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let (out_p, err_p) = (scratch.join(format!("cmd{n}.out")), scratch.join(format!("cmd{n}.err")));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_p).unwrap())
+        .stderr(std::fs::File::create(&err_p).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = String::from_utf8_lossy(&std::fs::read(&out_p).unwrap()).into_owned();
+    let mut err = String::from_utf8_lossy(&std::fs::read(&err_p).unwrap()).into_owned();
+    if status.is_none() {
+        err.push_str(&format!("\n(timed out after {timeout:?})"));
+    }
+    (status.is_some_and(|s| s.success()), out, err)
+}
+
+/// A private containerd: its own root, state, socket and config; nothing shared with a system
+/// containerd except the shim socket directory (whose names hash our socket path).
+struct Containerd {
+    child: Option<Child>,
+    /// Short directory under /run for the socket and state (socket paths must stay < 108 bytes).
+    run_dir: PathBuf,
+    root: tempfile::TempDir,
+    sock: String,
+    log: PathBuf,
+    containers: std::cell::RefCell<Vec<String>>,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        let run_dir = PathBuf::from(format!("/run/lazypull-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run_dir);
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let root = tempfile::Builder::new().prefix("lazypull-ctd-").tempdir().unwrap();
+        let sock = run_dir.join("c.sock").to_str().unwrap().to_string();
+        let state = run_dir.join("state");
+        let cfg = root.path().join("config.toml");
+        let log = root.path().join("containerd.log");
+        let q = |p: &Path| serde_json::to_string(p.to_str().unwrap()).unwrap();
+        let config = format!(
+            r#"version = 2
+root = {root}
+state = {state}
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+
+[grpc]
+  address = {sock}
+
+[ttrpc]
+  address = {ttrpc}
+
+[plugins."io.containerd.metadata.v1.bolt"]
+  content_sharing_policy = "isolated"
+"#,
+            root = q(&root.path().join("root")),
+            state = q(&state),
+            sock = q(Path::new(&sock)),
+            ttrpc = q(Path::new(&format!("{sock}.ttrpc"))),
+        );
+        std::fs::write(&cfg, config).unwrap();
+        let path = format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", std::env::var("PATH").unwrap_or_default());
+        let child = Command::new(find_in_path("containerd").expect("containerd"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn containerd");
+        let c = Containerd { child: Some(child), run_dir, root, sock, log, containers: Default::default() };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = Command::new(ctr_bin()).args(["--address", &c.sock, "version"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "containerd did not come up:\n{}", c.log_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// `ctr -a SOCK -n NS ARGS…`: (success, stdout, stderr).
+    fn ctr(&self, args: &[&str], timeout: Duration) -> (bool, String, String) {
+        let mut cmd = Command::new(ctr_bin());
+        cmd.args(["--address", &self.sock, "--namespace", &namespace()]).args(args);
+        run_timeout(&mut cmd, timeout, self.root.path())
+    }
+
+    fn ctr_ok(&self, args: &[&str], timeout: Duration) -> String {
+        let (ok, out, err) = self.ctr(args, timeout);
+        assert!(ok, "ctr {args:?} failed:\nstdout: {out}\nstderr: {err}\ncontainerd log:\n{}", self.log_tail());
+        out
+    }
+
+    /// Mount points below our directories, deepest first.
+    fn our_mounts(&self) -> Vec<String> {
+        let prefixes = [self.run_dir.to_str().unwrap().to_string(), self.root.path().to_str().unwrap().to_string()];
+        let mut v: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| prefixes.iter().any(|p| m.starts_with(p.as_str())))
+            .collect();
+        v.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        v
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Containers left behind by a failed assertion: kill their tasks, delete them.
+        for id in self.containers.borrow().iter() {
+            let _ = self.ctr(&["task", "kill", "--signal", "SIGKILL", id], Duration::from_secs(5));
+            let _ = self.ctr(&["task", "delete", "--force", id], Duration::from_secs(5));
+            let _ = self.ctr(&["container", "delete", id], Duration::from_secs(5));
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for m in self.our_mounts() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        // runc's state directory for our namespace (the shim's default runc root); only if empty.
+        let _ = std::fs::remove_dir(Path::new("/run/containerd/runc").join(namespace()));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the container reports
+
+/// Prints the greeting, then one line per path of the root filesystem (other file systems —
+/// /proc, /sys, /dev, /run mounts — pruned): path|type|mode|uid:gid|links|… with size, mtime
+/// and target for non-directories and the SHA-256 of regular files. The mtime of / itself is
+/// the container's fresh upper directory, so it is left out.
+const SCRIPT: &str = r#"cat /etc/hello.txt
+echo ---LISTING---
+find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run \) -prune -o -print | sort | while IFS= read -r p; do
+  if [ "$p" = / ]; then stat -c '%n|%F|%a|%u:%g' "$p"
+  elif [ -L "$p" ]; then stat -c '%n|%F|%a|%u:%g|%h|%s|%Y|%N' "$p"
+  elif [ -d "$p" ]; then stat -c '%n|%F|%a|%u:%g|%h|%Y' "$p"
+  elif [ -f "$p" ]; then set -- $(sha256sum "$p"); echo "$(stat -c '%n|%F|%a|%u:%g|%h|%s|%Y' "$p")|$1"
+  else stat -c '%n|%F|%a|%u:%g|%h|%s|%Y|%t:%T' "$p"; fi
+done
+echo ---END---
+"#;
+
+struct Report {
+    hello: String,
+    listing: Vec<String>,
+}
+
+fn parse_report(out: &str) -> Report {
+    let (hello, rest) = out.split_once("---LISTING---\n").unwrap_or_else(|| panic!("no listing in the container's output:\n{out}"));
+    let (listing, _) = rest.split_once("---END---").unwrap_or_else(|| panic!("listing not finished:\n{out}"));
+    Report { hello: hello.to_string(), listing: listing.lines().map(str::to_string).collect() }
+}
+
+fn path_of(line: &str) -> &str {
+    line.split('|').next().unwrap()
+}
+
+fn entry<'a>(r: &'a Report, path: &str) -> Option<&'a str> {
+    r.listing.iter().find(|l| path_of(l) == path).map(String::as_str)
+}
+
+fn diff(a: &[String], b: &[String]) -> String {
+    let (sa, sb): (BTreeSet<&String>, BTreeSet<&String>) = (a.iter().collect(), b.iter().collect());
+    let mut s = String::new();
+    for l in sa.difference(&sb) {
+        s.push_str(&format!("- {l}\n"));
+    }
+    for l in sb.difference(&sa) {
+        s.push_str(&format!("+ {l}\n"));
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn converted_images_run_in_containerd_with_identical_filesystems() {
+    if let Some(missing) = missing_prerequisites() {
+        assert!(!interop_required(), "LAZYPULL_INTEROP=required but missing: {missing}");
+        eprintln!("skipping the containerd interop test: missing {missing} (set LAZYPULL_INTEROP=required to fail instead)");
+        return;
+    }
+    let started = Instant::now();
+    let big = pseudo_random(BIG_SIZE, 0x9e37_79b9_7f4a_7c15);
+    let img = build_image(&big);
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(layout.path(), &img);
+
+    // Registry: the original as is, then both conversions.
+    let reg = TestRegistry::start(Auth::None);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = Client::new(RegistryConfig::default(), Credentials::anonymous()).unwrap();
+    let reference = |tag: &str| format!("{}/app:{tag}", reg.host);
+    let store = |tag: &str| Store::Registry { client: client.clone(), reference: Reference::parse(&reference(tag)).unwrap() };
+    let opts = ConvertOptions { chunk_size: 1 << 20, ..Default::default() };
+    let progress: convert::Progress = Arc::new(|_| {});
+    rt.block_on(async {
+        let scratch = tempfile::tempdir().unwrap();
+        push_original(&store("original"), &img, scratch.path()).await;
+        let from_layout = Store::Layout { dir: layout.path().to_path_buf(), tag: "v1".into() };
+        let r = convert_image(&from_layout, &store("esgz-from-layout"), &opts, progress.clone()).await.unwrap();
+        assert_eq!((r.manifests, r.layers_converted, r.layers_kept), (1, 2, 0));
+        let r = convert_image(&store("original"), &store("esgz-from-registry"), &opts, progress.clone()).await.unwrap();
+        assert_eq!((r.manifests, r.layers_converted, r.layers_kept), (1, 2, 0));
+        let zstd = ConvertOptions { compression: estargz::Compression::Zstd, ..opts.clone() };
+        let r = convert_image(&from_layout, &store("zstd-from-layout"), &zstd, progress.clone()).await.unwrap();
+        assert_eq!((r.manifests, r.layers_converted, r.layers_kept), (1, 2, 0));
+        // Several chunks per big file, so the runtime really reads a chunked stream.
+        let m = client.get_manifest(&Reference::parse(&reference("esgz-from-layout")).unwrap()).await.unwrap();
+        let registry::ManifestKind::Image(m) = m.manifest else { panic!("expected an image manifest") };
+        assert!(m.layers.iter().all(|l| l.annotations.contains_key(estargz::toc::TOC_DIGEST_ANNOTATION)));
+    });
+    let converted_at = started.elapsed();
+
+    let ctd = Containerd::start();
+    let tags = ["original", "esgz-from-layout", "esgz-from-registry", "zstd-from-layout"];
+    let mut reports = Vec::new();
+    for tag in tags {
+        let image = reference(tag);
+        let t = Instant::now();
+        ctd.ctr_ok(&["image", "pull", "--plain-http", &image], Duration::from_secs(60));
+        let pulled = t.elapsed();
+        let id = format!("lp-{}-{tag}", std::process::id());
+        ctd.containers.borrow_mut().push(id.clone());
+        let t = Instant::now();
+        let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "overlayfs", &image, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(60));
+        ctd.containers.borrow_mut().retain(|c| c != &id);
+        let report = parse_report(&out);
+        eprintln!("{tag}: pulled+unpacked in {pulled:.2?}, ran in {:.2?}, {} paths", t.elapsed(), report.listing.len());
+        reports.push(report);
+    }
+
+    // The original image, as containerd + runc see it, is what was built.
+    let orig = &reports[0];
+    if std::env::var_os("LAZYPULL_TEST_SHOW").is_some() {
+        for (tag, r) in tags.iter().zip(&reports) {
+            eprintln!("== {tag}\n{}", r.listing.join("\n"));
+        }
+    }
+    assert_eq!(orig.hello, HELLO);
+    let want = |path: &str, expect: &str| {
+        let line = entry(orig, path).unwrap_or_else(|| panic!("{path} missing from the original image:\n{}", orig.listing.join("\n")));
+        assert!(line.starts_with(expect), "{path}: got {line:?}, want prefix {expect:?}");
+    };
+    let big_sha = sha_hex(&big);
+    want("/etc/hello.txt", &format!("/etc/hello.txt|regular file|644|0:0|1|{}|{MTIME}|{}", HELLO.len(), sha_hex(HELLO.as_bytes())));
+    want("/etc/replaced.txt", &format!("/etc/replaced.txt|regular file|640|0:0|1|30|{MTIME}|{}", sha_hex(b"version 2, longer than before\n")));
+    want("/data/big.bin", &format!("/data/big.bin|regular file|644|0:0|2|{BIG_SIZE}|{MTIME}|{big_sha}"));
+    want("/data/big.link", &format!("/data/big.link|regular file|644|0:0|2|{BIG_SIZE}|{MTIME}|{big_sha}"));
+    want("/data/rel-link", "/data/rel-link|symbolic link|777|0:0|1|7|");
+    want("/data/abs-link", "/data/abs-link|symbolic link|777|0:0|1|14|");
+    want("/data/dangling", "/data/dangling|symbolic link|777|0:0|1|12|");
+    want("/bin/suid-tool", "/bin/suid-tool|regular file|4755|0:0|1|");
+    want("/data/owned", "/data/owned|regular file|600|1000:1000|1|");
+    want("/data/empty", &format!("/data/empty|directory|700|0:0|2|{MTIME}"));
+    want("/data/nested/deeper", "/data/nested/deeper|directory|2775|0:0|");
+    want("/data/with space.txt", "/data/with space.txt|regular file|644|");
+    want(&format!("/{}", long_name()), "/data/long-name-");
+    want("/tmp", "/tmp|directory|1777|0:0|");
+    want("/olddir", "/olddir|directory|750|0:0|");
+    want("/olddir/c.txt", "/olddir/c.txt|regular file|644|");
+    want("/bin/busybox", &format!("/bin/busybox|regular file|755|0:0|1|{}|{MTIME}|{}", std::fs::metadata(BUSYBOX).unwrap().len(), sha_hex(&std::fs::read(BUSYBOX).unwrap())));
+    for gone in ["/etc/removed.txt", "/olddir/a.txt", "/olddir/sub", "/olddir/sub/b.txt"] {
+        assert!(entry(orig, gone).is_none(), "{gone} must be hidden by its whiteout");
+    }
+    assert!(!orig.listing.iter().any(|l| l.contains(".wh.")), "whiteout files leaked into the rootfs");
+
+    // Every converted image: same greeting, same listing, except the eStargz metadata files.
+    for (tag, report) in tags.iter().zip(&reports).skip(1) {
+        assert_eq!(report.hello, HELLO, "{tag}: /etc/hello.txt");
+        let (meta, listing): (Vec<String>, Vec<String>) = report.listing.iter().cloned().partition(|l| ESTARGZ_METADATA.contains(&path_of(l)));
+        // gzip eStargz keeps its TOC as a tar entry; zstd:chunked keeps it in a skippable frame.
+        let toc_entry = meta.iter().any(|l| path_of(l) == "/stargz.index.json");
+        assert_eq!(toc_entry, tag.starts_with("esgz"), "{tag}: TOC tar entry in the extracted rootfs: {meta:?}");
+        assert!(
+            listing == orig.listing,
+            "{tag}: root filesystem differs from the original image's (- original, + converted):\n{}",
+            diff(&orig.listing, &listing)
+        );
+        eprintln!("{tag}: {} paths identical to the original (ignored metadata files: {:?})", listing.len(), meta.iter().map(|l| path_of(l)).collect::<Vec<_>>());
+    }
+
+    // Leave nothing behind in the namespace.
+    for tag in tags {
+        ctd.ctr_ok(&["image", "rm", &reference(tag)], Duration::from_secs(30));
+    }
+    eprintln!("conversion done at {converted_at:.2?}, whole test {:.2?}", started.elapsed());
+}
