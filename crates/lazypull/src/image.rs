@@ -198,29 +198,35 @@ async fn convert_cmd(src: &Store, dst: &Store, opts: &ConvertOptions) -> Result<
     Ok(())
 }
 
-async fn inspect(store: &Store, platform: Option<&str>) -> Result<()> {
-    let (_, root, digest) = store.root().await?;
-    println!("image:    {store}");
-    println!("digest:   {digest}");
-    let m = match root {
-        ManifestKind::Image(m) => m,
+/// The image manifest of `root` for `platform` (default: this host's), following an index.
+pub async fn select_manifest(store: &Store, root: ManifestKind, platform: Option<&str>) -> Result<registry::Manifest> {
+    match root {
+        ManifestKind::Image(m) => Ok(m),
         ManifestKind::Index(i) => {
-            println!("index:    {} ({} manifests)", i.media_type.as_deref().unwrap_or(manifest::OCI_INDEX), i.manifests.len());
-            for d in &i.manifests {
-                println!("  {} {}", d.digest, d.platform.as_ref().map(|p| p.to_string()).unwrap_or_else(|| "(no platform)".into()));
-            }
             let want = match platform {
                 Some(p) => Platform::parse(p)?,
                 None => Platform::host(),
             };
             let d = manifest::select_platform(&i, &want, &store.to_string())?;
-            println!("platform: {want} -> {}", d.digest);
             match store.manifest(&d.digest).await?.1 {
-                ManifestKind::Image(m) => m,
+                ManifestKind::Image(m) => Ok(m),
                 ManifestKind::Index(_) => anyhow::bail!("nested index {} is not supported", d.digest),
             }
         }
-    };
+    }
+}
+
+async fn inspect(store: &Store, platform: Option<&str>) -> Result<()> {
+    let (_, root, digest) = store.root().await?;
+    println!("image:    {store}");
+    println!("digest:   {digest}");
+    if let ManifestKind::Index(i) = &root {
+        println!("index:    {} ({} manifests)", i.media_type.as_deref().unwrap_or(manifest::OCI_INDEX), i.manifests.len());
+        for d in &i.manifests {
+            println!("  {} {}", d.digest, d.platform.as_ref().map(|p| p.to_string()).unwrap_or_else(|| "(no platform)".into()));
+        }
+    }
+    let m = select_manifest(store, root, platform).await?;
     println!("manifest: {}", m.media_type.as_deref().unwrap_or(manifest::OCI_MANIFEST));
     println!("config:   {} ({} bytes)", m.config.digest, m.config.size);
     let lazy = m.layers.iter().filter(|l| convert::is_lazy_layer(l)).count();

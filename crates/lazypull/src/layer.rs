@@ -12,6 +12,8 @@ use serde_json::json;
 
 #[derive(Subcommand)]
 pub enum LayerCommand {
+    /// Mount a local eStargz blob lazily with FUSE (for testing and debugging).
+    Mount(crate::mount::LayerMountArgs),
     /// Convert a tar, tar.gz or tar.zst layer into an eStargz (or zstd:chunked) blob.
     Convert {
         input: PathBuf,
@@ -66,6 +68,7 @@ pub enum LayerCommand {
 
 pub fn run(cmd: LayerCommand) -> Result<()> {
     match cmd {
+        LayerCommand::Mount(a) => crate::mount::layer_mount(a),
         LayerCommand::Convert {
             input,
             output,

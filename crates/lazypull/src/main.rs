@@ -1,13 +1,16 @@
 //! `lazypull` — the command-line entry point.
 //!
 //! Thin glue: argument parsing and output formatting live here, every piece of logic lives in
-//! a library crate (`estargz` for the format, `unpack` for extraction). Errors are `anyhow`
+//! a library crate (`estargz` for the format, `unpack` for extraction, `registry`, `convert`,
+//! `store` for chunks, `fs` for FUSE). Errors are `anyhow`
 //! here only; libraries return typed errors that already name the digest, path or offset.
 
 use clap::{Parser, Subcommand};
 
+mod fallback;
 mod image;
 mod layer;
+mod mount;
 
 #[derive(Parser)]
 #[command(name = "lazypull", version, about = "Lazy-pulling container images (eStargz, zstd:chunked)")]
@@ -24,17 +27,37 @@ enum Command {
     /// Work with whole images in registries or OCI layouts: convert, inspect.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Mount an image (or one layer) from a registry lazily, without containerd.
+    Mount(mount::MountArgs),
+    /// Unmount what `lazypull mount` mounted and stop its daemon.
+    Umount {
+        mountpoint: std::path::PathBuf,
+        #[arg(long, default_value = "/var/lib/lazypull", value_name = "DIR")]
+        state_dir: std::path::PathBuf,
+    },
+    /// Per-layer fetch status of a lazy mount.
+    Status {
+        mountpoint: std::path::PathBuf,
+        #[arg(long, default_value = "/var/lib/lazypull", value_name = "DIR")]
+        state_dir: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("LAZYPULL_LOG"))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Layer(c) => layer::run(c),
         Command::Image(c) => image::run(c),
+        Command::Mount(a) => mount::image_mount(a),
+        Command::Umount { mountpoint, state_dir } => mount::umount(&mountpoint, &state_dir),
+        Command::Status { mountpoint, state_dir, json } => mount::status(&mountpoint, &state_dir, json),
     };
     if let Err(e) = result {
         eprintln!("lazypull: error: {e:#}");

@@ -1,0 +1,19 @@
+//! Errors of opening and mounting a layer.
+
+use std::path::PathBuf;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("layer {blob}: {source}")]
+    Format {
+        blob: String,
+        #[source]
+        source: estargz::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("mount at {path}: {reason}")]
+    Mount { path: PathBuf, reason: String },
+}

@@ -1,0 +1,347 @@
+//! The FUSE request handlers of one read-only layer.
+//!
+//! Layers are immutable, so the kernel is told to cache everything for a long time (entries,
+//! attributes, symlinks, file pages kept across opens). Requests run on fuser's worker threads
+//! (one cloned `/dev/fuse` fd each), so a read waiting for the network never blocks a `lookup`
+//! or a cached read on another thread. When the kernel offers FUSE passthrough, a file whose
+//! single chunk is already in the chunk store is opened *on the chunk file itself*: the kernel
+//! then reads it with no daemon round trip at all. An inode keeps one mode (cached or
+//! passthrough) while it has open handles, because the kernel refuses to mix them.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use estargz::NodeKind;
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use store::LayerFetcher;
+use tracing::{error, info, warn};
+
+use crate::view::{Inode, LayerView};
+
+/// How long the kernel may cache entries and attributes: the layer never changes.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Options of a layer filesystem.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Use FUSE passthrough for cached single-chunk files when the kernel supports it.
+    pub passthrough: bool,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions { passthrough: true }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpenMode {
+    Cached,
+    Passthrough,
+}
+
+/// Counters of the FUSE side.
+#[derive(Debug, Default)]
+pub struct FsStats {
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub read_errors: AtomicU64,
+    pub passthrough_opens: AtomicU64,
+}
+
+/// A mounted layer's request handlers.
+pub struct LayerFs {
+    view: Arc<LayerView>,
+    fetcher: Arc<LayerFetcher>,
+    options: FsOptions,
+    passthrough: AtomicBool,
+    /// Per inode: the mode of its open handles and how many there are.
+    opens: Mutex<HashMap<u64, (OpenMode, u32)>>,
+    backing: Mutex<HashMap<u64, BackingId>>,
+    next_fh: AtomicU64,
+    pub stats: Arc<FsStats>,
+}
+
+impl LayerFs {
+    pub fn new(view: Arc<LayerView>, fetcher: Arc<LayerFetcher>, options: FsOptions) -> LayerFs {
+        LayerFs {
+            view,
+            fetcher,
+            options,
+            passthrough: AtomicBool::new(false),
+            opens: Mutex::new(HashMap::new()),
+            backing: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            stats: Arc::new(FsStats::default()),
+        }
+    }
+
+    fn attr(&self, ino: u64, i: &Inode) -> FileAttr {
+        let t = if i.mtime >= 0 {
+            UNIX_EPOCH + Duration::from_secs(i.mtime as u64)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(i.mtime.unsigned_abs())
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size: i.size,
+            blocks: i.size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: file_type(i.kind),
+            perm: i.perm,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: encode_dev(i.rdev_major, i.rdev_minor),
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// Reads `[offset, offset + size)` of a regular file through the fetcher.
+    pub fn read_file(&self, i: &Inode, offset: u64, size: u32) -> Result<Vec<u8>, store::Error> {
+        if offset >= i.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = i.size.min(offset + size as u64);
+        let first = i.chunks.partition_point(|c| c.file_offset + c.size <= offset);
+        let touched: Vec<_> = i.chunks[first..].iter().take_while(|c| c.file_offset < end).collect();
+        let idxs: Vec<usize> = touched.iter().map(|c| c.fetch_index).collect();
+        let datas = self.fetcher.get_many(&idxs, true)?;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (c, data) in touched.iter().zip(datas) {
+            let from = offset.max(c.file_offset) - c.file_offset;
+            let to = end.min(c.file_offset + c.size) - c.file_offset;
+            out.extend_from_slice(&data[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+
+    /// The chunk file backing a fully cached single-chunk file, for passthrough.
+    fn backing_file(&self, i: &Inode) -> Option<std::fs::File> {
+        let [c] = i.chunks.as_slice() else { return None };
+        let d = self.fetcher.chunks()[c.fetch_index].digest?;
+        let path = self.fetcher.store().disk_path(&d)?;
+        std::fs::File::open(path).ok()
+    }
+}
+
+fn file_type(k: NodeKind) -> FileType {
+    match k {
+        NodeKind::Dir => FileType::Directory,
+        NodeKind::Reg => FileType::RegularFile,
+        NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Char => FileType::CharDevice,
+        NodeKind::Block => FileType::BlockDevice,
+        NodeKind::Fifo => FileType::NamedPipe,
+    }
+}
+
+/// The kernel's `new_encode_dev` for the 32-bit `rdev` of FUSE attributes.
+fn encode_dev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS | InitFlags::FUSE_PARALLEL_DIROPS);
+        if self.options.passthrough && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH) {
+            // Depth 1: the backing chunk files live on a plain file system, and an overlay on
+            // top of this mount still fits the kernel's stacking limit of two.
+            if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok() {
+                self.passthrough.store(true, Ordering::Relaxed);
+            }
+        }
+        info!(passthrough = self.passthrough.load(Ordering::Relaxed), "FUSE session initialised");
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.view.lookup(parent.0, name.as_bytes()).and_then(|ino| Some((ino, self.view.get(ino)?))) {
+            Some((ino, i)) => reply.entry(&TTL, &self.attr(ino, i), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.view.get(ino.0) {
+            Some(i) => reply.attr(&TTL, &self.attr(ino.0, i)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.view.get(ino.0) {
+            Some(i) if i.kind == NodeKind::Symlink => reply.data(&i.link_target),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let Some(i) = self.view.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        if i.kind == NodeKind::Dir {
+            return reply.error(Errno::EISDIR);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut opens = self.opens.lock().unwrap();
+        let current = opens.get(&ino.0).copied();
+        let want_passthrough = match current {
+            Some((mode, n)) if n > 0 => mode == OpenMode::Passthrough,
+            _ => self.passthrough.load(Ordering::Relaxed),
+        };
+        if want_passthrough {
+            if let Some(file) = self.backing_file(i) {
+                match reply.open_backing(&file) {
+                    Ok(id) => {
+                        let e = opens.entry(ino.0).or_insert((OpenMode::Passthrough, 0));
+                        e.0 = OpenMode::Passthrough;
+                        e.1 += 1;
+                        drop(opens);
+                        self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                        self.backing.lock().unwrap().insert(fh, id);
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "FUSE passthrough unavailable; serving reads from the daemon");
+                        self.passthrough.store(false, Ordering::Relaxed);
+                    }
+                }
+            }
+            if matches!(current, Some((OpenMode::Passthrough, n)) if n > 0) {
+                // Cannot switch mode while passthrough handles are open; nor can we serve
+                // passthrough without the backing file (evicted): ask the caller to retry.
+                return reply.error(Errno::EBUSY);
+            }
+        }
+        let e = opens.entry(ino.0).or_insert((OpenMode::Cached, 0));
+        e.0 = OpenMode::Cached;
+        e.1 += 1;
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        let Some(i) = self.view.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        if i.kind != NodeKind::Reg {
+            return reply.error(Errno::EINVAL);
+        }
+        match self.read_file(i, offset, size) {
+            Ok(data) => {
+                self.stats.reads.fetch_add(1, Ordering::Relaxed);
+                self.stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                reply.data(&data)
+            }
+            Err(e) => {
+                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                error!(path = %i.path, offset, size, error = %e, "read failed; returning EIO");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        if let Some(e) = self.opens.lock().unwrap().get_mut(&ino.0) {
+            e.1 = e.1.saturating_sub(1);
+        }
+        self.backing.lock().unwrap().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.view.get(ino.0) {
+            Some(i) if i.kind == NodeKind::Dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(d) = self.view.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        let dots = [(".", ino.0, FileType::Directory), ("..", d.parent, FileType::Directory)];
+        let mut pos = offset as usize;
+        while pos < 2 + d.children.len() {
+            let full = if pos < 2 {
+                let (name, i, k) = dots[pos];
+                reply.add(INodeNo(i), pos as u64 + 1, k, name)
+            } else {
+                let (name, child) = &d.children[pos - 2];
+                let kind = self.view.get(*child).map(|c| file_type(c.kind)).unwrap_or(FileType::RegularFile);
+                reply.add(INodeNo(*child), pos as u64 + 1, kind, name)
+            };
+            if full {
+                break;
+            }
+            pos += 1;
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.view.total_file_bytes.div_ceil(4096);
+        reply.statfs(blocks, 0, 0, self.view.count() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(i) = self.view.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Some(value) = name.to_str().and_then(|n| i.xattrs.get(n)) else { return reply.error(Errno::NO_XATTR) };
+        if size == 0 {
+            reply.size(value.len() as u32);
+        } else if (size as usize) < value.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(value);
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(i) = self.view.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        let mut list = Vec::new();
+        for k in i.xattrs.keys() {
+            list.extend_from_slice(k.as_bytes());
+            list.push(0);
+        }
+        if size == 0 {
+            reply.size(list.len() as u32);
+        } else if (size as usize) < list.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(&list);
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+}
+
+/// Seconds since the epoch, for status files.
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode_dev;
+
+    #[test]
+    fn device_numbers_encode_like_the_kernel() {
+        assert_eq!(encode_dev(1, 3), 0x103);
+        assert_eq!(encode_dev(8, 0x123), 0x23 | (8 << 8) | (0x100 << 12));
+    }
+}

@@ -1,0 +1,303 @@
+//! The inode table a layer mount serves, built once from the layer's normalized tree.
+//!
+//! Why a separate view instead of serving [`estargz::Tree`] directly: overlayfs expects a lower
+//! layer in its *own* on-disk form, not in tar form. A tar entry `.wh.x` must appear as a 0/0
+//! character device named `x`, a `.wh..wh..opq` entry as the `trusted.overlay.opaque=y` xattr on
+//! its directory, and the eStargz bookkeeping files (`.prefetch.landmark`,
+//! `.no.prefetch.landmark`, the TOC) must not appear at all. Doing the translation here keeps
+//! the FUSE handlers trivial and makes it testable without mounting anything.
+//!
+//! Inode numbers are stable: node *i* of the tree is inode *i + 1* (the root is 1, as FUSE
+//! wants) and synthetic whiteouts follow the tree's nodes in walk order, so the same TOC always
+//! yields the same numbers — a requirement for NFS-style file handles and for re-serving a layer
+//! after a daemon restart.
+
+use std::collections::BTreeMap;
+
+use estargz::{NodeKind, Tree, ROOT};
+use store::ChunkRef;
+
+/// Prefix of overlay whiteout names in a layer tar.
+pub const WHITEOUT_PREFIX: &str = ".wh.";
+/// Name of the opaque-directory marker in a layer tar.
+pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// The xattr overlayfs reads to treat a lower directory as opaque.
+pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// Root entries that are format bookkeeping, not layer content.
+pub const HIDDEN_ROOT_NAMES: [&str; 3] = [estargz::toc::PREFETCH_LANDMARK, estargz::toc::NO_PREFETCH_LANDMARK, estargz::toc::TOC_TAR_NAME];
+
+/// One chunk of a file: where it sits in the file and which fetcher chunk holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileChunk {
+    pub file_offset: u64,
+    pub size: u64,
+    /// Index into the fetcher's chunk list.
+    pub fetch_index: usize,
+}
+
+/// Attributes and contents of one inode.
+#[derive(Debug, Clone)]
+pub struct Inode {
+    pub kind: NodeKind,
+    /// Permission bits plus setuid/setgid/sticky.
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: i64,
+    pub nlink: u32,
+    pub rdev_major: u32,
+    pub rdev_minor: u32,
+    pub link_target: Vec<u8>,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// Children sorted by name (directories only).
+    pub children: Vec<(String, u64)>,
+    /// The parent directory's inode (the root is its own parent).
+    pub parent: u64,
+    pub chunks: Vec<FileChunk>,
+    /// Path inside the layer, for logs.
+    pub path: String,
+}
+
+/// The whole inode table; `inodes[ino - 1]`.
+#[derive(Debug)]
+pub struct LayerView {
+    inodes: Vec<Option<Inode>>,
+    /// The chunk list to give the fetcher, in blob order.
+    pub chunk_refs: Vec<ChunkRef>,
+    /// Blob offset of `.prefetch.landmark`, if the layer has prioritized files.
+    pub prefetch_landmark: Option<u64>,
+    /// Whether the layer says "prefetch nothing" (`.no.prefetch.landmark`).
+    pub no_prefetch: bool,
+    /// Sum of regular file sizes.
+    pub total_file_bytes: u64,
+}
+
+impl LayerView {
+    /// Builds the view of a layer tree.
+    pub fn build(tree: &Tree) -> LayerView {
+        let n = tree.nodes.len();
+        let mut inodes: Vec<Option<Inode>> = vec![None; n];
+        // Chunk list in blob order, deduplicated, so that file chunks can point into it.
+        let mut refs: Vec<ChunkRef> = Vec::new();
+        for node in &tree.nodes {
+            for c in &node.chunks {
+                refs.push(chunk_ref(c));
+            }
+        }
+        refs.sort_by_key(|c| (c.offset, c.inner_offset, c.size));
+        refs.dedup();
+        let index_of = |c: &ChunkRef| refs.binary_search_by_key(&(c.offset, c.inner_offset, c.size), |x| (x.offset, x.inner_offset, x.size)).expect("every chunk is listed");
+
+        let mut total_file_bytes = 0;
+        let mut prefetch_landmark = None;
+        let mut no_prefetch = false;
+        let mut extra: Vec<Inode> = Vec::new();
+        // Reachable nodes, each directory's children translated for overlayfs.
+        let mut stack = vec![(ROOT, ROOT)];
+        let mut seen = vec![false; n];
+        seen[ROOT] = true;
+        while let Some((id, parent)) = stack.pop() {
+            let node = tree.node(id);
+            let mut ino = base_inode(tree, id, parent as u64 + 1);
+            if node.kind == NodeKind::Reg {
+                ino.chunks = node
+                    .chunks
+                    .iter()
+                    .map(|c| FileChunk {
+                        file_offset: c.chunk_offset,
+                        size: c.size,
+                        fetch_index: index_of(&chunk_ref(c)),
+                    })
+                    .collect();
+            }
+            if node.kind == NodeKind::Dir {
+                let mut kids: Vec<(String, u64)> = Vec::new();
+                for (name, &kid) in &node.children {
+                    if id == ROOT && HIDDEN_ROOT_NAMES.contains(&name.as_str()) {
+                        let k = tree.node(kid);
+                        if name == estargz::toc::PREFETCH_LANDMARK {
+                            prefetch_landmark = k.chunks.first().map(|c| c.offset);
+                        }
+                        if name == estargz::toc::NO_PREFETCH_LANDMARK {
+                            no_prefetch = true;
+                        }
+                        continue;
+                    }
+                    if name == OPAQUE_MARKER {
+                        ino.xattrs.insert(OPAQUE_XATTR.to_string(), b"y".to_vec());
+                        continue;
+                    }
+                    if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+                        if hidden.is_empty() || node.children.contains_key(hidden) {
+                            // A whiteout beside a real entry of the same name: the entry wins.
+                            continue;
+                        }
+                        let mut wh = base_inode(tree, kid, id as u64 + 1);
+                        wh.kind = NodeKind::Char;
+                        wh.perm &= 0o7777;
+                        wh.size = 0;
+                        wh.nlink = 1;
+                        wh.rdev_major = 0;
+                        wh.rdev_minor = 0;
+                        wh.link_target.clear();
+                        wh.xattrs.clear();
+                        wh.path = join(&node.path, hidden);
+                        let whino = (n + extra.len()) as u64 + 1;
+                        extra.push(wh);
+                        kids.push((hidden.to_string(), whino));
+                        continue;
+                    }
+                    kids.push((name.clone(), kid as u64 + 1));
+                    if !seen[kid] {
+                        seen[kid] = true;
+                        stack.push((kid, id));
+                        if tree.node(kid).kind == NodeKind::Reg {
+                            total_file_bytes += tree.node(kid).size;
+                        }
+                    }
+                }
+                kids.sort();
+                ino.children = kids;
+            }
+            inodes[id] = Some(ino);
+        }
+        inodes.extend(extra.into_iter().map(Some));
+        LayerView {
+            inodes,
+            chunk_refs: refs,
+            prefetch_landmark,
+            no_prefetch,
+            total_file_bytes,
+        }
+    }
+
+    /// The inode `ino`, if it exists and is reachable.
+    pub fn get(&self, ino: u64) -> Option<&Inode> {
+        let i = usize::try_from(ino.checked_sub(1)?).ok()?;
+        self.inodes.get(i)?.as_ref()
+    }
+
+    /// Looks a name up in directory `dir`.
+    pub fn lookup(&self, dir: u64, name: &[u8]) -> Option<u64> {
+        let d = self.get(dir)?;
+        d.children.binary_search_by(|(n, _)| n.as_bytes().cmp(name)).ok().map(|i| d.children[i].1)
+    }
+
+    /// Inode of a path ("" or "/" for the root), following directories only.
+    pub fn resolve(&self, path: &str) -> Option<u64> {
+        let mut ino = 1;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            ino = self.lookup(ino, part.as_bytes())?;
+        }
+        Some(ino)
+    }
+
+    /// Number of inode slots (the largest inode number).
+    pub fn max_ino(&self) -> u64 {
+        self.inodes.len() as u64
+    }
+
+    /// Number of reachable inodes.
+    pub fn count(&self) -> usize {
+        self.inodes.iter().filter(|i| i.is_some()).count()
+    }
+}
+
+fn chunk_ref(c: &estargz::Chunk) -> ChunkRef {
+    ChunkRef {
+        digest: c.digest,
+        offset: c.offset,
+        next_offset: c.next_offset,
+        inner_offset: c.inner_offset,
+        size: c.size,
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+fn base_inode(tree: &Tree, id: usize, parent: u64) -> Inode {
+    let n = tree.node(id);
+    Inode {
+        kind: n.kind,
+        perm: (n.mode & 0o7777) as u16,
+        uid: n.uid,
+        gid: n.gid,
+        size: n.size,
+        mtime: n.mtime,
+        nlink: n.nlink.max(1),
+        rdev_major: n.dev_major,
+        rdev_minor: n.dev_minor,
+        link_target: n.link_target.as_bytes().to_vec(),
+        xattrs: n.xattrs.clone(),
+        children: Vec::new(),
+        parent,
+        chunks: Vec::new(),
+        path: n.path.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use estargz::{build, BuildOptions, Reader};
+
+    fn layer(entries: &[(&str, tar::EntryType, &[u8], &str)]) -> Reader<Vec<u8>> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(if *kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_700_000_000);
+            if !link.is_empty() {
+                h.set_link_name(link).unwrap();
+            }
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let mut out = Vec::new();
+        let mut opts = BuildOptions::default();
+        opts.prioritized = vec!["etc/prio".to_string()];
+        build(std::io::Cursor::new(tar), &mut out, &opts).unwrap();
+        Reader::open(out).unwrap()
+    }
+
+    #[test]
+    fn whiteouts_opaque_dirs_and_landmarks_are_translated() {
+        use tar::EntryType::*;
+        let r = layer(&[
+            ("etc/", Directory, b"", ""),
+            ("etc/prio", Regular, b"first", ""),
+            ("etc/.wh.gone", Regular, b"", ""),
+            ("etc/.wh..wh..opq", Regular, b"", ""),
+            ("etc/kept", Regular, b"data", ""),
+            ("etc/link", Link, b"", "etc/kept"),
+        ]);
+        let v = LayerView::build(r.tree());
+        assert!(v.lookup(1, estargz::toc::PREFETCH_LANDMARK.as_bytes()).is_none());
+        assert!(v.prefetch_landmark.is_some());
+        let etc = v.resolve("etc").unwrap();
+        let e = v.get(etc).unwrap();
+        assert_eq!(e.xattrs.get(OPAQUE_XATTR).map(Vec::as_slice), Some(&b"y"[..]));
+        let names: Vec<&str> = e.children.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["gone", "kept", "link", "prio"]);
+        let gone = v.get(v.resolve("etc/gone").unwrap()).unwrap();
+        assert_eq!((gone.kind, gone.rdev_major, gone.rdev_minor), (NodeKind::Char, 0, 0));
+        // Hardlinks share the inode and count two links.
+        assert_eq!(v.resolve("etc/kept"), v.resolve("etc/link"));
+        assert_eq!(v.get(v.resolve("etc/kept").unwrap()).unwrap().nlink, 2);
+        let prio = v.get(v.resolve("etc/prio").unwrap()).unwrap();
+        assert_eq!(prio.chunks.len(), 1);
+        assert!(v.chunk_refs[prio.chunks[0].fetch_index].next_offset <= v.prefetch_landmark.unwrap());
+        assert_eq!(v.get(etc).unwrap().parent, 1);
+        assert!(v.get(0).is_none() && v.get(v.max_ino() + 1).is_none());
+    }
+}

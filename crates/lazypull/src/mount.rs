@@ -1,0 +1,632 @@
+//! `lazypull mount`, `lazypull layer mount`, `lazypull umount`, `lazypull status`: lazily
+//! mounted images and layers without containerd.
+//!
+//! A mount is served by a daemon process: `mount` starts itself again with `--foreground` in a
+//! new session, waits until the child reports that every layer is mounted (or prints the
+//! child's log and fails), and returns. The daemon keeps a record (`record.json`: pid,
+//! mountpoint, layer mounts) and a status file (`status.json`, rewritten every second) under
+//! `STATE/mounts/<name>/`; `umount` and `status` find them from the mountpoint.
+//! Images mount as one FUSE mount per eStargz layer under a read-only overlayfs; layers that
+//! are not eStargz are downloaded and extracted once (logged, with the reason) so that any
+//! image mounts.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use estargz::Digest;
+use lazyfs::{FsOptions, LayerFs, MountedLayer};
+use serde::{Deserialize, Serialize};
+use store::{ChunkStore, FetchConfig, FileRangeSource, LayerFetcher, RangeSource, RegistryRangeSource, StoreConfig};
+use tracing::{info, warn};
+
+use crate::image::RegistryArgs;
+
+/// Options shared by every lazy mount.
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// State directory: chunk cache, extracted fallback layers, mount records.
+    #[arg(long, default_value = "/var/lib/lazypull", value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Disk cache limit in bytes (0: unlimited); least recently used chunks are evicted.
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    pub cache_size: u64,
+    /// In-memory chunk cache in MiB.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub memory_cache: u64,
+    /// Deadline of one fetch from the registry, retries included, in seconds.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub fetch_timeout: u64,
+    /// Do not fetch the rest of each layer in the background.
+    #[arg(long)]
+    pub no_background: bool,
+    /// Background fetch rate limit in bytes/s (0: unlimited; on-demand reads always go first).
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    pub background_rate: u64,
+    /// Do not prefetch the prioritized files at mount.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Fetch each whole layer at mount, before reporting ready.
+    #[arg(long)]
+    pub fetch_all: bool,
+    /// Never use FUSE passthrough.
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// FUSE worker threads per layer.
+    #[arg(long, default_value_t = 8)]
+    pub threads: usize,
+    /// Concurrent range requests per layer.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Stay in the foreground (serve until unmounted or signalled).
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// Image reference in a registry.
+    pub reference: String,
+    pub mountpoint: PathBuf,
+    /// Mount only layer N (0 = bottom) instead of the whole image.
+    #[arg(long, value_name = "N")]
+    pub layer: Option<usize>,
+    /// Platform to pick from a multi-platform image (default: this host's).
+    #[arg(long)]
+    pub platform: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Args)]
+pub struct LayerMountArgs {
+    /// A local eStargz blob.
+    pub blob: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Expected TOC digest.
+    #[arg(long)]
+    pub toc_digest: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// What `umount` needs to find a mount's parts.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    pid: u32,
+    mountpoint: PathBuf,
+    source: String,
+    /// FUSE layer mounts (below an overlay) in layer order; empty when the mountpoint is the layer.
+    layer_mounts: Vec<PathBuf>,
+    overlay: bool,
+}
+
+/// One layer's line in `status.json`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct LayerStatus {
+    pub index: usize,
+    pub digest: String,
+    pub lazy: bool,
+    /// Why a layer is not lazy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+    pub blob_bytes: u64,
+    pub fetched_bytes: u64,
+    pub present_percent: f64,
+    pub requests: u64,
+    pub chunks_fetched: u64,
+    pub cache_hits: u64,
+    pub errors: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub prefetch_done: bool,
+    pub complete: bool,
+    pub reads: u64,
+    pub read_errors: u64,
+    pub passthrough_opens: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct MountStatus {
+    pub source: String,
+    pub mountpoint: PathBuf,
+    pub pid: u32,
+    pub mounted_secs: f64,
+    pub cache_disk_bytes: u64,
+    pub layers: Vec<LayerStatus>,
+}
+
+fn mount_dir(state: &Path, mountpoint: &Path) -> PathBuf {
+    let canon = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let d = Digest::of(canon.as_os_str().as_encoded_bytes()).hex();
+    state.join("mounts").join(&d[..16])
+}
+
+/// Starts the daemon (`--foreground` child) and waits for it to report ready.
+fn daemonize(serve: &ServeArgs, mountpoint: &Path) -> Result<()> {
+    let dir = mount_dir(&serve.state_dir, mountpoint);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_path = dir.join("daemon.log");
+    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).env("LAZYPULL_DAEMON", "1");
+    if std::env::var_os("LAZYPULL_LOG").is_none() {
+        cmd.env("LAZYPULL_LOG", "info");
+    }
+    // SAFETY: setsid is async-signal-safe; the child leaves our session so that a terminal
+    // hang-up does not take the mount down.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let out = child.stdout.take().expect("piped");
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("READY ") {
+            println!("{rest}");
+            return Ok(());
+        }
+        println!("{line}");
+    }
+    let status = child.wait()?;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+    bail!("mount daemon exited ({status}) before the mount was ready; its log ({}):\n{}", log_path.display(), tail.join("\n"))
+}
+
+fn open_store(serve: &ServeArgs) -> Result<Arc<ChunkStore>> {
+    let mut cfg = StoreConfig::new(serve.state_dir.join("cache"));
+    cfg.disk_limit = serve.cache_size;
+    cfg.memory_limit = serve.memory_cache << 20;
+    Ok(ChunkStore::open(cfg)?)
+}
+
+fn fetch_config(serve: &ServeArgs) -> FetchConfig {
+    FetchConfig {
+        parallel: serve.parallel.max(1),
+        background_rate: serve.background_rate,
+        wait_timeout: Duration::from_secs(serve.fetch_timeout.max(1) * 2),
+        ..FetchConfig::default()
+    }
+}
+
+/// A layer being served.
+struct ServedLayer {
+    index: usize,
+    digest: String,
+    blob_bytes: u64,
+    fetcher: Option<Arc<LayerFetcher>>,
+    fs_stats: Option<Arc<lazyfs::FsStats>>,
+    fallback_reason: Option<String>,
+}
+
+impl ServedLayer {
+    fn status(&self) -> LayerStatus {
+        let mut s = LayerStatus {
+            index: self.index,
+            digest: self.digest.clone(),
+            lazy: self.fetcher.is_some(),
+            fallback_reason: self.fallback_reason.clone(),
+            blob_bytes: self.blob_bytes,
+            fetched_bytes: 0,
+            present_percent: 100.0,
+            requests: 0,
+            chunks_fetched: 0,
+            cache_hits: 0,
+            errors: 0,
+            last_error: None,
+            prefetch_done: true,
+            complete: true,
+            reads: 0,
+            read_errors: 0,
+            passthrough_opens: 0,
+        };
+        if let Some(f) = &self.fetcher {
+            let st = &f.stats;
+            s.fetched_bytes = st.fetched_bytes.load(Ordering::Relaxed);
+            s.present_percent = (f.percent_present() * 100.0).round() / 100.0;
+            s.requests = st.requests.load(Ordering::Relaxed);
+            s.chunks_fetched = st.chunks_fetched.load(Ordering::Relaxed);
+            s.cache_hits = st.cache_hits.load(Ordering::Relaxed);
+            s.errors = st.errors.load(Ordering::Relaxed);
+            s.last_error = st.last_error.lock().unwrap().clone();
+            s.prefetch_done = st.prefetch_done.load(Ordering::Relaxed);
+            s.complete = st.complete.load(Ordering::Relaxed);
+        }
+        if let Some(fs) = &self.fs_stats {
+            s.reads = fs.reads.load(Ordering::Relaxed);
+            s.read_errors = fs.read_errors.load(Ordering::Relaxed);
+            s.passthrough_opens = fs.passthrough_opens.load(Ordering::Relaxed);
+        }
+        s
+    }
+}
+
+/// Everything a running mount owns.
+struct Served {
+    source: String,
+    mountpoint: PathBuf,
+    dir: PathBuf,
+    layers: Vec<ServedLayer>,
+    mounts: Vec<MountedLayer>,
+    overlay: bool,
+    store: Arc<ChunkStore>,
+    stop: Arc<AtomicBool>,
+    started: Instant,
+}
+
+impl Served {
+    fn write_status(&self) {
+        let st = MountStatus {
+            source: self.source.clone(),
+            mountpoint: self.mountpoint.clone(),
+            pid: std::process::id(),
+            mounted_secs: self.started.elapsed().as_secs_f64(),
+            cache_disk_bytes: self.store.usage().disk_bytes,
+            layers: self.layers.iter().map(ServedLayer::status).collect(),
+        };
+        let tmp = self.dir.join("status.json.tmp");
+        if std::fs::write(&tmp, serde_json::to_vec_pretty(&st).expect("serializable")).is_ok() {
+            let _ = std::fs::rename(&tmp, self.dir.join("status.json"));
+        }
+    }
+
+    /// Starts prefetch and background fill for every lazy layer.
+    fn start_fill(&self, serve: &ServeArgs) {
+        for l in &self.layers {
+            let Some(f) = l.fetcher.clone() else { continue };
+            let stop = self.stop.clone();
+            let background = !serve.no_background;
+            std::thread::Builder::new()
+                .name(format!("fill-{}", l.index))
+                .spawn(move || {
+                    if background {
+                        if let Err(e) = f.run_background(&stop) {
+                            warn!(blob = %f.blob(), error = %e, "background fetch stopped");
+                        } else if f.stats.complete.load(Ordering::Relaxed) {
+                            info!(blob = %f.blob(), "layer fully cached");
+                        }
+                    }
+                })
+                .expect("spawning a thread");
+        }
+    }
+
+    /// Unmounts everything and stops background work.
+    fn shutdown(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if self.overlay && is_mountpoint(&self.mountpoint) {
+            let _ = lazyfs::detach(&self.mountpoint);
+        }
+        for l in &self.layers {
+            if let Some(f) = &l.fetcher {
+                f.close();
+            }
+        }
+        for m in self.mounts.drain(..) {
+            if let Err(e) = m.unmount() {
+                warn!(error = %e, "unmount");
+            }
+        }
+        self.write_status();
+        let _ = std::fs::remove_file(self.dir.join("record.json"));
+    }
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mountpoint(path: &Path) -> bool {
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape_mountinfo(m) == canon.as_os_str().to_string_lossy()))
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mounts one opened layer with FUSE at `at`, prefetching its prioritized files first.
+fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index: usize, digest: &str, blob_bytes: u64) -> Result<(ServedLayer, MountedLayer)> {
+    let fetcher = opened.fetcher.clone();
+    if serve.fetch_all {
+        fetcher.fetch_all()?;
+    } else if !serve.no_prefetch && !opened.view.no_prefetch {
+        if let Some(end) = opened.view.prefetch_landmark {
+            let t = Instant::now();
+            match fetcher.prefetch_until(end) {
+                Ok(()) => info!(layer = index, bytes = end, ms = t.elapsed().as_millis() as u64, "prefetched prioritized files"),
+                Err(e) => warn!(layer = index, error = %e, "prefetch of prioritized files failed; they will be fetched on demand"),
+            }
+        }
+    }
+    let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), FsOptions { passthrough: !serve.no_passthrough });
+    let fs_stats = fs.stats.clone();
+    std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
+    let mounted = lazyfs::mount_layer(fs, at, &format!("lazypull:{digest}"), serve.threads)?;
+    Ok((
+        ServedLayer {
+            index,
+            digest: digest.to_string(),
+            blob_bytes,
+            fetcher: Some(fetcher),
+            fs_stats: Some(fs_stats),
+            fallback_reason: None,
+        },
+        mounted,
+    ))
+}
+
+/// Serves until unmounted or signalled.
+fn run_served(served: Served, serve: &ServeArgs, ready_line: String) -> Result<()> {
+    let record = Record {
+        pid: std::process::id(),
+        mountpoint: served.mountpoint.clone(),
+        source: served.source.clone(),
+        layer_mounts: served.mounts.iter().map(|m| m.mountpoint().to_path_buf()).filter(|p| *p != served.mountpoint).collect(),
+        overlay: served.overlay,
+    };
+    std::fs::write(served.dir.join("record.json"), serde_json::to_vec_pretty(&record)?)?;
+    served.write_status();
+    served.start_fill(serve);
+    let term = Arc::new(AtomicBool::new(false));
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        signal_flag(sig, &term);
+    }
+    println!("READY {ready_line}");
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        if term.load(Ordering::SeqCst) {
+            info!("signalled; unmounting");
+            break;
+        }
+        if served.mounts.iter().any(|m| m.is_finished()) || (served.overlay && !is_mountpoint(&served.mountpoint)) {
+            info!("mount went away; shutting down");
+            break;
+        }
+        served.write_status();
+    }
+    served.shutdown();
+    Ok(())
+}
+
+static SIGNALLED: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+extern "C" fn on_signal(_: libc::c_int) {
+    if let Some(f) = SIGNALLED.get() {
+        f.store(true, Ordering::SeqCst);
+    }
+}
+
+fn signal_flag(sig: libc::c_int, flag: &Arc<AtomicBool>) {
+    let _ = SIGNALLED.set(flag.clone());
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// `lazypull layer mount BLOB MOUNTPOINT`.
+pub fn layer_mount(args: LayerMountArgs) -> Result<()> {
+    if !args.serve.foreground {
+        return daemonize(&args.serve, &args.mountpoint);
+    }
+    let store = open_store(&args.serve)?;
+    let source: Arc<dyn RangeSource> = Arc::new(FileRangeSource::open(&args.blob)?);
+    let expected = args.toc_digest.as_deref().map(str::parse::<Digest>).transpose()?;
+    let size = source.size();
+    let opened = lazyfs::open_layer(source, expected.as_ref(), store.clone(), fetch_config(&args.serve))?;
+    let name = args.blob.display().to_string();
+    let (layer, mounted) = serve_layer(opened, &args.mountpoint, &args.serve, 0, &name, size)?;
+    let served = Served {
+        source: name.clone(),
+        mountpoint: args.mountpoint.clone(),
+        dir: mount_dir(&args.serve.state_dir, &args.mountpoint),
+        layers: vec![layer],
+        mounts: vec![mounted],
+        overlay: false,
+        store,
+        stop: Arc::new(AtomicBool::new(false)),
+        started: Instant::now(),
+    };
+    std::fs::create_dir_all(&served.dir)?;
+    run_served(served, &args.serve, format!("mounted {name} at {}", args.mountpoint.display()))
+}
+
+/// `lazypull mount REF MOUNTPOINT`.
+pub fn image_mount(args: MountArgs) -> Result<()> {
+    if !args.serve.foreground {
+        return daemonize(&args.serve, &args.mountpoint);
+    }
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let client = args.registry.client()?;
+    let location = convert::parse_location(&args.reference, &client)?;
+    let convert::Store::Registry { reference, .. } = &location else { bail!("mount needs a registry reference, not an OCI layout") };
+    let manifest = rt.block_on(async {
+        let (_, root, _) = location.root().await?;
+        crate::image::select_manifest(&location, root, args.platform.as_deref()).await
+    })?;
+    let indices: Vec<usize> = match args.layer {
+        Some(n) if n >= manifest.layers.len() => bail!("the image has {} layers; there is no layer {n}", manifest.layers.len()),
+        Some(n) => vec![n],
+        None => (0..manifest.layers.len()).collect(),
+    };
+    let store = open_store(&args.serve)?;
+    let dir = mount_dir(&args.serve.state_dir, &args.mountpoint);
+    std::fs::create_dir_all(&dir)?;
+    let single = indices.len() == 1;
+    let mut layers = Vec::new();
+    let mut mounts = Vec::new();
+    let mut lowers = Vec::new();
+    for &i in &indices {
+        let d = &manifest.layers[i];
+        let toc = d.annotations.get(estargz::toc::TOC_DIGEST_ANNOTATION);
+        let reason = match toc {
+            None => Some(format!("no {} annotation (not eStargz)", estargz::toc::TOC_DIGEST_ANNOTATION)),
+            Some(_) => None,
+        };
+        let lazy = match (toc, reason) {
+            (Some(toc), None) => {
+                let want: Digest = toc.parse().with_context(|| format!("layer {i}: bad TOC digest annotation"))?;
+                let source: Arc<dyn RangeSource> = Arc::new(RegistryRangeSource::new(
+                    client.clone(),
+                    reference.clone(),
+                    d.digest.clone(),
+                    d.size,
+                    rt.handle().clone(),
+                    Duration::from_secs(args.serve.fetch_timeout.max(1)),
+                ));
+                match lazyfs::open_layer(source, Some(&want), store.clone(), fetch_config(&args.serve)) {
+                    Ok(o) => Ok(o),
+                    Err(e) => Err(format!("cannot open its TOC: {e}")),
+                }
+            }
+            (_, reason) => Err(reason.unwrap_or_default()),
+        };
+        match lazy {
+            Ok(opened) => {
+                let at = if single { args.mountpoint.clone() } else { dir.join("layers").join(i.to_string()) };
+                let (l, m) = serve_layer(opened, &at, &args.serve, i, &d.digest, d.size)?;
+                layers.push(l);
+                lowers.push(at);
+                mounts.push(m);
+            }
+            Err(reason) => {
+                if single {
+                    bail!("layer {i} ({}) cannot be mounted lazily: {reason}", d.digest);
+                }
+                warn!(layer = i, digest = %d.digest, %reason, "layer is not lazy; downloading and extracting it");
+                let at = rt.block_on(crate::fallback::extract_layer(&location, d, &args.serve.state_dir))?;
+                layers.push(ServedLayer {
+                    index: i,
+                    digest: d.digest.clone(),
+                    blob_bytes: d.size,
+                    fetcher: None,
+                    fs_stats: None,
+                    fallback_reason: Some(reason),
+                });
+                lowers.push(at);
+            }
+        }
+    }
+    if !single {
+        crate::fallback::mount_overlay(&lowers, &args.mountpoint)?;
+    }
+    let served = Served {
+        source: args.reference.clone(),
+        mountpoint: args.mountpoint.clone(),
+        dir,
+        layers,
+        mounts,
+        overlay: !single,
+        store,
+        stop: Arc::new(AtomicBool::new(false)),
+        started,
+    };
+    let line = format!(
+        "mounted {} ({} layer{}, {} lazy) at {} in {:.2} s",
+        args.reference,
+        indices.len(),
+        if single { "" } else { "s" },
+        served.layers.iter().filter(|l| l.fetcher.is_some()).count(),
+        args.mountpoint.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let res = run_served(served, &args.serve, line);
+    drop(rt);
+    res
+}
+
+fn read_record(state: &Path, mountpoint: &Path) -> Result<(PathBuf, Record)> {
+    let dir = mount_dir(state, mountpoint);
+    let p = dir.join("record.json");
+    let bytes = std::fs::read(&p).with_context(|| format!("no lazypull mount recorded at {} ({} missing)", mountpoint.display(), p.display()))?;
+    Ok((dir, serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display()))?))
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// `lazypull umount MOUNTPOINT`.
+pub fn umount(mountpoint: &Path, state: &Path) -> Result<()> {
+    let (_, rec) = read_record(state, mountpoint)?;
+    if is_mountpoint(&rec.mountpoint) {
+        lazyfs::detach(&rec.mountpoint)?;
+    }
+    // SAFETY: plain signal delivery to the daemon we started.
+    unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGTERM) };
+    let t = Instant::now();
+    while alive(rec.pid) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive(rec.pid) {
+        warn!(pid = rec.pid, "daemon did not exit; killing it");
+        unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGKILL) };
+    }
+    for m in &rec.layer_mounts {
+        if is_mountpoint(m) {
+            let _ = lazyfs::detach(m);
+        }
+    }
+    println!("unmounted {}", rec.mountpoint.display());
+    Ok(())
+}
+
+/// `lazypull status MOUNTPOINT`.
+pub fn status(mountpoint: &Path, state: &Path, json: bool) -> Result<()> {
+    let dir = mount_dir(state, mountpoint);
+    let p = dir.join("status.json");
+    let bytes = std::fs::read(&p).with_context(|| format!("no status for {} ({} missing)", mountpoint.display(), p.display()))?;
+    if json {
+        std::io::stdout().write_all(&bytes)?;
+        println!();
+        return Ok(());
+    }
+    let st: MountStatus = serde_json::from_slice(&bytes)?;
+    println!("{} at {} (pid {}, up {:.0} s, cache {:.1} MB)", st.source, st.mountpoint.display(), st.pid, st.mounted_secs, st.cache_disk_bytes as f64 / 1e6);
+    for l in &st.layers {
+        let mode = if l.lazy { "lazy" } else { "extracted" };
+        println!(
+            "  {:>2} {} {mode:9} {:>6.2}% present, {:>10} of {:>10} bytes fetched, {} requests, {} errors{}",
+            l.index,
+            &l.digest[..l.digest.len().min(19)],
+            l.present_percent,
+            l.fetched_bytes,
+            l.blob_bytes,
+            l.requests,
+            l.errors,
+            l.last_error.as_deref().map(|e| format!(" (last: {e})")).unwrap_or_default()
+        );
+        if let Some(r) = &l.fallback_reason {
+            println!("     not lazy: {r}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,673 @@
+//! The per-layer fetch scheduler: turns "I need these chunks" into as few verified range
+//! requests as possible.
+//!
+//! Design points, each answering a measured weakness of the Go peer (which fetches 1.2–1.35×
+//! the blob and reads a whole image at ~60 MB/s):
+//! - **Single flight per chunk digest.** A chunk is fetched once however many readers want it;
+//!   late comers wait for the fetch in progress instead of issuing their own, so no byte is
+//!   fetched twice.
+//! - **Coalescing.** Missing chunks whose members are adjacent in the blob become one range;
+//!   several ranges go out as one multi-range request per worker.
+//! - **Readahead on demand.** A miss also claims the following uncached chunks up to
+//!   `readahead` compressed bytes: files are read in layer order far more often than not, and
+//!   one 1 MiB request costs about what one 4 KiB request does on any real link.
+//! - **Parallel decode.** Each worker decompresses and hashes the chunks of its own ranges, so
+//!   both cores work while bytes stream in.
+//! - **Verification before anything else sees the bytes.** A chunk whose sha256 differs from
+//!   its `chunkDigest` fails its readers with [`Error::Corrupt`] naming the digest, and is
+//!   neither cached nor returned.
+//! - **Background fill yields.** The background pass fetches in blob order, bounded in rate,
+//!   and pauses while on-demand reads are in progress.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use estargz::compression::decompress_prefix;
+use estargz::{Compression, Digest};
+use tracing::{debug, warn};
+
+use crate::chunks::ChunkStore;
+use crate::error::{Error, Result};
+use crate::source::RangeSource;
+
+/// One chunk of the layer: its digest and where its compressed bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// `chunkDigest` from the TOC (required: unverifiable chunks are refused).
+    pub digest: Option<Digest>,
+    /// Blob offset of the compressed member holding the chunk.
+    pub offset: u64,
+    /// Blob offset where that member ends.
+    pub next_offset: u64,
+    /// Offset of the chunk inside the decompressed member.
+    pub inner_offset: u64,
+    /// Uncompressed size.
+    pub size: u64,
+}
+
+/// Knobs of the scheduler.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Largest single coalesced range.
+    pub max_range: u64,
+    /// Compressed bytes of following chunks fetched along with an on-demand miss.
+    pub readahead: u64,
+    /// Concurrent range requests per layer.
+    pub parallel: usize,
+    /// Longest wait for a fetch started by another reader.
+    pub wait_timeout: Duration,
+    /// Background fill rate in bytes/s (0 = unlimited).
+    pub background_rate: u64,
+    /// Compressed bytes per background batch.
+    pub background_batch: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            max_range: 8 << 20,
+            readahead: 1 << 20,
+            parallel: 4,
+            wait_timeout: Duration::from_secs(60),
+            background_rate: 0,
+            background_batch: 16 << 20,
+        }
+    }
+}
+
+/// Counters of one layer, readable while it is mounted.
+#[derive(Debug, Default)]
+pub struct LayerStats {
+    /// Compressed bytes received from the source.
+    pub fetched_bytes: AtomicU64,
+    /// Range requests made (a multi-range request counts once).
+    pub requests: AtomicU64,
+    /// Chunks fetched and verified.
+    pub chunks_fetched: AtomicU64,
+    /// Chunk lookups answered by the store.
+    pub cache_hits: AtomicU64,
+    /// Failed fetches (network, corruption).
+    pub errors: AtomicU64,
+    /// Compressed bytes of the layer's chunks known to be in the store.
+    pub present_bytes: AtomicU64,
+    /// Set when the prioritized-files prefetch finished.
+    pub prefetch_done: AtomicBool,
+    /// Set when every chunk is in the store.
+    pub complete: AtomicBool,
+    /// Total time spent waiting for on-demand fetches, in microseconds.
+    pub demand_wait_us: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+struct Flight {
+    result: Mutex<Option<Result<Arc<Vec<u8>>>>>,
+    done: Condvar,
+}
+
+impl Flight {
+    fn new() -> Arc<Flight> {
+        Arc::new(Flight {
+            result: Mutex::new(None),
+            done: Condvar::new(),
+        })
+    }
+
+    fn wait(&self, timeout: Duration) -> Option<Result<Arc<Vec<u8>>>> {
+        let guard = self.result.lock().unwrap();
+        let (guard, _) = self.done.wait_timeout_while(guard, timeout, |r| r.is_none()).unwrap();
+        guard.clone()
+    }
+}
+
+/// A counting semaphore for range requests.
+struct Permits {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Permits {
+    fn acquire(&self) -> PermitGuard<'_> {
+        let mut f = self.free.lock().unwrap();
+        while *f == 0 {
+            f = self.cv.wait(f).unwrap();
+        }
+        *f -= 1;
+        PermitGuard(self)
+    }
+}
+
+struct PermitGuard<'a>(&'a Permits);
+
+impl Drop for PermitGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap() += 1;
+        self.0.cv.notify_one();
+    }
+}
+
+/// Decrements a counter when dropped.
+struct CountGuard<'a>(&'a AtomicUsize);
+
+impl Drop for CountGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Fetches the chunks of one layer blob into a [`ChunkStore`].
+pub struct LayerFetcher {
+    blob: String,
+    compression: Compression,
+    chunks: Vec<ChunkRef>,
+    present: Vec<AtomicBool>,
+    /// Positions of each digest (a layer may hold the same content more than once).
+    by_digest: HashMap<Digest, Vec<usize>>,
+    total_bytes: u64,
+    source: Arc<dyn RangeSource>,
+    store: Arc<ChunkStore>,
+    config: FetchConfig,
+    inflight: Mutex<HashMap<Digest, Arc<Flight>>>,
+    permits: Permits,
+    demand: AtomicUsize,
+    closed: AtomicBool,
+    pub stats: LayerStats,
+}
+
+/// A chunk claimed by this thread for fetching.
+struct Claim {
+    idx: usize,
+    digest: Digest,
+    flight: Arc<Flight>,
+}
+
+impl LayerFetcher {
+    /// `chunks` in any order; they are kept sorted by blob position (duplicates removed).
+    pub fn new(blob: impl Into<String>, compression: Compression, mut chunks: Vec<ChunkRef>, source: Arc<dyn RangeSource>, store: Arc<ChunkStore>, config: FetchConfig) -> LayerFetcher {
+        chunks.sort_by_key(|c| (c.offset, c.inner_offset, c.size));
+        chunks.dedup();
+        let total_bytes = member_bytes(&chunks, 0..chunks.len());
+        let present = chunks.iter().map(|_| AtomicBool::new(false)).collect();
+        let mut by_digest: HashMap<Digest, Vec<usize>> = HashMap::new();
+        for (i, c) in chunks.iter().enumerate() {
+            if let Some(d) = c.digest {
+                by_digest.entry(d).or_default().push(i);
+            }
+        }
+        let parallel = config.parallel.max(1);
+        LayerFetcher {
+            blob: blob.into(),
+            compression,
+            present,
+            by_digest,
+            total_bytes,
+            chunks,
+            source,
+            store,
+            permits: Permits {
+                free: Mutex::new(parallel),
+                cv: Condvar::new(),
+            },
+            config,
+            inflight: Mutex::new(HashMap::new()),
+            demand: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            stats: LayerStats::default(),
+        }
+    }
+
+    pub fn blob(&self) -> &str {
+        &self.blob
+    }
+
+    /// The layer's chunks in blob order; [`Self::chunk_index`] maps a chunk to its position.
+    pub fn chunks(&self) -> &[ChunkRef] {
+        &self.chunks
+    }
+
+    /// Position of a chunk in [`Self::chunks`].
+    pub fn chunk_index(&self, c: &ChunkRef) -> Option<usize> {
+        self.chunks.binary_search_by_key(&(c.offset, c.inner_offset, c.size), |x| (x.offset, x.inner_offset, x.size)).ok()
+    }
+
+    /// Compressed size of all the layer's chunk members.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    pub fn store(&self) -> &Arc<ChunkStore> {
+        &self.store
+    }
+
+    /// Stops background work; later fetches fail with [`Error::Closed`].
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Marks every chunk already in the store as present (call once after creating the
+    /// fetcher over a warm store, so status and background fill skip them cheaply).
+    pub fn scan_store(&self) {
+        for (i, c) in self.chunks.iter().enumerate() {
+            if c.digest.is_some_and(|d| self.store.contains(&d)) {
+                self.mark_present(i);
+            }
+        }
+    }
+
+    /// Marks chunk `i` and every other position holding the same content as present.
+    fn mark_present(&self, i: usize) {
+        match self.chunks[i].digest.and_then(|d| self.by_digest.get(&d)) {
+            Some(all) => all.iter().for_each(|&j| self.mark_one(j)),
+            None => self.mark_one(i),
+        }
+    }
+
+    fn mark_one(&self, i: usize) {
+        if !self.present[i].swap(true, Ordering::Relaxed) {
+            let c = &self.chunks[i];
+            // Chunks sharing a member (innerOffset) count the member once, at its first chunk.
+            let first_of_member = i == 0 || self.chunks[i - 1].offset != c.offset;
+            if first_of_member {
+                let now = self.stats.present_bytes.fetch_add(c.next_offset - c.offset, Ordering::Relaxed) + (c.next_offset - c.offset);
+                if now >= self.total_bytes {
+                    self.stats.complete.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// The verified bytes of chunk `idx`, fetching it (and, on a miss, up to `readahead`
+    /// following bytes) if needed.
+    pub fn get(&self, idx: usize) -> Result<Arc<Vec<u8>>> {
+        Ok(self.get_many(&[idx], true)?.pop().expect("one chunk asked, one returned"))
+    }
+
+    /// The verified bytes of several chunks (one coalesced fetch for the missing ones).
+    pub fn get_many(&self, idxs: &[usize], readahead: bool) -> Result<Vec<Arc<Vec<u8>>>> {
+        self.demand.fetch_add(1, Ordering::SeqCst);
+        let _demand = CountGuard(&self.demand);
+        let started = Instant::now();
+        let mut out: Vec<Option<Arc<Vec<u8>>>> = vec![None; idxs.len()];
+        let mut claims = Vec::new();
+        let mut waits = Vec::new();
+        for (k, &idx) in idxs.iter().enumerate() {
+            let d = self.digest_of(idx)?;
+            if let Some(v) = self.store.get(&d) {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.mark_present(idx);
+                out[k] = Some(v);
+                continue;
+            }
+            match self.claim(idx, d) {
+                Ok(Some(c)) => claims.push((k, c)),
+                Ok(None) => {
+                    // Stored between our lookup and the claim.
+                    self.mark_present(idx);
+                    out[k] = Some(self.get_stored(idx, d)?);
+                }
+                Err(f) => waits.push((k, f)),
+            }
+        }
+        if !claims.is_empty() {
+            let mut all: Vec<Claim> = Vec::new();
+            let mut mine: Vec<(usize, usize)> = Vec::new();
+            for (k, c) in claims {
+                mine.push((k, c.idx));
+                all.push(c);
+            }
+            if readahead && self.config.readahead > 0 {
+                let last = all.iter().map(|c| c.idx).max().expect("non-empty");
+                all.extend(self.claim_following(last, self.config.readahead));
+            }
+            let fetched = self.fetch_claims(all);
+            for (k, idx) in mine {
+                match fetched.get(&idx) {
+                    Some(Ok(v)) => out[k] = Some(v.clone()),
+                    Some(Err(e)) => return Err(e.clone()),
+                    None => unreachable!("every claim is completed"),
+                }
+            }
+        }
+        for (k, f) in waits {
+            match f.wait(self.config.wait_timeout) {
+                Some(Ok(v)) => out[k] = Some(v),
+                Some(Err(e)) => return Err(e),
+                None => {
+                    let c = &self.chunks[idxs[k]];
+                    return Err(Error::Timeout {
+                        blob: self.blob.clone(),
+                        offset: c.offset,
+                        end: c.next_offset,
+                        secs: self.config.wait_timeout.as_secs_f64(),
+                    });
+                }
+            }
+        }
+        self.stats.demand_wait_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(out.into_iter().map(|v| v.expect("every chunk resolved")).collect())
+    }
+
+    fn digest_of(&self, idx: usize) -> Result<Digest> {
+        let c = &self.chunks[idx];
+        c.digest.ok_or_else(|| Error::Unverifiable {
+            blob: self.blob.clone(),
+            offset: c.offset,
+        })
+    }
+
+    fn get_stored(&self, idx: usize, d: Digest) -> Result<Arc<Vec<u8>>> {
+        match self.store.get(&d) {
+            Some(v) => Ok(v),
+            // Evicted in between: fetch it ourselves, without readahead.
+            None => self.get_many(&[idx], false).map(|mut v| v.pop().expect("one")),
+        }
+    }
+
+    /// Claims chunk `idx` for fetching: `Ok(Some)` if this thread must fetch it, `Ok(None)` if it
+    /// is already stored, `Err(flight)` if another thread is fetching it.
+    fn claim(&self, idx: usize, d: Digest) -> std::result::Result<Option<Claim>, Arc<Flight>> {
+        let mut inflight = self.inflight.lock().unwrap();
+        if let Some(f) = inflight.get(&d) {
+            return Err(f.clone());
+        }
+        // Checked under the lock: completions store before they leave the map.
+        if self.store.contains(&d) {
+            return Ok(None);
+        }
+        let flight = Flight::new();
+        inflight.insert(d, flight.clone());
+        Ok(Some(Claim { idx, digest: d, flight }))
+    }
+
+    /// Claims the uncached, unclaimed chunks after `last`, stopping at the first one that is
+    /// stored or in flight, or when `budget` compressed bytes are covered.
+    fn claim_following(&self, last: usize, budget: u64) -> Vec<Claim> {
+        let mut out = Vec::new();
+        let start = self.chunks[last].next_offset;
+        for idx in last + 1..self.chunks.len() {
+            let c = &self.chunks[idx];
+            if c.next_offset.saturating_sub(start) > budget || self.present[idx].load(Ordering::Relaxed) {
+                break;
+            }
+            let Some(d) = c.digest else { break };
+            match self.claim(idx, d) {
+                Ok(Some(cl)) => out.push(cl),
+                Ok(None) => {
+                    self.mark_present(idx);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// Fetches claimed chunks: groups them into coalesced ranges, splits the ranges among up to
+    /// `parallel` workers, verifies, stores, and completes every claim.
+    fn fetch_claims(&self, mut claims: Vec<Claim>) -> HashMap<usize, Result<Arc<Vec<u8>>>> {
+        claims.sort_by_key(|c| c.idx);
+        let ranges = self.coalesce(&claims);
+        let workers = self.config.parallel.max(1).min(ranges.len());
+        // Contiguous runs of ranges per worker, balanced by bytes.
+        let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        let per_worker = total.div_ceil(workers as u64).max(1);
+        let mut batches: Vec<Vec<Span>> = vec![Vec::new()];
+        let mut acc = 0;
+        for r in ranges {
+            if acc >= per_worker && batches.len() < workers {
+                batches.push(Vec::new());
+                acc = 0;
+            }
+            acc += r.end - r.start;
+            batches.last_mut().expect("non-empty").push(r);
+        }
+        let claims = &claims;
+        let results: Vec<Vec<(usize, Result<Arc<Vec<u8>>>)>> = if batches.len() == 1 {
+            vec![self.fetch_batch(&batches[0], claims)]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = batches.iter().map(|b| s.spawn(move || self.fetch_batch(b, claims))).collect();
+                handles.into_iter().map(|h| h.join().expect("fetch worker panicked")).collect()
+            })
+        };
+        results.into_iter().flatten().collect()
+    }
+
+    /// Coalesces the members of the claimed chunks into ranges of at most `max_range` bytes.
+    fn coalesce(&self, claims: &[Claim]) -> Vec<Span> {
+        let mut spans: Vec<Span> = Vec::new();
+        for (ci, cl) in claims.iter().enumerate() {
+            let c = &self.chunks[cl.idx];
+            if let Some(last) = spans.last_mut() {
+                let same_member = last.start <= c.offset && c.next_offset <= last.end;
+                let adjacent = last.end == c.offset && c.next_offset - last.start <= self.config.max_range;
+                if same_member || adjacent {
+                    last.end = last.end.max(c.next_offset);
+                    last.claims.push(ci);
+                    continue;
+                }
+            }
+            spans.push(Span {
+                start: c.offset,
+                end: c.next_offset,
+                claims: vec![ci],
+            });
+        }
+        spans
+    }
+
+    fn fetch_batch(&self, batch: &[Span], claims: &[Claim]) -> Vec<(usize, Result<Arc<Vec<u8>>>)> {
+        let ranges: Vec<(u64, u64)> = batch.iter().map(|s| (s.start, s.end - s.start)).collect();
+        let fetched = if self.closed.load(Ordering::SeqCst) {
+            Err(Error::Closed { blob: self.blob.clone() })
+        } else {
+            let _permit = self.permits.acquire();
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            debug!(blob = %self.blob, ranges = ranges.len(), bytes = ranges.iter().map(|r| r.1).sum::<u64>(), "fetching");
+            self.source.read_ranges(&ranges)
+        };
+        let mut out = Vec::new();
+        match fetched {
+            Ok(parts) => {
+                for (span, bytes) in batch.iter().zip(parts) {
+                    self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    for &ci in &span.claims {
+                        let cl = &claims[ci];
+                        let res = if bytes.len() as u64 != span.end - span.start {
+                            Err(Error::Fetch {
+                                blob: self.blob.clone(),
+                                offset: span.start,
+                                end: span.end,
+                                reason: format!("got {} bytes, asked for {}", bytes.len(), span.end - span.start),
+                            })
+                        } else {
+                            self.decode(cl, &bytes, span.start)
+                        };
+                        out.push((cl.idx, self.complete(cl, res)));
+                    }
+                }
+            }
+            Err(e) => {
+                for span in batch {
+                    for &ci in &span.claims {
+                        out.push((claims[ci].idx, self.complete(&claims[ci], Err(e.clone()))));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Decompresses and verifies one claimed chunk from the bytes of the range holding it.
+    fn decode(&self, cl: &Claim, range: &[u8], range_start: u64) -> Result<Arc<Vec<u8>>> {
+        let c = &self.chunks[cl.idx];
+        let member = &range[(c.offset - range_start) as usize..(c.next_offset - range_start) as usize];
+        let corrupt = |reason: String| Error::Corrupt {
+            digest: cl.digest.to_string(),
+            blob: self.blob.clone(),
+            offset: c.offset,
+            reason,
+        };
+        let want = (c.inner_offset + c.size) as usize;
+        let mut data = decompress_prefix(self.compression, member, want, c.offset, "chunk").map_err(|e| corrupt(e.to_string()))?;
+        data.drain(..c.inner_offset as usize);
+        let actual = Digest::of(&data);
+        if actual != cl.digest {
+            return Err(corrupt(format!("content hashes to {actual}")));
+        }
+        Ok(Arc::new(data))
+    }
+
+    /// Stores a result, wakes waiters and releases the claim.
+    fn complete(&self, cl: &Claim, res: Result<Arc<Vec<u8>>>) -> Result<Arc<Vec<u8>>> {
+        match &res {
+            Ok(v) => {
+                self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.store.put(&cl.digest, v) {
+                    warn!(error = %e, "chunk not written to the disk cache; serving it from memory");
+                }
+                self.mark_present(cl.idx);
+            }
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                warn!(blob = %self.blob, chunk = %cl.digest, error = %e, "chunk fetch failed");
+                *self.stats.last_error.lock().unwrap() = Some(e.to_string());
+            }
+        }
+        self.inflight.lock().unwrap().remove(&cl.digest);
+        *cl.flight.result.lock().unwrap() = Some(res.clone());
+        cl.flight.done.notify_all();
+        res
+    }
+
+    /// Fetches every chunk whose member ends at or before `end` (the prioritized files, up to
+    /// the `.prefetch.landmark`), as large ranges split among the workers.
+    pub fn prefetch_until(&self, end: u64) -> Result<()> {
+        let idxs: Vec<usize> = (0..self.chunks.len()).filter(|&i| self.chunks[i].next_offset <= end).collect();
+        let res = self.fetch_missing(&idxs);
+        self.stats.prefetch_done.store(true, Ordering::Relaxed);
+        res
+    }
+
+    /// Fetches whatever of `idxs` is neither stored nor in flight (no readahead, no waiting).
+    fn fetch_missing(&self, idxs: &[usize]) -> Result<()> {
+        let mut claims = Vec::new();
+        for &i in idxs {
+            if self.present[i].load(Ordering::Relaxed) {
+                continue;
+            }
+            let d = self.digest_of(i)?;
+            match self.claim(i, d) {
+                Ok(Some(c)) => claims.push(c),
+                Ok(None) => self.mark_present(i),
+                Err(_) => {}
+            }
+        }
+        if claims.is_empty() {
+            return Ok(());
+        }
+        for (_, r) in self.fetch_claims(claims) {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Fetches the whole layer now, at full speed; returns the first error.
+    pub fn fetch_all(&self) -> Result<()> {
+        self.fill(false, &AtomicBool::new(false))
+    }
+
+    /// The background pass: fetches every missing chunk in blob order, in batches of
+    /// `background_batch` bytes, at most `background_rate` bytes/s, pausing while on-demand
+    /// reads run. Returns when the layer is complete, `stop` is set or the fetcher is closed.
+    pub fn run_background(&self, stop: &AtomicBool) -> Result<()> {
+        self.fill(true, stop)
+    }
+
+    fn fill(&self, polite: bool, stop: &AtomicBool) -> Result<()> {
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let mut next = 0usize;
+        let mut failures = 0u32;
+        while next < self.chunks.len() {
+            if stop.load(Ordering::Relaxed) || self.closed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if polite {
+                while self.demand.load(Ordering::SeqCst) > 0 && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                if self.config.background_rate > 0 {
+                    let due = Duration::from_secs_f64(sent as f64 / self.config.background_rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait.min(Duration::from_millis(500)));
+                        continue;
+                    }
+                }
+            }
+            // The next batch: missing chunks from `next` covering about `background_batch` bytes.
+            let mut batch = Vec::new();
+            let mut end = next;
+            let batch_start = self.chunks[next].offset;
+            while end < self.chunks.len() && self.chunks[end].next_offset - batch_start <= self.config.background_batch.max(1) {
+                if !self.present[end].load(Ordering::Relaxed) {
+                    batch.push(end);
+                }
+                end += 1;
+            }
+            if end == next {
+                // A single member larger than the batch size.
+                batch.push(next);
+                end = next + 1;
+            }
+            let bytes = member_bytes(&self.chunks, next..end);
+            match self.fetch_missing(&batch) {
+                Ok(()) => {
+                    failures = 0;
+                    sent += bytes;
+                    next = end;
+                }
+                Err(e) if !polite => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    if failures >= 5 {
+                        warn!(blob = %self.blob, error = %e, "background fetch gives up after repeated failures");
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(200 << failures));
+                }
+            }
+        }
+        // Chunks claimed by others while we passed are theirs to finish; wait for a final state.
+        Ok(())
+    }
+
+    /// Percent of the layer's compressed bytes present in the store.
+    pub fn percent_present(&self) -> f64 {
+        if self.total_bytes == 0 {
+            return 100.0;
+        }
+        self.stats.present_bytes.load(Ordering::Relaxed) as f64 * 100.0 / self.total_bytes as f64
+    }
+}
+
+/// A coalesced blob range and the claims (indices into the claim list) it serves.
+struct Span {
+    start: u64,
+    end: u64,
+    claims: Vec<usize>,
+}
+
+/// Compressed bytes of the distinct members among `chunks[range]`.
+fn member_bytes(chunks: &[ChunkRef], range: std::ops::Range<usize>) -> u64 {
+    let mut total = 0;
+    let mut last = None;
+    for c in &chunks[range] {
+        if last != Some(c.offset) {
+            total += c.next_offset - c.offset;
+            last = Some(c.offset);
+        }
+    }
+    total
+}

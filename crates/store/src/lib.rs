@@ -1,0 +1,26 @@
+//! Chunk storage and fetching for lazily mounted layers.
+//!
+//! This crate knows *chunks* — a digest, a compressed byte range of a blob, an uncompressed
+//! size — not files or inodes (that is the `fs` crate's job) and not HTTP (the `registry`
+//! crate's). Two pieces:
+//!
+//! - [`ChunkStore`]: verified, uncompressed chunks on disk, content-addressed so that a chunk
+//!   shared by layers or images is stored once, with atomic writes, an LRU size limit and a
+//!   bounded memory cache in front.
+//! - [`LayerFetcher`]: the per-layer scheduler that turns chunk requests into as few verified
+//!   range requests as possible (single flight, coalescing, readahead, parallel decode,
+//!   prioritized prefetch, a polite background fill).
+//!
+//! Everything is synchronous: the callers are FUSE worker threads, and the registry source
+//! bridges to the async client itself (see [`source`]).
+
+pub mod chunks;
+pub mod error;
+pub mod fetcher;
+mod lru;
+pub mod source;
+
+pub use chunks::{ChunkStore, StoreConfig, StoreStats, StoreUsage};
+pub use error::{Error, Result};
+pub use fetcher::{ChunkRef, FetchConfig, LayerFetcher, LayerStats};
+pub use source::{BlobSourceAdapter, FileRangeSource, RangeSource, RegistryRangeSource};

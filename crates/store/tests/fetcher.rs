@@ -1,0 +1,257 @@
+//! The fetch scheduler over real eStargz blobs (built by our writer) in local files: single
+//! flight, coalescing, verification, prefetch, background fill and the store's dedup.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use estargz::{build, BuildOptions, Reader};
+use store::{ChunkRef, ChunkStore, Error, FetchConfig, FileRangeSource, LayerFetcher, RangeSource, StoreConfig};
+
+/// Counts requests and bytes, optionally flips one byte at a blob offset.
+struct Counting {
+    inner: FileRangeSource,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    flip_at: Option<u64>,
+    ranges: Mutex<Vec<(u64, u64)>>,
+}
+
+impl RangeSource for Counting {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_ranges(&self, ranges: &[(u64, u64)]) -> store::Result<Vec<Vec<u8>>> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.ranges.lock().unwrap().extend_from_slice(ranges);
+        let mut parts = self.inner.read_ranges(ranges)?;
+        for (p, &(o, l)) in parts.iter_mut().zip(ranges) {
+            self.bytes.fetch_add(l, Ordering::SeqCst);
+            if let Some(f) = self.flip_at.filter(|f| *f >= o && *f < o + l) {
+                p[(f - o) as usize] ^= 0x55;
+            }
+        }
+        Ok(parts)
+    }
+}
+
+fn pseudo(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct Layer {
+    _dir: tempfile::TempDir,
+    blob: std::path::PathBuf,
+    reader: Reader<estargz::FileSource>,
+}
+
+/// 40 files of 3000..60000 random bytes, two duplicates, one multi-chunk file; 16 KiB chunks.
+fn layer() -> Layer {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    for i in 0..40u64 {
+        add(&format!("f{i:02}"), &pseudo(3000 + (i as usize * 1447) % 57000, i));
+    }
+    add("dup-a", &pseudo(5000, 99));
+    add("dup-b", &pseudo(5000, 99));
+    add("big", &pseudo(200_000, 7));
+    let tar = b.into_inner().unwrap();
+    let blob = dir.path().join("layer.stargz");
+    let mut out = std::fs::File::create(&blob).unwrap();
+    let opts = BuildOptions {
+        chunk_size: 16 << 10,
+        ..Default::default()
+    };
+    let mut buf = Vec::new();
+    build(std::io::Cursor::new(tar), &mut buf, &opts).unwrap();
+    out.write_all(&buf).unwrap();
+    drop(out);
+    let reader = Reader::open(estargz::FileSource::open(&blob).unwrap()).unwrap();
+    Layer { _dir: dir, blob, reader }
+}
+
+fn refs(r: &Reader<estargz::FileSource>) -> Vec<ChunkRef> {
+    r.tree()
+        .nodes
+        .iter()
+        .flat_map(|n| n.chunks.iter())
+        .map(|c| ChunkRef {
+            digest: c.digest,
+            offset: c.offset,
+            next_offset: c.next_offset,
+            inner_offset: c.inner_offset,
+            size: c.size,
+        })
+        .collect()
+}
+
+fn fetcher(l: &Layer, store_dir: &std::path::Path, flip_at: Option<u64>, cfg: FetchConfig) -> (Arc<LayerFetcher>, Arc<Counting>) {
+    let src = Arc::new(Counting {
+        inner: FileRangeSource::open(&l.blob).unwrap(),
+        requests: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        flip_at,
+        ranges: Mutex::new(Vec::new()),
+    });
+    let store = ChunkStore::open(StoreConfig::new(store_dir)).unwrap();
+    let f = LayerFetcher::new("layer", l.reader.compression(), refs(&l.reader), src.clone(), store, cfg);
+    f.scan_store();
+    (Arc::new(f), src)
+}
+
+fn file_chunks(l: &Layer, f: &LayerFetcher, path: &str) -> Vec<usize> {
+    let n = l.reader.lookup(path).unwrap();
+    n.chunks
+        .iter()
+        .map(|c| {
+            f.chunk_index(&ChunkRef {
+                digest: c.digest,
+                offset: c.offset,
+                next_offset: c.next_offset,
+                inner_offset: c.inner_offset,
+                size: c.size,
+            })
+            .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn reads_are_exact_and_verified() {
+    let l = layer();
+    let store = tempfile::tempdir().unwrap();
+    let (f, _) = fetcher(&l, store.path(), None, FetchConfig::default());
+    for name in ["f00", "f17", "big", "dup-b"] {
+        let node = l.reader.lookup(name).unwrap();
+        let mut want = vec![0u8; node.size as usize];
+        l.reader.read_file_at(l.reader.tree().lookup(name).unwrap(), 0, &mut want, true).unwrap();
+        let got: Vec<u8> = f.get_many(&file_chunks(&l, &f, name), true).unwrap().iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn whole_layer_fetch_completes_and_fetches_each_byte_once() {
+    let l = layer();
+    let store = tempfile::tempdir().unwrap();
+    let (f, src) = fetcher(&l, store.path(), None, FetchConfig::default());
+    // A few on-demand reads first, then the background pass.
+    f.get(file_chunks(&l, &f, "f05")[0]).unwrap();
+    f.get(file_chunks(&l, &f, "big")[3]).unwrap();
+    f.run_background(&AtomicBool::new(false)).unwrap();
+    assert!(f.stats.complete.load(Ordering::Relaxed), "present {}%", f.percent_present());
+    assert!((f.percent_present() - 100.0).abs() < 1e-9);
+    // No range was fetched twice, and no more than the chunk members were fetched.
+    let ranges = src.ranges.lock().unwrap().clone();
+    let mut seen = HashSet::new();
+    for (o, l) in &ranges {
+        for b in *o..o + l {
+            assert!(seen.insert(b), "byte {b} fetched twice");
+        }
+    }
+    assert!(src.bytes.load(Ordering::SeqCst) <= f.total_bytes());
+    // The duplicate file is stored once: dup-b's chunk equals dup-a's.
+    assert_eq!(f.store().usage().disk_chunks, f.chunks().iter().filter_map(|c| c.digest).collect::<HashSet<_>>().len());
+    // A second fetcher over the same store fetches nothing.
+    let (f2, src2) = fetcher(&l, store.path(), None, FetchConfig::default());
+    assert!(f2.stats.complete.load(Ordering::Relaxed));
+    f2.fetch_all().unwrap();
+    f2.get(file_chunks(&l, &f2, "f39")[0]).unwrap();
+    assert_eq!(src2.requests.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn concurrent_readers_of_one_chunk_cause_one_fetch() {
+    let l = layer();
+    let store = tempfile::tempdir().unwrap();
+    let cfg = FetchConfig {
+        readahead: 0,
+        ..Default::default()
+    };
+    let (f, src) = fetcher(&l, store.path(), None, cfg);
+    let idx = file_chunks(&l, &f, "big")[5];
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            let f = f.clone();
+            s.spawn(move || f.get(idx).unwrap());
+        }
+    });
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn adjacent_misses_coalesce_into_one_range() {
+    let l = layer();
+    let store = tempfile::tempdir().unwrap();
+    let cfg = FetchConfig {
+        readahead: 0,
+        parallel: 1,
+        ..Default::default()
+    };
+    let (f, src) = fetcher(&l, store.path(), None, cfg);
+    let idxs = file_chunks(&l, &f, "big");
+    assert!(idxs.len() >= 10);
+    f.get_many(&idxs, false).unwrap();
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(src.ranges.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn a_flipped_byte_fails_with_the_chunk_digest_and_is_not_cached() {
+    let l = layer();
+    let store = tempfile::tempdir().unwrap();
+    let idx_probe = {
+        let (f, _) = fetcher(&l, tempfile::tempdir().unwrap().path(), None, FetchConfig::default());
+        let i = file_chunks(&l, &f, "f10")[0];
+        f.chunks()[i].clone()
+    };
+    let flip = idx_probe.offset + (idx_probe.next_offset - idx_probe.offset) / 2;
+    let cfg = FetchConfig {
+        readahead: 0,
+        ..Default::default()
+    };
+    let (f, _) = fetcher(&l, store.path(), Some(flip), cfg);
+    let i = f.chunk_index(&idx_probe).unwrap();
+    match f.get(i) {
+        Err(Error::Corrupt { digest, .. }) => assert_eq!(digest, idx_probe.digest.unwrap().to_string()),
+        other => panic!("expected a corrupt-chunk error, got {:?}", other.map(|v| v.len())),
+    }
+    assert!(!f.store().contains(&idx_probe.digest.unwrap()));
+    assert_eq!(f.stats.errors.load(Ordering::Relaxed), 1);
+    // Other chunks still read.
+    f.get(file_chunks(&l, &f, "f11")[0]).unwrap();
+}
+
+#[test]
+fn prefetch_fetches_a_prefix_in_few_requests() {
+    let l = layer();
+    let store = tempfile::tempdir().unwrap();
+    let (f, src) = fetcher(&l, store.path(), None, FetchConfig::default());
+    let end = f.chunks()[f.chunks().len() / 2].offset;
+    f.prefetch_until(end).unwrap();
+    assert!(src.requests.load(Ordering::SeqCst) <= 4);
+    for (i, c) in f.chunks().iter().enumerate() {
+        if c.next_offset <= end {
+            assert!(f.store().contains(&c.digest.unwrap()), "chunk {i} not prefetched");
+        }
+    }
+}
