@@ -134,8 +134,12 @@ impl LayerView {
                             continue;
                         }
                         let mut wh = base_inode(tree, kid, id as u64 + 1);
+                        // Like overlayfs's own whiteouts (and stargz-snapshotter's): a 0/0
+                        // character device owned by root with no permission bits.
                         wh.kind = NodeKind::Char;
-                        wh.perm &= 0o7777;
+                        wh.perm = 0;
+                        wh.uid = 0;
+                        wh.gid = 0;
                         wh.size = 0;
                         wh.nlink = 1;
                         wh.rdev_major = 0;

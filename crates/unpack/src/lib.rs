@@ -116,6 +116,11 @@ pub fn extract<S: BlobSource>(reader: &Reader<S>, dest: &Path, opts: &ExtractOpt
                 let wh = target.with_file_name(hidden);
                 remove_existing(&wh)?;
                 mknod(&wh, SFlag::S_IFCHR, Mode::empty(), 0).map_err(nix_io("creating whiteout", &wh))?;
+                // Owned by root with no permission bits (what overlayfs itself creates), and
+                // the entry's time so that extraction is reproducible.
+                let t = TimeSpec::new(node.mtime, 0);
+                nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, &wh, &t, &t, nix::sys::stat::UtimensatFlags::NoFollowSymlink)
+                    .map_err(nix_io("setting times on", &wh))?;
                 stats.entries += 1;
                 continue;
             }
@@ -237,9 +242,6 @@ fn set_xattr(path: &Path, key: &str, value: &[u8]) -> Result<()> {
 }
 
 fn apply_metadata(path: &Path, node: &estargz::Node, opts: &ExtractOptions) -> Result<()> {
-    for (k, v) in &node.xattrs {
-        set_xattr(path, k, v)?;
-    }
     if opts.chown {
         nix::unistd::fchownat(
             nix::fcntl::AT_FDCWD,
@@ -253,6 +255,11 @@ fn apply_metadata(path: &Path, node: &estargz::Node, opts: &ExtractOptions) -> R
     if node.kind != NodeKind::Symlink {
         // After chown: chown clears setuid/setgid bits.
         fs::set_permissions(path, fs::Permissions::from_mode(node.mode)).map_err(io("chmod", path))?;
+    }
+    // Last of the owner/mode changes: the kernel drops `security.capability` on chown (and on
+    // writes), so file capabilities set earlier would silently vanish.
+    for (k, v) in &node.xattrs {
+        set_xattr(path, k, v)?;
     }
     let t = TimeSpec::new(node.mtime, 0);
     nix::sys::stat::utimensat(

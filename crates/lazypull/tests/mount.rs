@@ -1,0 +1,500 @@
+//! The lazy filesystem end to end, as root with real FUSE and overlayfs mounts, against
+//! Debian's registry behind a fault-injecting, request-recording proxy:
+//!
+//! - identity: the tar corpus of the format tests (each layer mounted alone) and a two-layer
+//!   image made of this machine's Debian files plus random data (mounted whole, under
+//!   overlayfs) equal their extraction: type, mode, owner, size, mtime, symlink target, nlink,
+//!   xattrs and sha256 of every file;
+//! - laziness: reading one small file of a ≥ 200 MB layer fetches < 1% of the blob;
+//! - integrity: a flipped byte → EIO and a log line naming the chunk digest, never wrong bytes;
+//!   registry gone → cached files still read, uncached ones fail with EIO within the timeout;
+//! - concurrency: 64 parallel readers of random files all read correct content.
+//!
+//! Skipped without root, /dev/fuse or the registry, unless `LAZYPULL_INTEROP=required`.
+
+#[path = "../../registry/tests/support/registry.rs"]
+mod test_registry;
+#[path = "../../registry/tests/support/fault_proxy.rs"]
+mod fault_proxy;
+#[path = "../../estargz/tests/support/mod.rs"]
+#[allow(dead_code)]
+mod corpus;
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fault_proxy::{Fault, FaultProxy};
+use sha2::{Digest as _, Sha256};
+use test_registry::{Auth, TestRegistry};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lazypull");
+
+fn required() -> bool {
+    std::env::var("LAZYPULL_INTEROP").as_deref() == Ok("required")
+}
+
+/// Whether the test can run here; panics if it must and cannot.
+fn prerequisites() -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        missing.push("/dev/fuse");
+    }
+    if !Path::new(test_registry::REGISTRY_BIN).exists() {
+        missing.push("docker-registry");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(!required(), "LAZYPULL_INTEROP=required but missing: {missing:?}");
+    eprintln!("skipping: missing {missing:?}");
+    false
+}
+
+fn sha_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn lazypull(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().expect("running lazypull");
+    assert!(
+        out.status.success(),
+        "lazypull {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A daemonized mount, unmounted on drop.
+struct Mounted {
+    mountpoint: PathBuf,
+    state: PathBuf,
+}
+
+impl Mounted {
+    fn image(reference: &str, mountpoint: &Path, state: &Path, extra: &[&str]) -> Mounted {
+        std::fs::create_dir_all(mountpoint).unwrap();
+        let mut args = vec!["mount", reference, mountpoint.to_str().unwrap(), "--state-dir", state.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        lazypull(&args);
+        Mounted {
+            mountpoint: mountpoint.to_path_buf(),
+            state: state.to_path_buf(),
+        }
+    }
+
+    fn layer(blob: &Path, mountpoint: &Path, state: &Path) -> Mounted {
+        std::fs::create_dir_all(mountpoint).unwrap();
+        lazypull(&["layer", "mount", blob.to_str().unwrap(), mountpoint.to_str().unwrap(), "--state-dir", state.to_str().unwrap()]);
+        Mounted {
+            mountpoint: mountpoint.to_path_buf(),
+            state: state.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        let mut all = String::new();
+        for e in std::fs::read_dir(self.state.join("mounts")).unwrap().flatten() {
+            all += &std::fs::read_to_string(e.path().join("daemon.log")).unwrap_or_default();
+        }
+        all
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = lazypull(&["status", self.mountpoint.to_str().unwrap(), "--state-dir", self.state.to_str().unwrap(), "--json"]);
+        serde_json::from_str(&out).unwrap()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN).args(["umount", self.mountpoint.to_str().unwrap(), "--state-dir", self.state.to_str().unwrap()]).output();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tree comparison
+
+fn xattrs(p: &Path) -> BTreeMap<String, String> {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 65536];
+    // SAFETY: buffers are valid for the sizes given.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr() as *mut libc::c_char, names.len()) };
+    let mut out = BTreeMap::new();
+    if n <= 0 {
+        return out;
+    }
+    for name in names[..n as usize].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cn = CString::new(name).unwrap();
+        let mut v = vec![0u8; 65536];
+        // SAFETY: as above.
+        let len = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr() as *mut libc::c_void, v.len()) };
+        assert!(len >= 0, "lgetxattr {} {:?}", p.display(), String::from_utf8_lossy(name));
+        out.insert(String::from_utf8_lossy(name).into_owned(), hex::encode(&v[..len as usize]));
+    }
+    out
+}
+
+/// One line per path: everything the identity acceptance names.
+fn snapshot(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display())) {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let ft = m.file_type();
+            let (kind, extra) = if ft.is_dir() {
+                stack.push(p.clone());
+                ("dir", String::new())
+            } else if ft.is_symlink() {
+                ("symlink", std::fs::read_link(&p).unwrap().to_string_lossy().into_owned())
+            } else if ft.is_file() {
+                ("file", format!("size={} sha256={}", m.len(), sha_hex(&std::fs::read(&p).unwrap())))
+            } else if ft.is_char_device() {
+                ("char", format!("rdev={:x}", m.rdev()))
+            } else if ft.is_block_device() {
+                ("block", format!("rdev={:x}", m.rdev()))
+            } else if ft.is_fifo() {
+                ("fifo", String::new())
+            } else {
+                ("other", String::new())
+            };
+            let line = format!(
+                "{kind} mode={:o} uid={} gid={} mtime={} nlink={} {extra} xattrs={:?}",
+                m.mode() & 0o7777,
+                m.uid(),
+                m.gid(),
+                m.mtime(),
+                m.nlink(),
+                xattrs(&p)
+            );
+            out.insert(rel, line);
+        }
+    }
+    out
+}
+
+fn assert_same(what: &str, want: &BTreeMap<String, String>, got: &BTreeMap<String, String>) {
+    let mut diffs = Vec::new();
+    for (k, v) in want {
+        match got.get(k) {
+            None => diffs.push(format!("missing {k}: {v}")),
+            Some(g) if g != v => diffs.push(format!("differs {k}:\n   want {v}\n   got  {g}")),
+            _ => {}
+        }
+    }
+    for k in got.keys().filter(|k| !want.contains_key(*k)) {
+        diffs.push(format!("extra {k}: {}", got[k]));
+    }
+    assert!(diffs.is_empty(), "{what}: {} differences:\n{}", diffs.len(), diffs.iter().take(30).cloned().collect::<Vec<_>>().join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identity of the format corpus, one layer at a time from local blobs
+
+#[test]
+fn corpus_layers_mount_identical_to_their_extraction() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let mut checked = 0;
+    for (name, items) in corpus::corpora() {
+        let tar = corpus::write_tar(&items);
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tar_path = dir.join("layer.tar");
+        std::fs::write(&tar_path, &tar).unwrap();
+        let blob = dir.join("layer.stargz");
+        lazypull(&["layer", "convert", tar_path.to_str().unwrap(), blob.to_str().unwrap(), "--chunk-size", "65536"]);
+        let extracted = dir.join("extracted");
+        lazypull(&["layer", "extract", blob.to_str().unwrap(), extracted.to_str().unwrap(), "--overlay-whiteouts"]);
+        let mnt = dir.join("mnt");
+        let m = Mounted::layer(&blob, &mnt, &state);
+        // The landmark files are eStargz bookkeeping that a plain extraction materializes and
+        // the mount hides (as stargz-snapshotter does); they are not in the input tar.
+        let mut want = snapshot(&extracted);
+        want.remove(".prefetch.landmark");
+        want.remove(".no.prefetch.landmark");
+        assert_same(&format!("corpus {name}"), &want, &snapshot(&mnt));
+        drop(m);
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} corpora");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The registry image
+
+fn pseudo(n: usize, seed: u64) -> Vec<u8> {
+    corpus::noise(n, seed)
+}
+
+/// tar + gzip of `files` (name → bytes), ustar with fixed metadata.
+fn tar_gz(files: &[(String, Vec<u8>)]) -> (Vec<u8>, String) {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(1000);
+        h.set_gid(1000);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    gzip(tar)
+}
+
+fn gzip(tar: Vec<u8>) -> (Vec<u8>, String) {
+    let diff = format!("sha256:{}", sha_hex(&tar));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    (gz.finish().unwrap(), diff)
+}
+
+/// This machine's Debian files as a rootfs layer (GNU tar, with xattrs and owners).
+fn debian_rootfs_tar(dir: &Path) -> Vec<u8> {
+    let out = dir.join("rootfs.tar");
+    let st = Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-C", "/", "-cf"])
+        .arg(&out)
+        .args(["etc", "usr/sbin", "usr/share/doc/apt", "usr/share/doc/tar", "usr/lib/os-release", "usr/bin/tar", "usr/bin/gzip", "usr/bin/ls"])
+        .status()
+        .unwrap();
+    // GNU tar exits 1 when a file changed while read (e.g. /etc/mtab); the archive is complete.
+    assert!(st.code().is_some_and(|c| c <= 1), "tar failed: {st}");
+    std::fs::read(out).unwrap()
+}
+
+fn write_layout(dir: &Path, layers: &[(Vec<u8>, String)]) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let h = sha_hex(b);
+        std::fs::write(blobs.join(&h), b).unwrap();
+        format!("sha256:{h}")
+    };
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": arch, "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.1.clone()).collect::<Vec<_>>()},
+    }))
+    .unwrap();
+    let layer_descs: Vec<_> = layers
+        .iter()
+        .map(|(b, _)| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(b), "size": b.len()}))
+        .collect();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&config), "size": config.len()},
+        "layers": layer_descs,
+    }))
+    .unwrap();
+    let md = put(&manifest);
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": manifest.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "v1"}}]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// Bytes the proxy was asked for from blob `digest` (ranges summed; a full GET = `size`).
+fn fetched_from(proxy: &FaultProxy, digest: &str, size: u64) -> u64 {
+    let mut total = 0;
+    for r in proxy.requests() {
+        if r.method != "GET" || !r.path.contains(&format!("/blobs/{digest}")) {
+            continue;
+        }
+        match r.header("range").and_then(|v| v.strip_prefix("bytes=")) {
+            None => total += size,
+            Some(spec) => {
+                for part in spec.split(',') {
+                    let (a, b) = part.trim().split_once('-').unwrap();
+                    let a: u64 = a.parse().unwrap_or(0);
+                    let b: u64 = b.parse().unwrap_or(size - 1);
+                    total += b.min(size - 1) + 1 - a;
+                }
+            }
+        }
+    }
+    total
+}
+
+fn read_timed(p: &Path) -> (std::io::Result<Vec<u8>>, Duration) {
+    let t = Instant::now();
+    let r = std::fs::File::open(p).and_then(|mut f| {
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).map(|_| v)
+    });
+    (r, t.elapsed())
+}
+
+fn drop_page_cache() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+#[test]
+fn registry_image_identity_laziness_integrity_concurrency() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+
+    // Layer 0: Debian files. Layer 1: 220 MB of random data in big files plus small files.
+    let rootfs = debian_rootfs_tar(t);
+    let mut data_files: Vec<(String, Vec<u8>)> = (0..11).map(|i| (format!("data/big{i:02}.bin"), pseudo(20 << 20, 100 + i))).collect();
+    for i in 0..300u64 {
+        data_files.push((format!("data/small/s{i:03}.txt"), pseudo(500 + (i as usize * 997) % 40_000, i)));
+    }
+    let layers = vec![gzip(rootfs.clone()), tar_gz(&data_files)];
+    let layout = t.join("layout");
+    write_layout(&layout, &layers);
+
+    let reg = TestRegistry::start(Auth::None);
+    let proxy = FaultProxy::start(&reg.host);
+    let host = proxy.addr.to_string();
+    let reference = format!("{host}/lazy/test:v1");
+    lazypull(&["image", "convert", &format!("oci:{}:v1", layout.display()), &reference, "--level", "1"]);
+    let inspect = lazypull(&["image", "inspect", &reference]);
+    assert!(inspect.contains("2 lazily pullable"), "{inspect}");
+    let blob_digests: Vec<(String, u64)> = inspect
+        .lines()
+        .filter(|l| l.contains("lazy: eStargz"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1].to_string(), f[2].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(blob_digests.len(), 2);
+    let (data_digest, data_size) = blob_digests[1].clone();
+    assert!(data_size >= 200 << 20, "data layer is only {data_size} bytes");
+
+    // Expected tree: both layers extracted in order by GNU tar.
+    let expected = t.join("expected");
+    std::fs::create_dir_all(&expected).unwrap();
+    std::fs::write(t.join("rootfs.tar"), &rootfs).unwrap();
+    let st = Command::new("tar").args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-p", "-C"]).arg(&expected).arg("-xf").arg(t.join("rootfs.tar")).status().unwrap();
+    assert!(st.success());
+    for (name, data) in &data_files {
+        let p = expected.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, data).unwrap();
+        std::os::unix::fs::chown(&p, Some(1000), Some(1000)).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let tv = [libc::timespec { tv_sec: 1_700_000_000, tv_nsec: 0 }; 2];
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid path and times.
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), tv.as_ptr(), 0) };
+    }
+    let mut want = snapshot(&expected);
+    // Implicit directories of the data layer (data/, data/small/) get the TOC's defaults, not
+    // what our `create_dir_all` made: compare them by type only.
+    for d in ["data", "data/small"] {
+        want.remove(d);
+    }
+
+    // --- Laziness: one small file of the 220 MB layer.
+    {
+        proxy.clear_requests();
+        let m = Mounted::image(&reference, &t.join("lazy-mnt"), &t.join("lazy-state"), &["--layer", "1", "--no-background"]);
+        let got = std::fs::read(m.mountpoint.join("data/small/s007.txt")).unwrap();
+        assert_eq!(got, data_files.iter().find(|f| f.0 == "data/small/s007.txt").unwrap().1);
+        let fetched = fetched_from(&proxy, &data_digest, data_size);
+        let pct = fetched as f64 * 100.0 / data_size as f64;
+        eprintln!("laziness: {fetched} of {data_size} bytes fetched ({pct:.3}%)");
+        assert!(pct < 1.0, "fetched {pct:.3}% of the blob for one small file");
+        let st = m.status();
+        assert_eq!(st["layers"][0]["errors"], 0);
+    }
+
+    // --- Identity and concurrency on the whole image (overlayfs over two FUSE layers), cold.
+    {
+        let m = Mounted::image(&reference, &t.join("img-mnt"), &t.join("img-state"), &["--no-background"]);
+        // 64 readers over random files, cold cache.
+        let files: Vec<(String, String)> = want.iter().filter(|(_, v)| v.starts_with("file ")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mnt = m.mountpoint.clone();
+        std::thread::scope(|s| {
+            for r in 0..64u64 {
+                let files = &files;
+                let mnt = &mnt;
+                s.spawn(move || {
+                    let mut x = r.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+                    for _ in 0..12 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let (name, line) = &files[(x % files.len() as u64) as usize];
+                        let data = std::fs::read(mnt.join(name)).unwrap_or_else(|e| panic!("reader {r}: {name}: {e}"));
+                        assert!(line.contains(&format!("sha256={}", sha_hex(&data))), "reader {r}: {name} has wrong content");
+                    }
+                });
+            }
+        });
+        let mut got = snapshot(&m.mountpoint);
+        for d in ["data", "data/small"] {
+            assert!(got.remove(d).is_some_and(|l| l.starts_with("dir ")), "{d} missing in mount");
+        }
+        assert_same("registry image under overlayfs", &want, &got);
+        let st = m.status();
+        for l in st["layers"].as_array().unwrap() {
+            assert_eq!(l["errors"], 0, "{l}");
+            assert_eq!(l["lazy"], true);
+        }
+    }
+
+    // --- Integrity: one flipped byte in a chunk → EIO naming the chunk, then a clean refetch.
+    {
+        let m = Mounted::image(&reference, &t.join("bad-mnt"), &t.join("bad-state"), &["--layer", "1", "--no-background", "--no-passthrough"]);
+        let name = "data/small/s123.txt";
+        let content = &data_files.iter().find(|f| f.0 == name).unwrap().1;
+        proxy.inject(Some("GET"), &data_digest, Fault::CorruptBody { offset: 200 }, 1);
+        let (res, _) = read_timed(&m.mountpoint.join(name));
+        let err = res.expect_err("a corrupt chunk must not be returned");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        let chunk_digest = format!("sha256:{}", sha_hex(content));
+        let log = m.log();
+        assert!(log.contains(&chunk_digest) && log.contains("corrupt"), "log does not name chunk {chunk_digest}:\n{log}");
+        // The fault was used up: the next read fetches again and returns the right bytes.
+        let (res, _) = read_timed(&m.mountpoint.join(name));
+        assert_eq!(&res.unwrap(), content);
+    }
+
+    // --- Registry gone after mount: cached files read, uncached fail with EIO in time.
+    {
+        let m = Mounted::image(&reference, &t.join("gone-mnt"), &t.join("gone-state"), &["--layer", "1", "--no-background", "--fetch-timeout", "3"]);
+        let cached = "data/small/s200.txt";
+        let (res, _) = read_timed(&m.mountpoint.join(cached));
+        let cached_content = res.unwrap();
+        proxy.inject_always(None, "/v2/", Fault::Status(503));
+        drop_page_cache();
+        let (res, _) = read_timed(&m.mountpoint.join(cached));
+        assert_eq!(res.unwrap(), cached_content, "cached file must still read");
+        let (res, took) = read_timed(&m.mountpoint.join("data/big07.bin"));
+        let err = res.expect_err("uncached read with the registry gone");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        assert!(took < Duration::from_secs(20), "EIO took {took:?}");
+        eprintln!("registry gone: uncached read failed with EIO after {took:?}");
+        proxy.clear();
+    }
+    drop(reg);
+}
