@@ -47,6 +47,12 @@ enum OpenMode {
     Passthrough,
 }
 
+struct InodeOpens {
+    mode: OpenMode,
+    count: u32,
+    backing: Option<BackingId>,
+}
+
 /// Counters of the FUSE side.
 #[derive(Debug, Default)]
 pub struct FsStats {
@@ -62,9 +68,9 @@ pub struct LayerFs {
     fetcher: Arc<LayerFetcher>,
     options: FsOptions,
     passthrough: AtomicBool,
-    /// Per inode: the mode of its open handles and how many there are.
-    opens: Mutex<HashMap<u64, (OpenMode, u32)>>,
-    backing: Mutex<HashMap<u64, BackingId>>,
+    /// Per inode: the mode of its open handles, how many there are, and the backing file of
+    /// passthrough opens (one per inode: the kernel fails opens that bring a second one).
+    opens: Mutex<HashMap<u64, InodeOpens>>,
     next_fh: AtomicU64,
     pub stats: Arc<FsStats>,
 }
@@ -77,7 +83,6 @@ impl LayerFs {
             options,
             passthrough: AtomicBool::new(false),
             opens: Mutex::new(HashMap::new()),
-            backing: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             stats: Arc::new(FsStats::default()),
         }
@@ -194,42 +199,40 @@ impl Filesystem for LayerFs {
         if i.kind == NodeKind::Dir {
             return reply.error(Errno::EISDIR);
         }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
         let mut opens = self.opens.lock().unwrap();
-        let current = opens.get(&ino.0).copied();
-        let want_passthrough = match current {
-            Some((mode, n)) if n > 0 => mode == OpenMode::Passthrough,
-            _ => self.passthrough.load(Ordering::Relaxed),
-        };
-        if want_passthrough {
-            if let Some(file) = self.backing_file(i) {
-                match reply.open_backing(&file) {
-                    Ok(id) => {
-                        let e = opens.entry(ino.0).or_insert((OpenMode::Passthrough, 0));
-                        e.0 = OpenMode::Passthrough;
-                        e.1 += 1;
-                        drop(opens);
-                        self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                        self.backing.lock().unwrap().insert(fh, id);
-                        return;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "FUSE passthrough unavailable; serving reads from the daemon");
-                        self.passthrough.store(false, Ordering::Relaxed);
+        let entry = opens.entry(ino.0).or_insert(InodeOpens {
+            mode: OpenMode::Cached,
+            count: 0,
+            backing: None,
+        });
+        if entry.count == 0 {
+            entry.backing = None;
+            entry.mode = OpenMode::Cached;
+            if self.passthrough.load(Ordering::Relaxed) {
+                if let Some(file) = self.backing_file(i) {
+                    match reply.open_backing(&file) {
+                        Ok(id) => {
+                            entry.backing = Some(id);
+                            entry.mode = OpenMode::Passthrough;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "FUSE passthrough unavailable; serving reads from the daemon");
+                            self.passthrough.store(false, Ordering::Relaxed);
+                        }
                     }
                 }
             }
-            if matches!(current, Some((OpenMode::Passthrough, n)) if n > 0) {
-                // Cannot switch mode while passthrough handles are open; nor can we serve
-                // passthrough without the backing file (evicted): ask the caller to retry.
-                return reply.error(Errno::EBUSY);
-            }
         }
-        let e = opens.entry(ino.0).or_insert((OpenMode::Cached, 0));
-        e.0 = OpenMode::Cached;
-        e.1 += 1;
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        entry.count += 1;
+        match (&entry.mode, &entry.backing) {
+            // Every open of the inode shares its one backing file while any is open.
+            (OpenMode::Passthrough, Some(id)) => {
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                reply.opened_passthrough(fh, FopenFlags::empty(), id);
+            }
+            _ => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+        }
     }
 
     fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
@@ -256,10 +259,15 @@ impl Filesystem for LayerFs {
     }
 
     fn release(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
-        if let Some(e) = self.opens.lock().unwrap().get_mut(&ino.0) {
-            e.1 = e.1.saturating_sub(1);
+        let _ = fh;
+        let mut opens = self.opens.lock().unwrap();
+        if let Some(e) = opens.get_mut(&ino.0) {
+            e.count = e.count.saturating_sub(1);
+            if e.count == 0 {
+                // Closes the backing id; the kernel keeps the file until its own last close.
+                opens.remove(&ino.0);
+            }
         }
-        self.backing.lock().unwrap().remove(&fh.0);
         reply.ok();
     }
 
