@@ -24,11 +24,13 @@ demo:
 	scripts/install-deps.sh demo
 	scripts/demo.sh
 
-# Long benchmarks (convert throughput vs ctr-remote / gzip / pigz, random reads); writes
+# Long benchmarks (convert throughput vs ctr-remote / gzip / pigz, random reads; the lazy
+# filesystem vs stargz-snapshotter and a full overlayfs pull); writes
 # docs/benchmarks.md. Peer tools come from Debian packages.
 bench:
 	scripts/install-deps.sh bench
 	scripts/bench.sh
+	scripts/bench-fs.sh
 
 # Bounded fuzzing of footer+TOC parsing and tar conversion (FUZZ_SECONDS per target).
 FUZZ_SECONDS ?= 120

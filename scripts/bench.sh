@@ -121,13 +121,13 @@ tput() { awk -v b="$uncompressed" -v s="$1" 'BEGIN{printf "%.1f", b/1e6/s}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 j() { echo "$1" | jq -r "$2"; }
 cpu=$(lscpu | awk -F: '/Model name/{gsub(/^ +/,"",$2); print $2; exit}')
-cat > "$out_md" <<EOF
-# Benchmarks
+"$root/scripts/md-section.sh" "$out_md" convert <<EOF
+## Conversion (\`scripts/bench.sh\`)
 
 Measured by \`make bench\` (\`scripts/bench.sh\`) on $(date -u +%Y-%m-%d), $(nproc) cores ($cpu).
-Nothing here is typed in: the script rewrites this file from its own measurements.
+Nothing here is typed in: the script rewrites this section from its own measurements.
 
-## Layer conversion: test/big:1 ($(mb $uncompressed) MB uncompressed, ${#layers[@]} layers)
+### Layer conversion: test/big:1 ($(mb $uncompressed) MB uncompressed, ${#layers[@]} layers)
 
 Debian bookworm minbase + 2 layers of 10 x 25 MiB random files + 1 layer of 1000 small text
 files (\`../shared/peer/02-build-images.sh big\`). Input: the image's gzip layer blobs.
@@ -147,14 +147,14 @@ lazypull's output with \`--threads 1\` is byte-identical to the 2-thread output:
 ctr-remote's push reuses blobs of earlier bench runs by cross-repository mount (containerd's
 distribution-source labels), so its push time is close to zero; lazypull uploads every converted blob.
 
-### Whole image, registry to registry
+#### Whole image, registry to registry
 
 | command | wall time (s) | vs ctr-remote |
 | --- | ---: | ---: |
 | \`lazypull image convert 127.0.0.1:5000/test/big:1 …/bench-lp-N:esgz\` (pull + convert + push) | $lp_image_secs | $(ratio "$ref_total" "$lp_image_secs")x |
 | \`ctr-remote image convert --estargz --oci\` + \`ctr-remote image push\` (pull not counted) | $ref_total | 1.00x |
 
-## Random 4 KiB reads from a local blob
+### Random 4 KiB reads from a local blob
 
 \`target/release/examples/random_reads BLOB OPS 4096\`: offsets uniformly over the layer's file
 bytes, each read through \`Reader::read_file_at\` with sha256 verification and **no chunk
@@ -169,4 +169,3 @@ read is the chunk size, not 4 KiB.
 | Debian rootfs layer, 64 KiB chunks | $(j "$rr_rootfs64" .chunks) | $(j "$rr_rootfs64" .opsPerSec) | $(j "$rr_rootfs64" .decompressedBytesPerRead) |
 EOF
 echo "== wrote $out_md"
-cat "$out_md"
