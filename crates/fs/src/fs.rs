@@ -132,11 +132,16 @@ impl LayerFs {
         Ok(out)
     }
 
-    /// The chunk file backing a fully cached single-chunk file, for passthrough.
+    /// The store file holding all of a fully cached file, for passthrough: the chunk file of a
+    /// single-chunk file, or the complete object of a multi-chunk one.
     fn backing_file(&self, i: &Inode) -> Option<std::fs::File> {
-        let [c] = i.chunks.as_slice() else { return None };
-        let d = self.fetcher.chunks()[c.fetch_index].digest?;
-        let path = self.fetcher.store().disk_path(&d)?;
+        let first = i.chunks.first()?;
+        let c = &self.fetcher.chunks()[first.fetch_index];
+        let path = match (&c.slot, i.chunks.len()) {
+            (None, 1) => self.fetcher.store().disk_path(&c.digest?)?,
+            (Some(slot), _) => self.fetcher.store().complete_object(&slot.file)?,
+            _ => return None,
+        };
         std::fs::File::open(path).ok()
     }
 }

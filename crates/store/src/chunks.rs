@@ -63,11 +63,39 @@ pub struct StoreUsage {
     pub memory_bytes: u64,
 }
 
+/// What the disk LRU holds: single chunks, and whole-file objects that multi-chunk files are
+/// assembled in chunk by chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum DiskKey {
+    Chunk(Digest),
+    Object(Digest),
+}
+
+/// Where a chunk of a multi-chunk file lives: inside the file's object, at its file offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileSlot {
+    /// sha256 of the whole file (the TOC's `digest`).
+    pub file: Digest,
+    pub file_size: u64,
+    /// Offset of the chunk in the file.
+    pub offset: u64,
+}
+
+/// Which chunks of an object are written (offset → (length, chunk digest)).
+#[derive(Debug, Default)]
+struct ObjectState {
+    size: u64,
+    present: std::collections::HashMap<u64, (u64, Digest)>,
+    covered: u64,
+}
+
 pub struct ChunkStore {
     config: StoreConfig,
     chunks_dir: PathBuf,
+    objects_dir: PathBuf,
     tmp_dir: PathBuf,
-    disk: Mutex<Lru<Digest, ()>>,
+    disk: Mutex<Lru<DiskKey, ()>>,
+    objects: Mutex<std::collections::HashMap<Digest, ObjectState>>,
     memory: Mutex<Lru<Digest, Arc<Vec<u8>>>>,
     tmp_seq: AtomicU64,
     pub stats: StoreStats,
@@ -77,8 +105,9 @@ impl ChunkStore {
     /// Opens (creating if needed) the store and indexes the chunks already on disk.
     pub fn open(config: StoreConfig) -> Result<Arc<ChunkStore>> {
         let chunks_dir = config.dir.join("chunks").join("sha256");
+        let objects_dir = config.dir.join("objects").join("sha256");
         let tmp_dir = config.dir.join("tmp");
-        for d in [&chunks_dir, &tmp_dir] {
+        for d in [&chunks_dir, &objects_dir, &tmp_dir] {
             fs::create_dir_all(d).map_err(|e| Error::io(d, "creating directory", e))?;
         }
         // Leftovers of writes interrupted by a crash; nothing refers to them.
@@ -87,17 +116,26 @@ impl ChunkStore {
                 let _ = fs::remove_file(e.path());
             }
         }
-        let mut found: Vec<(std::time::SystemTime, Digest, u64)> = Vec::new();
-        for shard in fs::read_dir(&chunks_dir).map_err(|e| Error::io(&chunks_dir, "listing", e))?.flatten() {
-            let Ok(rd) = fs::read_dir(shard.path()) else { continue };
-            for e in rd.flatten() {
-                let name = e.file_name();
-                let Some(d) = name.to_str().and_then(|n| format!("sha256:{n}").parse::<Digest>().ok()) else { continue };
-                let Ok(md) = e.metadata() else { continue };
-                found.push((md.modified().unwrap_or(std::time::UNIX_EPOCH), d, md.len()));
+        let mut found: Vec<(std::time::SystemTime, DiskKey, u64)> = Vec::new();
+        let mut objects = std::collections::HashMap::new();
+        for (dir, is_object) in [(&chunks_dir, false), (&objects_dir, true)] {
+            for shard in fs::read_dir(dir).map_err(|e| Error::io(dir, "listing", e))?.flatten() {
+                let Ok(rd) = fs::read_dir(shard.path()) else { continue };
+                for e in rd.flatten() {
+                    let name = e.file_name();
+                    let Some(d) = name.to_str().and_then(|n| format!("sha256:{n}").parse::<Digest>().ok()) else { continue };
+                    let Ok(md) = e.metadata() else { continue };
+                    let key = if is_object {
+                        objects.insert(d, load_object_index(&e.path(), md.len()));
+                        DiskKey::Object(d)
+                    } else {
+                        DiskKey::Chunk(d)
+                    };
+                    found.push((md.modified().unwrap_or(std::time::UNIX_EPOCH), key, md.len()));
+                }
             }
         }
-        found.sort();
+        found.sort_by_key(|f| f.0);
         let mut disk = Lru::new();
         for (rank, (_, d, len)) in found.into_iter().enumerate() {
             disk.insert_aged(d, len, (), rank as u64 + 1);
@@ -105,8 +143,10 @@ impl ChunkStore {
         let store = ChunkStore {
             config,
             chunks_dir,
+            objects_dir,
             tmp_dir,
             disk: Mutex::new(disk),
+            objects: Mutex::new(objects),
             memory: Mutex::new(Lru::new()),
             tmp_seq: AtomicU64::new(0),
             stats: StoreStats::default(),
@@ -130,7 +170,7 @@ impl ChunkStore {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Some(v);
         }
-        if self.disk.lock().unwrap().get(d).is_none() {
+        if self.disk.lock().unwrap().get(&DiskKey::Chunk(*d)).is_none() {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -153,7 +193,7 @@ impl ChunkStore {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     warn!(chunk = %d, path = %path.display(), error = %e, "cannot read cached chunk");
                 }
-                self.disk.lock().unwrap().remove(d);
+                self.disk.lock().unwrap().remove(&DiskKey::Chunk(*d));
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 None
             }
@@ -162,12 +202,12 @@ impl ChunkStore {
 
     /// Whether `d` is stored (memory or disk), without touching the LRU order.
     pub fn contains(&self, d: &Digest) -> bool {
-        self.memory.lock().unwrap().contains(d) || self.disk.lock().unwrap().contains(d)
+        self.memory.lock().unwrap().contains(d) || self.disk.lock().unwrap().contains(&DiskKey::Chunk(*d))
     }
 
-    /// Whether `d` is on disk.
+    /// Whether chunk `d` is on disk as a chunk file.
     pub fn on_disk(&self, d: &Digest) -> bool {
-        self.disk.lock().unwrap().contains(d)
+        self.disk.lock().unwrap().contains(&DiskKey::Chunk(*d))
     }
 
     /// Path of the on-disk copy of `d`, if any (for FUSE passthrough of single-chunk files).
@@ -179,7 +219,7 @@ impl ChunkStore {
     /// disk write fails (the error is returned so it can be reported).
     pub fn put(&self, d: &Digest, data: &Arc<Vec<u8>>) -> Result<()> {
         self.remember(d, data);
-        if self.disk.lock().unwrap().contains(d) {
+        if self.disk.lock().unwrap().contains(&DiskKey::Chunk(*d)) {
             return Ok(());
         }
         let path = self.path(d);
@@ -197,9 +237,107 @@ impl ChunkStore {
             let _ = fs::remove_file(&tmp);
             return Err(Error::io(&path, format!("storing chunk {d}"), e));
         }
-        self.disk.lock().unwrap().insert(*d, data.len() as u64, ());
+        self.disk.lock().unwrap().insert(DiskKey::Chunk(*d), data.len() as u64, ());
         self.evict_disk();
         Ok(())
+    }
+
+    fn object_path(&self, file: &Digest) -> PathBuf {
+        let hex = file.hex();
+        self.objects_dir.join(&hex[..2]).join(hex)
+    }
+
+    /// The verified bytes of a chunk of a multi-chunk file, from memory or the file's object.
+    pub fn get_slot(&self, d: &Digest, slot: &FileSlot, len: u64) -> Option<Arc<Vec<u8>>> {
+        if let Some(v) = self.memory.lock().unwrap().get(d) {
+            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(v);
+        }
+        let present = self.objects.lock().unwrap().get(&slot.file).and_then(|o| o.present.get(&slot.offset).copied());
+        if present != Some((len, *d)) {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.disk.lock().unwrap().get(&DiskKey::Object(slot.file));
+        let path = self.object_path(&slot.file);
+        let mut buf = vec![0u8; len as usize];
+        let ok = fs::File::open(&path).and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, slot.offset)).is_ok();
+        if ok && Digest::of(&buf) == *d {
+            self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+            let data = Arc::new(buf);
+            self.remember(d, &data);
+            return Some(data);
+        }
+        warn!(chunk = %d, file = %slot.file, offset = slot.offset, "chunk in file object missing or damaged; refetching it");
+        self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(o) = self.objects.lock().unwrap().get_mut(&slot.file) {
+            if o.present.remove(&slot.offset).is_some() {
+                o.covered -= len;
+            }
+        }
+        None
+    }
+
+    /// Whether the chunk at `slot` is stored (memory or object).
+    pub fn contains_slot(&self, d: &Digest, slot: &FileSlot) -> bool {
+        self.memory.lock().unwrap().contains(d) || self.objects.lock().unwrap().get(&slot.file).is_some_and(|o| o.present.get(&slot.offset).is_some_and(|p| p.1 == *d))
+    }
+
+    /// Stores a verified chunk of a multi-chunk file into the file's object (a sparse file of
+    /// the file's size) and records it in the object's index (`<object>.chunks`).
+    pub fn put_slot(&self, d: &Digest, slot: &FileSlot, data: &Arc<Vec<u8>>) -> Result<()> {
+        self.remember(d, data);
+        if self.contains_slot_on_disk(d, slot) {
+            return Ok(());
+        }
+        let path = self.object_path(&slot.file);
+        let created = {
+            let mut objs = self.objects.lock().unwrap();
+            let new = !objs.contains_key(&slot.file);
+            objs.entry(slot.file).or_insert_with(|| ObjectState {
+                size: slot.file_size,
+                ..Default::default()
+            });
+            new
+        };
+        let write = || -> std::io::Result<()> {
+            if let Some(p) = path.parent() {
+                fs::create_dir_all(p)?;
+            }
+            let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+            if f.metadata()?.len() != slot.file_size {
+                f.set_len(slot.file_size)?;
+            }
+            std::os::unix::fs::FileExt::write_all_at(&f, data, slot.offset)?;
+            let mut idx = fs::OpenOptions::new().create(true).append(true).open(index_path(&path))?;
+            idx.write_all(format!("{} {} {}\n", slot.offset, data.len(), d.hex()).as_bytes())
+        };
+        if let Err(e) = write() {
+            return Err(Error::io(&path, format!("storing chunk {d} at offset {}", slot.offset), e));
+        }
+        {
+            let mut objs = self.objects.lock().unwrap();
+            let o = objs.entry(slot.file).or_default();
+            o.size = slot.file_size;
+            if o.present.insert(slot.offset, (data.len() as u64, *d)).is_none() {
+                o.covered += data.len() as u64;
+            }
+        }
+        if created {
+            self.disk.lock().unwrap().insert(DiskKey::Object(slot.file), slot.file_size, ());
+            self.evict_disk();
+        }
+        Ok(())
+    }
+
+    fn contains_slot_on_disk(&self, d: &Digest, slot: &FileSlot) -> bool {
+        self.objects.lock().unwrap().get(&slot.file).is_some_and(|o| o.present.get(&slot.offset).is_some_and(|p| p.1 == *d))
+    }
+
+    /// Path of a file object whose every byte has been stored (for FUSE passthrough).
+    pub fn complete_object(&self, file: &Digest) -> Option<PathBuf> {
+        let complete = self.objects.lock().unwrap().get(file).is_some_and(|o| o.covered >= o.size && o.size > 0);
+        complete.then(|| self.object_path(file))
     }
 
     fn remember(&self, d: &Digest, data: &Arc<Vec<u8>>) {
@@ -219,8 +357,22 @@ impl ChunkStore {
     /// Drops `d` from memory and disk.
     pub fn forget(&self, d: &Digest) {
         self.memory.lock().unwrap().remove(d);
-        self.disk.lock().unwrap().remove(d);
+        self.disk.lock().unwrap().remove(&DiskKey::Chunk(*d));
         let _ = fs::remove_file(self.path(d));
+    }
+
+    fn remove_key(&self, key: &DiskKey) {
+        match key {
+            DiskKey::Chunk(d) => {
+                let _ = fs::remove_file(self.path(d));
+            }
+            DiskKey::Object(d) => {
+                self.objects.lock().unwrap().remove(d);
+                let p = self.object_path(d);
+                let _ = fs::remove_file(index_path(&p));
+                let _ = fs::remove_file(p);
+            }
+        }
     }
 
     fn evict_disk(&self) {
@@ -240,7 +392,7 @@ impl ChunkStore {
                 }
             };
             // An open file (e.g. a passthrough backing file) stays readable after unlink.
-            let _ = fs::remove_file(self.path(&victim));
+            self.remove_key(&victim);
             self.stats.evicted.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -258,6 +410,31 @@ impl ChunkStore {
     pub fn dir(&self) -> &Path {
         &self.config.dir
     }
+}
+
+fn index_path(object: &Path) -> PathBuf {
+    let mut s = object.as_os_str().to_owned();
+    s.push(".chunks");
+    PathBuf::from(s)
+}
+
+/// Reads an object's chunk index (lines `offset length chunkhex`); damaged lines are skipped
+/// (and their chunks, if wrong, fail verification on read and are refetched).
+fn load_object_index(object: &Path, size: u64) -> ObjectState {
+    let mut st = ObjectState {
+        size,
+        ..Default::default()
+    };
+    let Ok(text) = fs::read_to_string(index_path(object)) else { return st };
+    for line in text.lines() {
+        let mut it = line.split(' ');
+        let (Some(o), Some(l), Some(h)) = (it.next(), it.next(), it.next()) else { continue };
+        let (Ok(o), Ok(l), Ok(d)) = (o.parse::<u64>(), l.parse::<u64>(), format!("sha256:{h}").parse::<Digest>()) else { continue };
+        if o.checked_add(l).is_some_and(|e| e <= size) && st.present.insert(o, (l, d)).is_none() {
+            st.covered += l;
+        }
+    }
+    st
 }
 
 #[cfg(test)]

@@ -45,6 +45,9 @@ pub struct ChunkRef {
     pub inner_offset: u64,
     /// Uncompressed size.
     pub size: u64,
+    /// For a chunk of a multi-chunk file: its place in the file's object in the store, so that
+    /// the complete file can later be handed to the kernel (FUSE passthrough).
+    pub slot: Option<crate::chunks::FileSlot>,
 }
 
 /// Knobs of the scheduler.
@@ -249,10 +252,43 @@ impl LayerFetcher {
     /// fetcher over a warm store, so status and background fill skip them cheaply).
     pub fn scan_store(&self) {
         for (i, c) in self.chunks.iter().enumerate() {
-            if c.digest.is_some_and(|d| self.store.contains(&d)) {
+            if c.digest.is_some_and(|d| self.store_contains(i, &d)) {
                 self.mark_present(i);
             }
         }
+    }
+
+    fn store_get(&self, idx: usize, d: &Digest) -> Option<Arc<Vec<u8>>> {
+        let c = &self.chunks[idx];
+        match &c.slot {
+            Some(slot) => self.store.get_slot(d, slot, c.size),
+            None => self.store.get(d),
+        }
+    }
+
+    fn store_contains(&self, idx: usize, d: &Digest) -> bool {
+        match &self.chunks[idx].slot {
+            Some(slot) => self.store.contains_slot(d, slot),
+            None => self.store.contains(d),
+        }
+    }
+
+    /// Stores a verified chunk at every place of this layer that holds the same content.
+    fn store_put(&self, idx: usize, d: &Digest, data: &Arc<Vec<u8>>) -> Result<()> {
+        let mut done: Vec<Option<crate::chunks::FileSlot>> = Vec::new();
+        let positions = self.by_digest.get(d).map(Vec::as_slice).unwrap_or(std::slice::from_ref(&idx));
+        for &j in positions {
+            let slot = self.chunks[j].slot;
+            if done.contains(&slot) {
+                continue;
+            }
+            done.push(slot);
+            match &slot {
+                Some(s) => self.store.put_slot(d, s, data)?,
+                None => self.store.put(d, data)?,
+            }
+        }
+        Ok(())
     }
 
     /// Marks chunk `i` and every other position holding the same content as present.
@@ -293,7 +329,7 @@ impl LayerFetcher {
         let mut waits = Vec::new();
         for (k, &idx) in idxs.iter().enumerate() {
             let d = self.digest_of(idx)?;
-            if let Some(v) = self.store.get(&d) {
+            if let Some(v) = self.store_get(idx, &d) {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                 self.mark_present(idx);
                 out[k] = Some(v);
@@ -357,7 +393,7 @@ impl LayerFetcher {
     }
 
     fn get_stored(&self, idx: usize, d: Digest) -> Result<Arc<Vec<u8>>> {
-        match self.store.get(&d) {
+        match self.store_get(idx, &d) {
             Some(v) => Ok(v),
             // Evicted in between: fetch it ourselves, without readahead.
             None => self.get_many(&[idx], false).map(|mut v| v.pop().expect("one")),
@@ -372,7 +408,7 @@ impl LayerFetcher {
             return Err(f.clone());
         }
         // Checked under the lock: completions store before they leave the map.
-        if self.store.contains(&d) {
+        if self.store_contains(idx, &d) {
             return Ok(None);
         }
         let flight = Flight::new();
@@ -524,7 +560,7 @@ impl LayerFetcher {
         match &res {
             Ok(v) => {
                 self.stats.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self.store.put(&cl.digest, v) {
+                if let Err(e) = self.store_put(cl.idx, &cl.digest, v) {
                     warn!(error = %e, "chunk not written to the disk cache; serving it from memory");
                 }
                 self.mark_present(cl.idx);

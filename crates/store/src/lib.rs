@@ -20,7 +20,7 @@ pub mod fetcher;
 mod lru;
 pub mod source;
 
-pub use chunks::{ChunkStore, StoreConfig, StoreStats, StoreUsage};
+pub use chunks::{ChunkStore, FileSlot, StoreConfig, StoreStats, StoreUsage};
 pub use error::{Error, Result};
 pub use fetcher::{ChunkRef, FetchConfig, LayerFetcher, LayerStats};
 pub use source::{BlobSourceAdapter, FileRangeSource, RangeSource, RegistryRangeSource};

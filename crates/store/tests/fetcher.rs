@@ -89,19 +89,24 @@ fn layer() -> Layer {
     Layer { _dir: dir, blob, reader }
 }
 
+/// Chunk references as the filesystem makes them: multi-chunk files go to file objects.
+fn chunk_ref(n: &estargz::Node, c: &estargz::Chunk) -> ChunkRef {
+    ChunkRef {
+        digest: c.digest,
+        offset: c.offset,
+        next_offset: c.next_offset,
+        inner_offset: c.inner_offset,
+        size: c.size,
+        slot: (n.chunks.len() > 1).then(|| store::FileSlot {
+            file: n.digest.unwrap(),
+            file_size: n.size,
+            offset: c.chunk_offset,
+        }),
+    }
+}
+
 fn refs(r: &Reader<estargz::FileSource>) -> Vec<ChunkRef> {
-    r.tree()
-        .nodes
-        .iter()
-        .flat_map(|n| n.chunks.iter())
-        .map(|c| ChunkRef {
-            digest: c.digest,
-            offset: c.offset,
-            next_offset: c.next_offset,
-            inner_offset: c.inner_offset,
-            size: c.size,
-        })
-        .collect()
+    r.tree().nodes.iter().flat_map(|n| n.chunks.iter().map(move |c| chunk_ref(n, c))).collect()
 }
 
 fn fetcher(l: &Layer, store_dir: &std::path::Path, flip_at: Option<u64>, cfg: FetchConfig) -> (Arc<LayerFetcher>, Arc<Counting>) {
@@ -120,19 +125,7 @@ fn fetcher(l: &Layer, store_dir: &std::path::Path, flip_at: Option<u64>, cfg: Fe
 
 fn file_chunks(l: &Layer, f: &LayerFetcher, path: &str) -> Vec<usize> {
     let n = l.reader.lookup(path).unwrap();
-    n.chunks
-        .iter()
-        .map(|c| {
-            f.chunk_index(&ChunkRef {
-                digest: c.digest,
-                offset: c.offset,
-                next_offset: c.next_offset,
-                inner_offset: c.inner_offset,
-                size: c.size,
-            })
-            .unwrap()
-        })
-        .collect()
+    n.chunks.iter().map(|c| f.chunk_index(&chunk_ref(n, c)).unwrap()).collect()
 }
 
 #[test]
@@ -169,8 +162,17 @@ fn whole_layer_fetch_completes_and_fetches_each_byte_once() {
         }
     }
     assert!(src.bytes.load(Ordering::SeqCst) <= f.total_bytes());
-    // The duplicate file is stored once: dup-b's chunk equals dup-a's.
-    assert_eq!(f.store().usage().disk_chunks, f.chunks().iter().filter_map(|c| c.digest).collect::<HashSet<_>>().len());
+    // The duplicate file is stored once (dup-b's chunk is dup-a's); the multi-chunk file is one
+    // complete object whose bytes are the file.
+    let single = f.chunks().iter().filter(|c| c.slot.is_none()).filter_map(|c| c.digest).collect::<HashSet<_>>().len();
+    let objects = f.chunks().iter().filter_map(|c| c.slot.map(|s| s.file)).collect::<HashSet<_>>().len();
+    assert!(objects >= 1);
+    assert_eq!(f.store().usage().disk_chunks, single + objects);
+    let big = l.reader.lookup("big").unwrap();
+    let object = f.store().complete_object(&big.digest.unwrap()).expect("big is complete");
+    let mut want = vec![0u8; big.size as usize];
+    l.reader.read_file_at(l.reader.tree().lookup("big").unwrap(), 0, &mut want, true).unwrap();
+    assert_eq!(std::fs::read(object).unwrap(), want);
     // A second fetcher over the same store fetches nothing.
     let (f2, src2) = fetcher(&l, store.path(), None, FetchConfig::default());
     assert!(f2.stats.complete.load(Ordering::Relaxed));
