@@ -31,13 +31,18 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Options of a layer filesystem.
 #[derive(Debug, Clone)]
 pub struct FsOptions {
-    /// Use FUSE passthrough for cached single-chunk files when the kernel supports it.
+    /// Use FUSE passthrough for fully cached files when the kernel supports it.
     pub passthrough: bool,
+    /// With passthrough: open incomplete files with direct I/O (mmap still allowed).
+    pub direct_io_until_cached: bool,
 }
 
 impl Default for FsOptions {
     fn default() -> Self {
-        FsOptions { passthrough: true }
+        FsOptions {
+            passthrough: true,
+            direct_io_until_cached: std::env::var_os("LAZYPULL_NO_DIRECT_IO").is_none(),
+        }
     }
 }
 
@@ -171,6 +176,10 @@ impl Filesystem for LayerFs {
             // top of this mount still fits the kernel's stacking limit of two.
             if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok() {
                 self.passthrough.store(true, Ordering::Relaxed);
+                // Direct-I/O opens must still be mmap-able (shared libraries, executables).
+                if !(config.capabilities().contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP) && config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP).is_ok()) {
+                    self.options.direct_io_until_cached = false;
+                }
             }
         }
         info!(passthrough = self.passthrough.load(Ordering::Relaxed), "FUSE session initialised");
@@ -236,6 +245,10 @@ impl Filesystem for LayerFs {
                 self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
                 reply.opened_passthrough(fh, FopenFlags::empty(), id);
             }
+            // Not (yet) complete: bypass the FUSE page cache while passthrough is possible, so
+            // that once the file is complete it is served by the kernel from its store object
+            // alone (one copy in memory, ext4 speed) instead of from stale FUSE pages.
+            _ if self.passthrough.load(Ordering::Relaxed) && self.options.direct_io_until_cached => reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO),
             _ => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
         }
     }

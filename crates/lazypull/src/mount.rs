@@ -363,7 +363,10 @@ fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index:
             }
         }
     }
-    let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), FsOptions { passthrough: !serve.no_passthrough });
+    let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), FsOptions {
+        passthrough: !serve.no_passthrough,
+        ..FsOptions::default()
+    });
     let fs_stats = fs.stats.clone();
     std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
     let mounted = lazyfs::mount_layer(fs, at, &format!("lazypull:{digest}"), serve.threads)?;
