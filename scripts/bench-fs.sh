@@ -147,10 +147,10 @@ Targets of issue #4 and where they stand in this run:
 | (same, third read: steady state) | $(f "$lp_warm3") s vs $(f "$loc_warm3") s | $(r "$lp_warm3" "$loc_warm3")x |
 | bytes fetched ≤ 1.02× the blob sizes | $(mb "$lp_bytes") MB of $(mb "$lp_blobs") MB (stargz-snapshotter: $(mb "$sz_bytes") of $(mb "$ref_blobs")) | $(r "$lp_bytes" "$lp_blobs")x |
 
-The first re-read after a cold read is where lazypull is slowest against local disk: during
-the cold read files are still incomplete, so the kernel caches them as FUSE pages; on re-open
-a complete file switches to passthrough on its store object (ext4) and the first pass pays for
-that switch and for touching the object's pages; later passes run at local-disk speed.
+How warm reads reach local-disk speed: while a file is incomplete it is opened with direct I/O
+(mmap still allowed), so the kernel keeps no FUSE page-cache copy; once every chunk is in the
+store the file's object (an ordinary ext4 file) is complete and the next open passes through to
+it, so re-reads hit ext4's page cache exactly as a local file would.
 
 Also measured: page cache dropped but chunk store warm (reads served by the daemon from its
 disk cache, or by the kernel through FUSE passthrough): $(f "$store_read") s, against
