@@ -11,6 +11,7 @@ mod fallback;
 mod image;
 mod layer;
 mod mount;
+mod snapshotter;
 
 #[derive(Parser)]
 #[command(name = "lazypull", version, about = "Lazy-pulling container images (eStargz, zstd:chunked)")]
@@ -29,6 +30,8 @@ enum Command {
     Image(image::ImageCommand),
     /// Mount an image (or one layer) from a registry lazily, without containerd.
     Mount(mount::MountArgs),
+    /// Serve containerd's snapshots API (proxy plugin) with lazily mounted eStargz layers.
+    Snapshotter(snapshotter::SnapshotterArgs),
     /// Unmount what `lazypull mount` mounted and stop its daemon.
     Umount {
         mountpoint: std::path::PathBuf,
@@ -56,6 +59,7 @@ fn main() {
         Command::Layer(c) => layer::run(c),
         Command::Image(c) => image::run(c),
         Command::Mount(a) => mount::image_mount(a),
+        Command::Snapshotter(a) => snapshotter::run(a),
         Command::Umount { mountpoint, state_dir } => mount::umount(&mountpoint, &state_dir),
         Command::Status { mountpoint, state_dir, json } => mount::status(&mountpoint, &state_dir, json),
     };

@@ -1,0 +1,37 @@
+//! lazypull as a containerd snapshotter (proxy plugin).
+//!
+//! [`snapshots::Snapshotter`] implements the semantics of containerd's overlayfs snapshotter
+//! (prepare/view/commit/remove, parent chains, labels, usage, walk filters, cleanup) over an
+//! embedded transactional store ([`meta`]), and adds *remote snapshots*: layers that are
+//! eStargz are mounted lazily through the `fs` crate instead of being downloaded. gRPC stays at
+//! the edge ([`service`]); the lazy mounting sits behind the [`snapshots::Remote`] trait
+//! ([`remote`] is the real one), so the snapshot logic is tested without FUSE or a registry.
+
+pub mod error;
+pub mod filter;
+pub mod meta;
+pub mod remote;
+pub mod service;
+pub mod snapshots;
+
+/// Generated code for containerd's API (our wire-compatible copies of its protos).
+#[allow(clippy::all, missing_docs)]
+pub mod api {
+    pub mod containerd {
+        pub mod types {
+            tonic::include_proto!("containerd.types");
+        }
+        pub mod services {
+            pub mod snapshots {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.snapshots.v1");
+                }
+            }
+        }
+    }
+    pub use containerd::services::snapshots::v1 as snapshots;
+    pub use containerd::types;
+}
+
+pub use error::{Error, Result};
+pub use snapshots::{Remote, Snapshotter};
