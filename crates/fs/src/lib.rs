@@ -33,7 +33,14 @@ pub struct OpenedLayer {
 pub fn open_layer(source: Arc<dyn RangeSource>, expected_toc: Option<&Digest>, store: Arc<ChunkStore>, config: FetchConfig) -> Result<OpenedLayer> {
     let blob = source.name().to_string();
     let format = |e: estargz::Error| Error::Format { blob: blob.clone(), source: e };
-    let reader = Reader::open_with(BlobSourceAdapter(source.clone()), &OpenOptions::default()).map_err(format)?;
+    // A 256 KiB tail holds the footer and the TOC of most layers (one request); larger TOCs
+    // cost a second, exact read. The format's 1 MiB default would spend up to 1 MiB per layer
+    // before a container starts.
+    let opts = OpenOptions {
+        tail_size: 256 << 10,
+        ..OpenOptions::default()
+    };
+    let reader = Reader::open_with(BlobSourceAdapter(source.clone()), &opts).map_err(format)?;
     if let Some(want) = expected_toc {
         reader.verify_toc(want).map_err(format)?;
     }

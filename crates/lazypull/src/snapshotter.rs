@@ -45,6 +45,7 @@ struct FileConfig {
     memory_cache_mib: Option<u64>,
     fetch_timeout_secs: Option<u64>,
     background_fetch: Option<bool>,
+    background_delay_secs: Option<f64>,
     prefetch: Option<bool>,
     passthrough: Option<bool>,
     fuse_threads: Option<usize>,
@@ -66,6 +67,7 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
     let mut cfg = RemoteConfig {
         fetch_timeout: Duration::from_secs(file.fetch_timeout_secs.unwrap_or(30)),
         background: file.background_fetch.unwrap_or(true),
+        background_delay: Duration::from_secs_f64(file.background_delay_secs.unwrap_or(5.0).max(0.0)),
         prefetch: file.prefetch.unwrap_or(true),
         threads: file.fuse_threads.unwrap_or(8),
         ..RemoteConfig::default()

@@ -35,6 +35,9 @@ pub struct RemoteConfig {
     pub fs: FsOptions,
     pub threads: usize,
     pub background: bool,
+    /// Delay before the background fill starts, so a starting container's first reads have the
+    /// link to themselves (the prioritized-files prefetch is not delayed).
+    pub background_delay: Duration,
     pub prefetch: bool,
 }
 
@@ -46,6 +49,7 @@ impl Default for RemoteConfig {
             fs: FsOptions::default(),
             threads: 8,
             background: true,
+            background_delay: Duration::from_secs(5),
             prefetch: true,
         }
     }
@@ -153,7 +157,7 @@ impl Remote for RegistryRemote {
         let mount = lazyfs::mount_layer(fs, dir, &format!("lazypull:{}", layer.digest), self.config.threads).map_err(|e| format!("mount: {e}"))?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
-            let (f, stop, background) = (fetcher.clone(), stop.clone(), self.config.background);
+            let (f, stop, background, delay) = (fetcher.clone(), stop.clone(), self.config.background, self.config.background_delay);
             std::thread::Builder::new()
                 .name("fill".into())
                 .spawn(move || {
@@ -161,6 +165,10 @@ impl Remote for RegistryRemote {
                         if let Err(e) = f.prefetch_until(end) {
                             warn!(blob = %f.blob(), error = %e, "prefetch of prioritized files failed");
                         }
+                    }
+                    let until = std::time::Instant::now() + delay;
+                    while background && std::time::Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(50));
                     }
                     if background {
                         if let Err(e) = f.run_background(&stop) {

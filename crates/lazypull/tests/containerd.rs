@@ -13,11 +13,20 @@
 //! than 100 bytes, replaces a layer-1 file, deletes one with a `.wh.` whiteout and hides a
 //! directory's layer-1 contents with an opaque whiteout (so overlay semantics are exercised).
 //!
+//! The second test runs the same image through `lazypull snapshotter` as containerd's proxy
+//! plugin: pulled with `ctr-remote image rpull --snapshotter lazypull` (remote-snapshot labels),
+//! run with `ctr run --snapshotter lazypull`, the listing compared with the overlayfs one, the
+//! registry bytes before `echo` completes counted by a proxy, a plain gzip image's fallback
+//! checked in the snapshotter's log, and image removal checked to unmount and free snapshots.
+//!
 //! Needs root, `containerd`, `ctr`, `runc`, Debian's `docker-registry` and a static
-//! `/bin/busybox`; skipped without them unless `LAZYPULL_INTEROP=required`.
+//! `/bin/busybox` (and `ctr-remote`, /dev/fuse for the second test); skipped without them
+//! unless `LAZYPULL_INTEROP=required`.
 
 #[path = "../../registry/tests/support/registry.rs"]
 mod test_registry;
+#[path = "../../registry/tests/support/fault_proxy.rs"]
+mod fault_proxy;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -339,6 +348,11 @@ struct Containerd {
 
 impl Containerd {
     fn start() -> Containerd {
+        Self::start_with("")
+    }
+
+    /// With `extra_config` (TOML tables, e.g. proxy plugins) appended to the generated config.
+    fn start_with(extra_config: &str) -> Containerd {
         let run_dir = PathBuf::from(format!("/run/lazypull-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir).unwrap();
@@ -367,7 +381,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
             state = q(&state),
             sock = q(Path::new(&sock)),
             ttrpc = q(Path::new(&format!("{sock}.ttrpc"))),
-        );
+        ) + extra_config;
         std::fs::write(&cfg, config).unwrap();
         let path = format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", std::env::var("PATH").unwrap_or_default());
         let child = Command::new(find_in_path("containerd").expect("containerd"))
@@ -615,4 +629,182 @@ fn converted_images_run_in_containerd_with_identical_filesystems() {
         ctd.ctr_ok(&["image", "rm", &reference(tag)], Duration::from_secs(30));
     }
     eprintln!("conversion done at {converted_at:.2?}, whole test {:.2?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// lazypull as containerd's snapshotter
+
+/// Bytes the proxy was asked for from blob `digest` (ranges summed; a full GET = `size`).
+fn fetched_from(proxy: &fault_proxy::FaultProxy, digest: &str, size: u64) -> u64 {
+    let mut total = 0;
+    for r in proxy.requests() {
+        if r.method != "GET" || !r.path.contains(&format!("/blobs/{digest}")) {
+            continue;
+        }
+        match r.header("range").and_then(|v| v.strip_prefix("bytes=")) {
+            None => total += size,
+            Some(spec) => {
+                for part in spec.split(',') {
+                    let (a, b) = part.trim().split_once('-').unwrap();
+                    let a: u64 = a.parse().unwrap_or(0);
+                    let b: u64 = b.parse().unwrap_or(size - 1);
+                    total += b.min(size - 1) + 1 - a;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// `lazypull snapshotter` as a child process, killed on drop.
+struct SnapshotterDaemon {
+    child: Child,
+    log: PathBuf,
+    root: PathBuf,
+}
+
+impl SnapshotterDaemon {
+    fn start(root: &Path, sock: &Path, config: &Path) -> SnapshotterDaemon {
+        let log = root.with_extension("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_lazypull"))
+            .args(["snapshotter", "--config"])
+            .arg(config)
+            .arg("--root")
+            .arg(root)
+            .arg("--address")
+            .arg(sock)
+            .env("LAZYPULL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("spawn lazypull snapshotter");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "snapshotter did not create its socket:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        SnapshotterDaemon { child, log, root: root.to_path_buf() }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn fuse_mounts(&self) -> usize {
+        let root = self.root.to_str().unwrap().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&root)) && l.contains(" fuse")).count()
+    }
+}
+
+impl Drop for SnapshotterDaemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
+    let mut missing = missing_prerequisites().map(|m| vec![m]).unwrap_or_default();
+    if find_in_path("ctr-remote").is_none() {
+        missing.push("ctr-remote".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        missing.push("/dev/fuse".into());
+    }
+    if !missing.is_empty() {
+        assert!(!interop_required(), "LAZYPULL_INTEROP=required but missing: {missing:?}");
+        eprintln!("skipping the snapshotter test: missing {missing:?}");
+        return;
+    }
+    // The same image with a 48 MB file, so that starting a shell reads a small part of it.
+    let big = pseudo_random(48 << 20, 0x51ed_270b_2ce1_d4a1);
+    let img = build_image(&big);
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(layout.path(), &img);
+    let reg = TestRegistry::start(Auth::None);
+    let proxy = fault_proxy::FaultProxy::start(&reg.host);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = Client::new(RegistryConfig::default(), Credentials::anonymous()).unwrap();
+    let reference = |tag: &str| format!("{}/snap:{tag}", proxy.addr);
+    let store = |tag: &str| Store::Registry { client: client.clone(), reference: Reference::parse(&reference(tag)).unwrap() };
+    let opts = ConvertOptions { chunk_size: 1 << 20, ..Default::default() };
+    let layers: Vec<(String, u64)> = rt.block_on(async {
+        let scratch = tempfile::tempdir().unwrap();
+        push_original(&store("plain"), &img, scratch.path()).await;
+        let from_layout = Store::Layout { dir: layout.path().to_path_buf(), tag: "v1".into() };
+        convert_image(&from_layout, &store("esgz"), &opts, Arc::new(|_| {})).await.unwrap();
+        let m = client.get_manifest(&Reference::parse(&reference("esgz")).unwrap()).await.unwrap();
+        let registry::ManifestKind::Image(m) = m.manifest else { panic!("expected an image manifest") };
+        m.layers.iter().map(|l| (l.digest.clone(), l.size)).collect()
+    });
+    let image_bytes: u64 = layers.iter().map(|l| l.1).sum();
+
+    let snap_root = tempfile::Builder::new().prefix("lazypull-snap-").tempdir().unwrap();
+    let run_dir = PathBuf::from(format!("/run/lazypull-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let sock = run_dir.join("s.sock");
+    let config = snap_root.path().join("config.toml");
+    std::fs::write(&config, "background_delay_secs = 30.0\nfetch_timeout_secs = 10\n").unwrap();
+    let snap = SnapshotterDaemon::start(&snap_root.path().join("root"), &sock, &config);
+    let ctd = Containerd::start_with(&format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+    let remote = |args: &[&str]| {
+        let mut cmd = Command::new(find_in_path("ctr-remote").unwrap());
+        cmd.args(["--address", &ctd.sock, "--namespace", &namespace()]).args(args);
+        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root.path());
+        assert!(ok, "ctr-remote {args:?}: {out}\n{err}\nsnapshotter log:\n{}", snap.log());
+    };
+
+    // Overlayfs reference listing of the converted image.
+    let esgz = reference("esgz");
+    ctd.ctr_ok(&["image", "pull", "--plain-http", &esgz], Duration::from_secs(60));
+    let id = format!("lp-snap-ref-{}", std::process::id());
+    let want = parse_report(&ctd.ctr_ok(&["run", "--rm", "--snapshotter", "overlayfs", &esgz, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(60)));
+    ctd.ctr_ok(&["image", "rm", "--sync", &esgz], Duration::from_secs(30));
+
+    // Lazily: rpull, then a container that only echoes.
+    proxy.clear_requests();
+    let t = Instant::now();
+    remote(&["image", "rpull", "--plain-http", "--snapshotter", "lazypull", &esgz]);
+    let pulled = t.elapsed();
+    let id = format!("lp-snap-echo-{}", std::process::id());
+    let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &esgz, &id, "/bin/echo", "hi"], Duration::from_secs(60));
+    assert_eq!(out.trim(), "hi");
+    let fetched: u64 = layers.iter().map(|(d, s)| fetched_from(&proxy, d, *s)).sum();
+    let pct = fetched as f64 * 100.0 / image_bytes as f64;
+    eprintln!("rpull {pulled:.2?}; fetched before echo completed: {fetched} of {image_bytes} bytes ({pct:.2}%)");
+    assert!(pct < 5.0, "fetched {pct:.2}% of the image before echo completed");
+    let log = snap.log();
+    assert_eq!(log.matches("remote snapshot mounted lazily").count(), layers.len(), "every layer must be a remote snapshot:\n{log}");
+    assert!(snap.fuse_mounts() >= layers.len());
+
+    // The whole filesystem through the lazy layers equals the overlayfs one (the eStargz
+    // metadata files, which a plain extraction materializes, are hidden by the mount).
+    let id = format!("lp-snap-run-{}", std::process::id());
+    let got = parse_report(&ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &esgz, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(120)));
+    let (_, want_listing): (Vec<String>, Vec<String>) = want.listing.iter().cloned().partition(|l| ESTARGZ_METADATA.contains(&path_of(l)));
+    assert_eq!(got.hello, HELLO);
+    assert!(got.listing == want_listing, "lazy rootfs differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want_listing, &got.listing));
+
+    // A plain gzip image falls back to normal snapshots, runs, and the log says why.
+    let plain = reference("plain");
+    remote(&["image", "rpull", "--plain-http", "--snapshotter", "lazypull", &plain]);
+    let id = format!("lp-snap-plain-{}", std::process::id());
+    let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &plain, &id, "/bin/cat", "/etc/hello.txt"], Duration::from_secs(60));
+    assert_eq!(out, HELLO);
+    let log = snap.log();
+    assert!(log.contains("falling back") && log.contains("not eStargz"), "fallback reason not logged:\n{log}");
+
+    // Removing the images frees every snapshot and unmounts the lazy layers.
+    ctd.ctr_ok(&["image", "rm", "--sync", &esgz, &plain], Duration::from_secs(60));
+    let left = ctd.ctr_ok(&["snapshot", "--snapshotter", "lazypull", "ls"], Duration::from_secs(30));
+    assert_eq!(left.lines().count(), 1, "snapshots left after image removal:\n{left}");
+    assert_eq!(snap.fuse_mounts(), 0, "lazy layers still mounted after image removal");
+    let _ = std::fs::remove_dir_all(&run_dir);
 }
