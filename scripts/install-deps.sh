@@ -8,8 +8,10 @@ set -euo pipefail
 target="${1:-test}"
 # Always: C toolchain for zlib/zstd/libdeflate sys crates, the plain tools the round-trip tests
 # compare against (gzip, tar, zstd), and the Go reference library for the interop tests.
+# The lazy filesystem and snapshotter tests add containerd, runc and ctr-remote (package
+# stargz-snapshotter: `image rpull` sets the remote-snapshot labels).
 pkgs=(build-essential pkg-config gzip tar zstd attr curl openssl apache2-utils docker-registry containerd runc busybox-static ca-certificates
-      golang-go golang-github-containerd-stargz-snapshotter-dev)
+      golang-go golang-github-containerd-stargz-snapshotter-dev stargz-snapshotter)
 case "$target" in
   test|fuzz) ;;
   demo) pkgs+=(jq curl) ;;
@@ -30,4 +32,9 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   "${sudo_cmd[@]}" apt-get update -qq
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# FUSE: lazypull speaks to /dev/fuse directly (no libfuse); make sure the module is loaded.
+if [ ! -e /dev/fuse ] && [ "$(id -u)" -eq 0 ]; then
+  modprobe fuse 2>/dev/null || true
 fi
