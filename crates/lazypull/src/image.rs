@@ -27,6 +27,24 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
+    /// The same options as command-line arguments (for daemons started by the snapshotter).
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut out: Vec<std::ffi::OsString> = Vec::new();
+        for h in &self.plain_http {
+            out.push("--plain-http".into());
+            out.push(h.into());
+        }
+        if let Some(p) = &self.registry_config {
+            out.push("--registry-config".into());
+            out.push(p.into());
+        }
+        if let Some(p) = &self.docker_config {
+            out.push("--docker-config".into());
+            out.push(p.into());
+        }
+        out
+    }
+
     pub fn client(&self) -> Result<Client> {
         let mut cfg = match &self.registry_config {
             Some(p) => RegistryConfig::load(p)?,

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod fallback;
 mod image;
 mod layer;
+mod metrics;
 mod mount;
 mod snapshotter;
 

@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// Background fetch rate limit in bytes/s (0: unlimited; on-demand reads always go first).
     #[arg(long, default_value_t = 0, value_name = "BYTES")]
     pub background_rate: u64,
+    /// Seconds to wait before the background fetch starts.
+    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    pub background_delay: f64,
     /// Do not prefetch the prioritized files at mount.
     #[arg(long)]
     pub no_prefetch: bool,
@@ -74,8 +77,11 @@ pub struct MountArgs {
     pub reference: String,
     pub mountpoint: PathBuf,
     /// Mount only layer N (0 = bottom) instead of the whole image.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "layer_digest")]
     pub layer: Option<usize>,
+    /// Mount only the layer with this blob digest.
+    #[arg(long, value_name = "DIGEST")]
+    pub layer_digest: Option<String>,
     /// Platform to pick from a multi-platform image (default: this host's).
     #[arg(long)]
     pub platform: Option<String>,
@@ -131,6 +137,12 @@ pub struct LayerStatus {
     pub reads: u64,
     pub read_errors: u64,
     pub passthrough_opens: u64,
+    /// Range-request latency histogram: counts per bucket (upper bounds in ms:
+    /// `store::LATENCY_BUCKETS_MS`, then +Inf) and the sum in seconds.
+    #[serde(default)]
+    pub fetch_latency_buckets: Vec<u64>,
+    #[serde(default)]
+    pub fetch_latency_sum_secs: f64,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -233,6 +245,8 @@ impl ServedLayer {
             reads: 0,
             read_errors: 0,
             passthrough_opens: 0,
+            fetch_latency_buckets: Vec::new(),
+            fetch_latency_sum_secs: 0.0,
         };
         if let Some(f) = &self.fetcher {
             let st = &f.stats;
@@ -245,6 +259,8 @@ impl ServedLayer {
             s.last_error = st.last_error.lock().unwrap().clone();
             s.prefetch_done = st.prefetch_done.load(Ordering::Relaxed);
             s.complete = st.complete.load(Ordering::Relaxed);
+            s.fetch_latency_buckets = st.latency_buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+            s.fetch_latency_sum_secs = st.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         }
         if let Some(fs) = &self.fs_stats {
             s.reads = fs.reads.load(Ordering::Relaxed);
@@ -290,9 +306,14 @@ impl Served {
             let Some(f) = l.fetcher.clone() else { continue };
             let stop = self.stop.clone();
             let background = !serve.no_background;
+            let delay = Duration::from_secs_f64(serve.background_delay.max(0.0));
             std::thread::Builder::new()
                 .name(format!("fill-{}", l.index))
                 .spawn(move || {
+                    let until = Instant::now() + delay;
+                    while background && Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                     if background {
                         if let Err(e) = f.run_background(&stop) {
                             warn!(blob = %f.blob(), error = %e, "background fetch stopped");
@@ -474,7 +495,11 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
         let (_, root, _) = location.root().await?;
         crate::image::select_manifest(&location, root, args.platform.as_deref()).await
     })?;
-    let indices: Vec<usize> = match args.layer {
+    let by_digest = match &args.layer_digest {
+        Some(d) => Some(manifest.layers.iter().position(|l| &l.digest == d).with_context(|| format!("layer {d} is not in {}", args.reference))?),
+        None => None,
+    };
+    let indices: Vec<usize> = match args.layer.or(by_digest) {
         Some(n) if n >= manifest.layers.len() => bail!("the image has {} layers; there is no layer {n}", manifest.layers.len()),
         Some(n) => vec![n],
         None => (0..manifest.layers.len()).collect(),

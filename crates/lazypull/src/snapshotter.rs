@@ -1,9 +1,15 @@
 //! `lazypull snapshotter`: the containerd proxy plugin daemon.
 //!
-//! Wiring only: chunk store, registry client and lazy-mount settings go into a
-//! `RegistryRemote`, that into the `Snapshotter`, and that behind the gRPC service on a unix
-//! socket. On start, remote snapshots recorded before a restart are mounted again before the
-//! socket is served (containerd's first call after a restart must succeed).
+//! Wiring: chunk store, registry client and lazy-mount settings go into a `RegistryRemote`
+//! (which resolves labels to layers), that into the `Snapshotter`, and that behind the gRPC
+//! service on a unix socket.
+//!
+//! Restart without breakage: by default every remote layer is served by its own `lazypull
+//! mount --layer-digest` daemon in its own session (see docs/design.md), so killing the
+//! snapshotter, even with SIGKILL, leaves running containers' layers served. On start, each
+//! recorded remote snapshot whose mount still answers is left alone; a dead one is detached and
+//! mounted again — all before the socket is served (containerd's first call after a restart
+//! must succeed). `layer_daemons = false` serves layers in-process instead.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,6 +56,10 @@ struct FileConfig {
     passthrough: Option<bool>,
     fuse_threads: Option<usize>,
     parallel_fetches: Option<usize>,
+    /// Serve each remote layer from its own daemon (survives snapshotter restarts).
+    layer_daemons: Option<bool>,
+    /// `HOST:PORT` of the Prometheus endpoint (`/metrics`); unset: no endpoint.
+    metrics_address: Option<String>,
 }
 
 pub fn run(args: SnapshotterArgs) -> Result<()> {
@@ -75,11 +85,25 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
     cfg.fs.passthrough = file.passthrough.unwrap_or(true);
     cfg.fetch.parallel = file.parallel_fetches.unwrap_or(4);
     cfg.fetch.wait_timeout = cfg.fetch_timeout * 2;
-    let remote = Arc::new(RegistryRemote::new(args.registry.client()?, rt.handle().clone(), store, cfg));
-    let snap = Arc::new(Snapshotter::open(&root, Some(remote.clone() as Arc<dyn Remote>))?);
+    let daemons = file.layer_daemons.unwrap_or(true);
+    let daemon_args = DaemonArgs {
+        state: root.join("layers"),
+        fetch_timeout: cfg.fetch_timeout.as_secs().max(1),
+        background: cfg.background,
+        background_delay: cfg.background_delay.as_secs_f64(),
+        passthrough: cfg.fs.passthrough,
+        registry: args.registry.to_args(),
+    };
+    let resolver = Arc::new(RegistryRemote::new(args.registry.client()?, rt.handle().clone(), store, cfg));
+    let remote: Arc<dyn Remote> = if daemons { Arc::new(DaemonRemote { resolver, args: daemon_args }) } else { resolver };
+    let snap = Arc::new(Snapshotter::open(&root, Some(remote.clone()))?);
 
-    // Remount remote snapshots from before a restart, before serving.
+    // Remote snapshots from before a restart: keep the live ones, remount the dead ones.
     for (name, dir, layer) in snap.remote_snapshots()? {
+        if mount_answers(&dir) {
+            info!(%name, "remote snapshot still served");
+            continue;
+        }
         if snapshotter::snapshots::is_mountpoint(&dir) {
             let _ = lazyfs::detach(&dir);
         }
@@ -89,6 +113,9 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
         }
     }
     info!(socket = %address.display(), root = %root.display(), "serving containerd snapshots API");
+    if let Some(addr) = file.metrics_address.clone() {
+        rt.spawn(crate::metrics::serve(addr, snap.clone(), root.join("layers")));
+    }
     rt.block_on(async {
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
@@ -101,4 +128,68 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
         snapshotter::service::serve(snap.clone(), &address, shutdown).await
     })?;
     Ok(())
+}
+
+/// Whether `dir` is a mount point whose file system answers (a FUSE mount whose daemon died
+/// fails with ENOTCONN).
+fn mount_answers(dir: &std::path::Path) -> bool {
+    snapshotter::snapshots::is_mountpoint(dir) && std::fs::read_dir(dir).is_ok()
+}
+
+/// How layer daemons are started.
+struct DaemonArgs {
+    state: PathBuf,
+    fetch_timeout: u64,
+    background: bool,
+    background_delay: f64,
+    passthrough: bool,
+    registry: Vec<std::ffi::OsString>,
+}
+
+/// Serves each remote layer with a `lazypull mount --layer-digest` daemon.
+struct DaemonRemote {
+    resolver: Arc<RegistryRemote>,
+    args: DaemonArgs,
+}
+
+impl Remote for DaemonRemote {
+    fn resolve(&self, labels: &std::collections::BTreeMap<String, String>) -> std::result::Result<Option<snapshotter::meta::RemoteLayer>, String> {
+        self.resolver.resolve(labels)
+    }
+
+    fn mount(&self, layer: &snapshotter::meta::RemoteLayer, dir: &std::path::Path) -> std::result::Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("finding our executable: {e}"))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("mount")
+            .arg(&layer.image_ref)
+            .arg(dir)
+            .args(["--layer-digest", &layer.digest])
+            .arg("--state-dir")
+            .arg(&self.args.state)
+            .args(["--fetch-timeout", &self.args.fetch_timeout.to_string()])
+            .args(["--background-delay", &self.args.background_delay.to_string()])
+            .args(&self.args.registry);
+        if !self.args.background {
+            cmd.arg("--no-background");
+        }
+        if !self.args.passthrough {
+            cmd.arg("--no-passthrough");
+        }
+        let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| format!("starting the layer daemon: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("layer daemon: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, dir: &std::path::Path) {
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(_) => return,
+        };
+        let res = std::process::Command::new(exe).arg("umount").arg(dir).arg("--state-dir").arg(&self.args.state).output();
+        if !res.as_ref().is_ok_and(|o| o.status.success()) && snapshotter::snapshots::is_mountpoint(dir) {
+            let _ = lazyfs::detach(dir);
+        }
+    }
 }

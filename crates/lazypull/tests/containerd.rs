@@ -353,7 +353,10 @@ impl Containerd {
 
     /// With `extra_config` (TOML tables, e.g. proxy plugins) appended to the generated config.
     fn start_with(extra_config: &str) -> Containerd {
-        let run_dir = PathBuf::from(format!("/run/lazypull-test-{}", std::process::id()));
+        // Per instance: the tests of this file run in parallel, each with its own containerd.
+        static INSTANCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let run_dir = PathBuf::from(format!("/run/lazypull-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir).unwrap();
         let root = tempfile::Builder::new().prefix("lazypull-ctd-").tempdir().unwrap();
@@ -366,7 +369,7 @@ impl Containerd {
             r#"version = 2
 root = {root}
 state = {state}
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+disabled_plugins = [{cri}"io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
 
 [grpc]
   address = {sock}
@@ -381,6 +384,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
             state = q(&state),
             sock = q(Path::new(&sock)),
             ttrpc = q(Path::new(&format!("{sock}.ttrpc"))),
+            cri = if extra_config.contains("io.containerd.grpc.v1.cri") { "" } else { "\"io.containerd.grpc.v1.cri\", " },
         ) + extra_config;
         std::fs::write(&cfg, config).unwrap();
         let path = format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", std::env::var("PATH").unwrap_or_default());
@@ -656,11 +660,54 @@ fn fetched_from(proxy: &fault_proxy::FaultProxy, digest: &str, size: u64) -> u64
     total
 }
 
+/// The kubelet's path: a minimal CRI ImageService client (Debian 12 has no crictl). Only the
+/// fields of `PullImage` we use are declared; field numbers are CRI v1's.
+mod cri {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ImageSpec {
+        #[prost(string, tag = "1")]
+        pub image: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PullImageRequest {
+        #[prost(message, optional, tag = "1")]
+        pub image: Option<ImageSpec>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PullImageResponse {
+        #[prost(string, tag = "1")]
+        pub image_ref: String,
+    }
+
+    /// `runtime.v1.ImageService/PullImage` over containerd's unix socket.
+    pub async fn pull(socket: &str, image: &str) -> Result<String, String> {
+        let path = socket.to_string();
+        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .map_err(|e| e.to_string())?
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            }))
+            .await
+            .map_err(|e| format!("connecting to {socket}: {e}"))?;
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.map_err(|e| e.to_string())?;
+        let req = PullImageRequest { image: Some(ImageSpec { image: image.to_string() }) };
+        let resp: tonic::Response<PullImageResponse> = grpc
+            .unary(tonic::Request::new(req), http::uri::PathAndQuery::from_static("/runtime.v1.ImageService/PullImage"), tonic_prost::ProstCodec::default())
+            .await
+            .map_err(|e| format!("PullImage {image}: {e}"))?;
+        Ok(resp.into_inner().image_ref)
+    }
+}
+
 /// `lazypull snapshotter` as a child process, killed on drop.
 struct SnapshotterDaemon {
     child: Child,
     log: PathBuf,
     root: PathBuf,
+    /// Leave the layer mounts (and their daemons) alone on drop (restart test).
+    keep_mounts: bool,
 }
 
 impl SnapshotterDaemon {
@@ -684,7 +731,12 @@ impl SnapshotterDaemon {
             assert!(Instant::now() < deadline, "snapshotter did not create its socket:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
             std::thread::sleep(Duration::from_millis(50));
         }
-        SnapshotterDaemon { child, log, root: root.to_path_buf() }
+        SnapshotterDaemon {
+            child,
+            log,
+            root: root.to_path_buf(),
+            keep_mounts: false,
+        }
     }
 
     fn log(&self) -> String {
@@ -699,13 +751,20 @@ impl SnapshotterDaemon {
 
 impl Drop for SnapshotterDaemon {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).stderr(Stdio::null()).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !self.keep_mounts {
+            // Layer daemons exit when their mounts go away.
+            let root = self.root.to_str().unwrap().to_string();
+            for m in std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&root)) {
+                let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
     }
 }
 
@@ -751,14 +810,28 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     std::fs::create_dir_all(&run_dir).unwrap();
     let sock = run_dir.join("s.sock");
     let config = snap_root.path().join("config.toml");
-    std::fs::write(&config, "background_delay_secs = 30.0\nfetch_timeout_secs = 10\n").unwrap();
+    let metrics_port = test_registry::free_port();
+    std::fs::write(&config, format!("background_delay_secs = 30.0\nfetch_timeout_secs = 10\nmetrics_address = \"127.0.0.1:{metrics_port}\"\n")).unwrap();
+    let metrics = || {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("metrics endpoint");
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        body
+    };
     let snap = SnapshotterDaemon::start(&snap_root.path().join("root"), &sock, &config);
-    let ctd = Containerd::start_with(&format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+    let ctd = Containerd::start_with(&format!(
+        "\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"lazypull\"\n    disable_snapshot_annotations = false\n  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n    endpoint = [\"http://{host}\"]\n",
+        serde_json::to_string(sock.to_str().unwrap()).unwrap(),
+        host = proxy.addr
+    ));
+    let snap_log = snap.log.clone();
     let remote = |args: &[&str]| {
         let mut cmd = Command::new(find_in_path("ctr-remote").unwrap());
         cmd.args(["--address", &ctd.sock, "--namespace", &namespace()]).args(args);
         let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root.path());
-        assert!(ok, "ctr-remote {args:?}: {out}\n{err}\nsnapshotter log:\n{}", snap.log());
+        assert!(ok, "ctr-remote {args:?}: {out}\n{err}\nsnapshotter log:\n{}", std::fs::read_to_string(&snap_log).unwrap_or_default());
     };
 
     // Overlayfs reference listing of the converted image.
@@ -783,6 +856,32 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     let log = snap.log();
     assert_eq!(log.matches("remote snapshot mounted lazily").count(), layers.len(), "every layer must be a remote snapshot:\n{log}");
     assert!(snap.fuse_mounts() >= layers.len());
+    let m = metrics();
+    assert!(m.contains(&format!("lazypull_remote_snapshots_total {}", layers.len())), "{m}");
+    assert!(m.contains(&format!("lazypull_fetched_bytes_total{{layer=\"{}\"}}", layers[0].0)), "{m}");
+    assert!(m.contains("lazypull_fetch_latency_seconds_count"), "{m}");
+
+    // kill -9 of the snapshotter while a container runs: its layers stay served (each by its
+    // own daemon), the restarted snapshotter adopts them, and the container reads a file no one
+    // has read yet (the background fetch is held back by the config).
+    let long = format!("lp-snap-long-{}", std::process::id());
+    ctd.containers.borrow_mut().push(long.clone());
+    ctd.ctr_ok(&["run", "-d", "--snapshotter", "lazypull", &esgz, &long, "/bin/busybox", "sleep", "600"], Duration::from_secs(60));
+    let mut snap = snap;
+    snap.child.kill().unwrap();
+    snap.child.wait().unwrap();
+    snap.keep_mounts = true;
+    drop(snap);
+    let snap = SnapshotterDaemon::start(&snap_root.path().join("root"), &sock, &config);
+    let out = ctd.ctr_ok(&["task", "exec", "--exec-id", "sum", &long, "/bin/sha256sum", "/data/big.bin"], Duration::from_secs(60));
+    assert_eq!(out.split_whitespace().next(), Some(sha_hex(&big).as_str()), "uncached read after the restart");
+    assert!(snap.log().contains("remote snapshot still served"), "restart did not adopt the live mounts:\n{}", snap.log());
+    let listed = ctd.ctr_ok(&["snapshot", "--snapshotter", "lazypull", "ls"], Duration::from_secs(30));
+    assert!(listed.lines().filter(|l| l.contains("Committed")).count() >= layers.len(), "{listed}");
+    let _ = ctd.ctr(&["task", "kill", "--signal", "SIGKILL", &long], Duration::from_secs(10));
+    let _ = ctd.ctr(&["task", "delete", "--force", &long], Duration::from_secs(10));
+    ctd.ctr_ok(&["container", "delete", &long], Duration::from_secs(30));
+    ctd.containers.borrow_mut().retain(|c| c != &long);
 
     // The whole filesystem through the lazy layers equals the overlayfs one (the eStargz
     // metadata files, which a plain extraction materializes, are hidden by the mount).
@@ -800,11 +899,30 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     assert_eq!(out, HELLO);
     let log = snap.log();
     assert!(log.contains("falling back") && log.contains("not eStargz"), "fallback reason not logged:\n{log}");
+    let m = metrics();
+    assert!(m.contains("lazypull_fallbacks_total{reason=\"not eStargz\"} 2"), "{m}");
 
     // Removing the images frees every snapshot and unmounts the lazy layers.
     ctd.ctr_ok(&["image", "rm", "--sync", &esgz, &plain], Duration::from_secs(60));
     let left = ctd.ctr_ok(&["snapshot", "--snapshotter", "lazypull", "ls"], Duration::from_secs(30));
     assert_eq!(left.lines().count(), 1, "snapshots left after image removal:\n{left}");
     assert_eq!(snap.fuse_mounts(), 0, "lazy layers still mounted after image removal");
+
+    // The kubelet's path: a pull through containerd's CRI ImageService mounts lazily too.
+    let mounted_before = snap.log().matches("remote snapshot mounted lazily").count();
+    let image_ref = rt.block_on(cri::pull(&ctd.sock, &esgz)).unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", ctd.log_tail()));
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+    let log = snap.log();
+    assert_eq!(log.matches("remote snapshot mounted lazily").count() - mounted_before, layers.len(), "CRI pull did not mount lazily:\n{log}");
+    let k8s = |args: &[&str]| {
+        let mut cmd = Command::new(ctr_bin());
+        cmd.args(["--address", &ctd.sock, "--namespace", "k8s.io"]).args(args);
+        run_timeout(&mut cmd, Duration::from_secs(60), snap_root.path())
+    };
+    let (ok, out, err) = k8s(&["snapshot", "--snapshotter", "lazypull", "ls"]);
+    assert!(ok && out.lines().filter(|l| l.contains("Committed")).count() == layers.len(), "{out}{err}");
+    for name in k8s(&["image", "ls", "-q"]).1.lines() {
+        let _ = k8s(&["image", "rm", "--sync", name]);
+    }
     let _ = std::fs::remove_dir_all(&run_dir);
 }

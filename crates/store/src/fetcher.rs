@@ -101,7 +101,23 @@ pub struct LayerStats {
     pub complete: AtomicBool,
     /// Total time spent waiting for on-demand fetches, in microseconds.
     pub demand_wait_us: AtomicU64,
+    /// Histogram of range-request latencies: counts per bucket of [`LATENCY_BUCKETS_MS`]
+    /// (the last counts everything slower), and their sum in microseconds.
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    pub latency_sum_us: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+}
+
+/// Upper bounds (ms) of the request-latency histogram buckets.
+pub const LATENCY_BUCKETS_MS: [u64; 11] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500];
+
+impl LayerStats {
+    fn observe_latency(&self, d: Duration) {
+        let ms = d.as_secs_f64() * 1000.0;
+        let i = LATENCY_BUCKETS_MS.iter().position(|&b| ms <= b as f64).unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
 }
 
 struct Flight {
@@ -501,7 +517,10 @@ impl LayerFetcher {
             let _permit = self.permits.acquire();
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             debug!(blob = %self.blob, ranges = ranges.len(), bytes = ranges.iter().map(|r| r.1).sum::<u64>(), "fetching");
-            self.source.read_ranges(&ranges)
+            let t = Instant::now();
+            let res = self.source.read_ranges(&ranges);
+            self.stats.observe_latency(t.elapsed());
+            res
         };
         let mut out = Vec::new();
         match fetched {

@@ -22,5 +22,5 @@ pub mod source;
 
 pub use chunks::{ChunkStore, FileSlot, StoreConfig, StoreStats, StoreUsage};
 pub use error::{Error, Result};
-pub use fetcher::{ChunkRef, FetchConfig, LayerFetcher, LayerStats};
+pub use fetcher::{ChunkRef, FetchConfig, LayerFetcher, LayerStats, LATENCY_BUCKETS_MS};
 pub use source::{BlobSourceAdapter, FileRangeSource, RangeSource, RegistryRangeSource};
