@@ -370,9 +370,55 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Where a layer's chunk references live (`STATE/refs/<blob hex>`): one line per stored item,
+/// `c <digest>` for a chunk, `o <digest>` for a file object. The snapshotter's cache GC keeps
+/// exactly what the layers still in use reference.
+pub fn refs_path(state: &Path, blob_digest: &str) -> PathBuf {
+    state.join("refs").join(blob_digest.trim_start_matches("sha256:"))
+}
+
+/// Reads a layer's chunk references.
+pub fn read_refs(state: &Path, blob_digest: &str) -> Option<Vec<(bool, Digest)>> {
+    let text = std::fs::read_to_string(refs_path(state, blob_digest)).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| {
+                let (kind, d) = l.split_once(' ')?;
+                Some((kind == "o", d.parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+fn write_refs(state: &Path, blob_digest: &str, fetcher: &LayerFetcher) -> Result<()> {
+    let p = refs_path(state, blob_digest);
+    if p.exists() {
+        return Ok(());
+    }
+    let mut lines: Vec<String> = fetcher
+        .chunks()
+        .iter()
+        .filter_map(|c| match (&c.slot, c.digest) {
+            (Some(slot), _) => Some(format!("o {}", slot.file)),
+            (None, Some(d)) => Some(format!("c {d}")),
+            _ => None,
+        })
+        .collect();
+    lines.sort();
+    lines.dedup();
+    std::fs::create_dir_all(p.parent().expect("has a parent"))?;
+    let tmp = p.with_extension("tmp");
+    std::fs::write(&tmp, lines.join("\n") + "\n")?;
+    std::fs::rename(&tmp, &p)?;
+    Ok(())
+}
+
 /// Mounts one opened layer with FUSE at `at`, prefetching its prioritized files first.
 fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index: usize, digest: &str, blob_bytes: u64) -> Result<(ServedLayer, MountedLayer)> {
     let fetcher = opened.fetcher.clone();
+    if let Err(e) = write_refs(&serve.state_dir, digest, &fetcher) {
+        warn!(layer = index, error = %e, "cannot record the layer's chunk references (cache GC will not see them)");
+    }
     if serve.fetch_all {
         fetcher.fetch_all()?;
     } else if !serve.no_prefetch && !opened.view.no_prefetch {

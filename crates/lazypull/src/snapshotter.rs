@@ -182,6 +182,44 @@ impl Remote for DaemonRemote {
         Ok(())
     }
 
+    fn collect_garbage(&self, live: &[snapshotter::meta::RemoteLayer]) {
+        let mut keep_chunks = std::collections::HashSet::new();
+        let mut keep_objects = std::collections::HashSet::new();
+        for l in live {
+            match crate::mount::read_refs(&self.args.state, &l.digest) {
+                Some(refs) => {
+                    for (object, d) in refs {
+                        if object {
+                            keep_objects.insert(d);
+                        } else {
+                            keep_chunks.insert(d);
+                        }
+                    }
+                }
+                // A live layer whose references are unknown: keep everything this time.
+                None => return,
+            }
+        }
+        let mut cfg = StoreConfig::new(self.args.state.join("cache"));
+        cfg.memory_limit = 0;
+        match ChunkStore::open(cfg) {
+            Ok(store) => {
+                let (n, bytes) = store.retain(|d, object| if object { keep_objects.contains(d) } else { keep_chunks.contains(d) });
+                info!(entries = n, bytes, "cache GC: freed the chunks of removed layers");
+            }
+            Err(e) => warn!(error = %e, "cache GC skipped"),
+        }
+        // References of layers no longer in use.
+        let live_hex: std::collections::HashSet<String> = live.iter().map(|l| l.digest.trim_start_matches("sha256:").to_string()).collect();
+        if let Ok(rd) = std::fs::read_dir(self.args.state.join("refs")) {
+            for e in rd.flatten() {
+                if !live_hex.contains(e.file_name().to_string_lossy().as_ref()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
     fn unmount(&self, dir: &std::path::Path) {
         let exe = match std::env::current_exe() {
             Ok(e) => e,

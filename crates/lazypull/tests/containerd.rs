@@ -907,6 +907,25 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     let left = ctd.ctr_ok(&["snapshot", "--snapshotter", "lazypull", "ls"], Duration::from_secs(30));
     assert_eq!(left.lines().count(), 1, "snapshots left after image removal:\n{left}");
     assert_eq!(snap.fuse_mounts(), 0, "lazy layers still mounted after image removal");
+    // ... and frees their chunks from the cache.
+    let cache_bytes = |dir: &Path| -> u64 {
+        let mut total = 0;
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let m = e.metadata().unwrap();
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    total += m.len();
+                }
+            }
+        }
+        total
+    };
+    let cache = snap_root.path().join("root/layers/cache");
+    let left = cache_bytes(&cache.join("chunks")) + cache_bytes(&cache.join("objects"));
+    assert!(left < 64 << 10, "{left} bytes of chunks left in the cache after image removal:\n{}", snap.log());
 
     // The kubelet's path: a pull through containerd's CRI ImageService mounts lazily too.
     let mounted_before = snap.log().matches("remote snapshot mounted lazily").count();

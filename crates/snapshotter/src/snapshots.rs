@@ -57,6 +57,9 @@ pub trait Remote: Send + Sync {
     fn mount(&self, layer: &RemoteLayer, dir: &Path) -> std::result::Result<(), String>;
     /// Unmounts what `mount` mounted at `dir`.
     fn unmount(&self, dir: &Path);
+    /// Frees cached data of layers no longer in `live` (called after a remote snapshot is
+    /// removed, e.g. because its image was).
+    fn collect_garbage(&self, _live: &[RemoteLayer]) {}
 }
 
 /// Counters exported as metrics.
@@ -322,6 +325,12 @@ impl Snapshotter {
         tx.delete(key)?;
         tx.commit()?;
         self.remove_dir(r.id, r.remote.is_some());
+        if r.remote.is_some() {
+            if let Some(rm) = &self.remote {
+                let live: Vec<RemoteLayer> = self.meta.all()?.into_iter().filter_map(|(_, r)| r.remote).collect();
+                rm.collect_garbage(&live);
+            }
+        }
         Ok(())
     }
 

@@ -397,6 +397,40 @@ impl ChunkStore {
         }
     }
 
+    /// Garbage collection: removes every stored chunk and file object for which `live` is
+    /// false (chunk digests are passed as `(digest, false)`, file objects as `(digest, true)`).
+    /// Returns (entries, bytes) removed.
+    pub fn retain(&self, live: impl Fn(&Digest, bool) -> bool) -> (usize, u64) {
+        let victims: Vec<(DiskKey, u64)> = {
+            let mut disk = self.disk.lock().unwrap();
+            let mut keep = Vec::new();
+            let mut out = Vec::new();
+            while let Some((k, ())) = disk.pop_oldest() {
+                let alive = match &k {
+                    DiskKey::Chunk(d) => live(d, false),
+                    DiskKey::Object(d) => live(d, true),
+                };
+                let size = match &k {
+                    DiskKey::Chunk(d) => fs::metadata(self.path(d)).map(|m| m.len()).unwrap_or(0),
+                    DiskKey::Object(d) => fs::metadata(self.object_path(d)).map(|m| m.len()).unwrap_or(0),
+                };
+                if alive { keep.push((k, size)) } else { out.push((k, size)) }
+            }
+            for (rank, (k, size)) in keep.into_iter().enumerate() {
+                disk.insert_aged(k, size, (), rank as u64 + 1);
+            }
+            out
+        };
+        let mut bytes = 0;
+        for (k, size) in &victims {
+            let (DiskKey::Chunk(d) | DiskKey::Object(d)) = k;
+            self.memory.lock().unwrap().remove(d);
+            self.remove_key(k);
+            bytes += size;
+        }
+        (victims.len(), bytes)
+    }
+
     pub fn usage(&self) -> StoreUsage {
         let disk = self.disk.lock().unwrap();
         StoreUsage {
@@ -497,6 +531,20 @@ mod tests {
         drop(s);
         let s = ChunkStore::open(cfg).unwrap();
         assert_eq!(s.usage().disk_chunks, 1);
+    }
+
+    #[test]
+    fn retain_removes_what_is_not_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(StoreConfig::new(dir.path())).unwrap();
+        let (a, va) = chunk(1, 100);
+        let (b, vb) = chunk(2, 100);
+        s.put(&a, &va).unwrap();
+        s.put(&b, &vb).unwrap();
+        let (n, bytes) = s.retain(|d, object| !object && *d == a);
+        assert_eq!((n, bytes), (1, 100));
+        assert!(s.on_disk(&a) && !s.contains(&b));
+        assert!(!dir.path().join("chunks/sha256").join(&b.hex()[..2]).join(b.hex()).exists());
     }
 
     #[test]
