@@ -14,7 +14,7 @@ pkgs=(build-essential pkg-config gzip tar zstd attr curl openssl apache2-utils d
       golang-go golang-github-containerd-stargz-snapshotter-dev stargz-snapshotter)
 case "$target" in
   test|fuzz) ;;
-  demo) pkgs+=(jq curl) ;;
+  demo) pkgs+=(jq curl python3) ;;
   bench) pkgs+=(jq curl pigz stargz-snapshotter debootstrap skopeo umoci docker-registry containerd runc) ;;
   *) echo "usage: $0 test|demo|bench|fuzz" >&2; exit 2 ;;
 esac
