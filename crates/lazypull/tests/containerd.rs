@@ -891,8 +891,23 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     assert_eq!(got.hello, HELLO);
     assert!(got.listing == want_listing, "lazy rootfs differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want_listing, &got.listing));
 
-    // A plain gzip image falls back to normal snapshots, runs, and the log says why.
+    // An image converted by the reference converter (ctr-remote) runs lazily too, with the same
+    // filesystem.
     let plain = reference("plain");
+    let by_ref = reference("ctr-remote");
+    ctd.ctr_ok(&["image", "pull", "--plain-http", &plain], Duration::from_secs(60));
+    remote(&["image", "convert", "--oci", "--estargz", &plain, &by_ref]);
+    remote(&["image", "push", "--plain-http", &by_ref]);
+    ctd.ctr_ok(&["image", "rm", "--sync", &plain, &by_ref], Duration::from_secs(60));
+    let mounted_before = snap.log().matches("remote snapshot mounted lazily").count();
+    remote(&["image", "rpull", "--plain-http", "--snapshotter", "lazypull", &by_ref]);
+    assert_eq!(snap.log().matches("remote snapshot mounted lazily").count() - mounted_before, layers.len(), "ctr-remote's layers were not mounted lazily:\n{}", snap.log());
+    let id = format!("lp-snap-ref-run-{}", std::process::id());
+    let got = parse_report(&ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &by_ref, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(120)));
+    assert!(got.listing == want_listing, "ctr-remote image through lazypull differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want_listing, &got.listing));
+    ctd.ctr_ok(&["image", "rm", "--sync", &by_ref], Duration::from_secs(60));
+
+    // A plain gzip image falls back to normal snapshots, runs, and the log says why.
     remote(&["image", "rpull", "--plain-http", "--snapshotter", "lazypull", &plain]);
     let id = format!("lp-snap-plain-{}", std::process::id());
     let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &plain, &id, "/bin/cat", "/etc/hello.txt"], Duration::from_secs(60));
