@@ -18,7 +18,7 @@ use store::{BlobSourceAdapter, ChunkStore, FetchConfig, LayerFetcher, RangeSourc
 
 pub use error::{Error, Result};
 pub use fs::{FsOptions, FsStats, LayerFs};
-pub use mount::{detach, mount_layer, MountedLayer};
+pub use mount::{detach, is_mountpoint, mount_layer, MountedLayer};
 pub use view::LayerView;
 
 /// A layer ready to mount: its inode table and its chunk fetcher.

@@ -82,7 +82,7 @@ impl LayerView {
         let mut refs: Vec<ChunkRef> = Vec::new();
         for node in &tree.nodes {
             for c in &node.chunks {
-                refs.push(chunk_ref(node, c));
+                refs.push(ChunkRef::of_file_chunk(node, c));
             }
         }
         refs.sort_by_key(|c| (c.offset, c.inner_offset, c.size));
@@ -107,7 +107,7 @@ impl LayerView {
                     .map(|c| FileChunk {
                         file_offset: c.chunk_offset,
                         size: c.size,
-                        fetch_index: index_of(&chunk_ref(node, c)),
+                        fetch_index: index_of(&ChunkRef::of_file_chunk(node, c)),
                     })
                     .collect();
             }
@@ -205,27 +205,6 @@ impl LayerView {
     /// Number of reachable inodes.
     pub fn count(&self) -> usize {
         self.inodes.iter().filter(|i| i.is_some()).count()
-    }
-}
-
-/// The fetcher's view of a chunk. Chunks of multi-chunk files with a whole-file digest are
-/// stored inside that file's object, so that a fully fetched file can be passed through.
-fn chunk_ref(node: &estargz::Node, c: &estargz::Chunk) -> ChunkRef {
-    let slot = match (node.chunks.len() > 1, node.digest) {
-        (true, Some(file)) => Some(store::FileSlot {
-            file,
-            file_size: node.size,
-            offset: c.chunk_offset,
-        }),
-        _ => None,
-    };
-    ChunkRef {
-        digest: c.digest,
-        offset: c.offset,
-        next_offset: c.next_offset,
-        inner_offset: c.inner_offset,
-        size: c.size,
-        slot,
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use estargz::Digest;
-use lazyfs::{FsOptions, LayerFs, MountedLayer};
+use lazyfs::{is_mountpoint, FsOptions, LayerFs, MountedLayer};
 use serde::{Deserialize, Serialize};
 use store::{ChunkStore, FetchConfig, FileRangeSource, LayerFetcher, RangeSource, RegistryRangeSource, StoreConfig};
 use tracing::{info, warn};
@@ -302,27 +302,10 @@ impl Served {
 
     /// Starts prefetch and background fill for every lazy layer.
     fn start_fill(&self, serve: &ServeArgs) {
-        for l in &self.layers {
-            let Some(f) = l.fetcher.clone() else { continue };
-            let stop = self.stop.clone();
-            let background = !serve.no_background;
-            let delay = Duration::from_secs_f64(serve.background_delay.max(0.0));
-            std::thread::Builder::new()
-                .name(format!("fill-{}", l.index))
-                .spawn(move || {
-                    let until = Instant::now() + delay;
-                    while background && Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    if background {
-                        if let Err(e) = f.run_background(&stop) {
-                            warn!(blob = %f.blob(), error = %e, "background fetch stopped");
-                        } else if f.stats.complete.load(Ordering::Relaxed) {
-                            info!(blob = %f.blob(), "layer fully cached");
-                        }
-                    }
-                })
-                .expect("spawning a thread");
+        let delay = Duration::from_secs_f64(serve.background_delay.max(0.0));
+        for f in self.layers.iter().filter_map(|l| l.fetcher.as_ref()) {
+            // The prioritized files were prefetched before the mount was reported ready.
+            f.spawn_fill(None, !serve.no_background, delay, self.stop.clone()).expect("spawning a thread");
         }
     }
 
@@ -345,29 +328,6 @@ impl Served {
         self.write_status();
         let _ = std::fs::remove_file(self.dir.join("record.json"));
     }
-}
-
-/// Whether `path` is a mount point (per /proc/self/mountinfo).
-pub fn is_mountpoint(path: &Path) -> bool {
-    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape_mountinfo(m) == canon.as_os_str().to_string_lossy()))
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Where a layer's chunk references live (`STATE/refs/<blob hex>`): one line per stored item,
@@ -416,9 +376,6 @@ fn write_refs(state: &Path, blob_digest: &str, fetcher: &LayerFetcher) -> Result
 /// Mounts one opened layer with FUSE at `at`, prefetching its prioritized files first.
 fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index: usize, digest: &str, blob_bytes: u64) -> Result<(ServedLayer, MountedLayer)> {
     let fetcher = opened.fetcher.clone();
-    if let Err(e) = write_refs(&serve.state_dir, digest, &fetcher) {
-        warn!(layer = index, error = %e, "cannot record the layer's chunk references (cache GC will not see them)");
-    }
     if serve.fetch_all {
         fetcher.fetch_all()?;
     } else if !serve.no_prefetch && !opened.view.no_prefetch {
@@ -585,6 +542,10 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
         match lazy {
             Ok(opened) => {
                 let at = if single { args.mountpoint.clone() } else { dir.join("layers").join(i.to_string()) };
+                // Registry layers only: a local blob has no digest to key its references by.
+                if let Err(e) = write_refs(&args.serve.state_dir, &d.digest, &opened.fetcher) {
+                    warn!(layer = i, error = %e, "cannot record the layer's chunk references (cache GC will not see them)");
+                }
                 let (l, m) = serve_layer(opened, &at, &args.serve, i, &d.digest, d.size)?;
                 layers.push(l);
                 lowers.push(at);

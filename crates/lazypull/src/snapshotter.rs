@@ -104,7 +104,7 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
             info!(%name, "remote snapshot still served");
             continue;
         }
-        if snapshotter::snapshots::is_mountpoint(&dir) {
+        if lazyfs::is_mountpoint(&dir) {
             let _ = lazyfs::detach(&dir);
         }
         match remote.mount(&layer, &dir) {
@@ -133,7 +133,7 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
 /// Whether `dir` is a mount point whose file system answers (a FUSE mount whose daemon died
 /// fails with ENOTCONN).
 fn mount_answers(dir: &std::path::Path) -> bool {
-    snapshotter::snapshots::is_mountpoint(dir) && std::fs::read_dir(dir).is_ok()
+    lazyfs::is_mountpoint(dir) && std::fs::read_dir(dir).is_ok()
 }
 
 /// How layer daemons are started.
@@ -226,7 +226,7 @@ impl Remote for DaemonRemote {
             Err(_) => return,
         };
         let res = std::process::Command::new(exe).arg("umount").arg(dir).arg("--state-dir").arg(&self.args.state).output();
-        if !res.as_ref().is_ok_and(|o| o.status.success()) && snapshotter::snapshots::is_mountpoint(dir) {
+        if !res.as_ref().is_ok_and(|o| o.status.success()) && lazyfs::is_mountpoint(dir) {
             let _ = lazyfs::detach(dir);
         }
     }

@@ -638,28 +638,6 @@ fn converted_images_run_in_containerd_with_identical_filesystems() {
 // ---------------------------------------------------------------------------------------------
 // lazypull as containerd's snapshotter
 
-/// Bytes the proxy was asked for from blob `digest` (ranges summed; a full GET = `size`).
-fn fetched_from(proxy: &fault_proxy::FaultProxy, digest: &str, size: u64) -> u64 {
-    let mut total = 0;
-    for r in proxy.requests() {
-        if r.method != "GET" || !r.path.contains(&format!("/blobs/{digest}")) {
-            continue;
-        }
-        match r.header("range").and_then(|v| v.strip_prefix("bytes=")) {
-            None => total += size,
-            Some(spec) => {
-                for part in spec.split(',') {
-                    let (a, b) = part.trim().split_once('-').unwrap();
-                    let a: u64 = a.parse().unwrap_or(0);
-                    let b: u64 = b.parse().unwrap_or(size - 1);
-                    total += b.min(size - 1) + 1 - a;
-                }
-            }
-        }
-    }
-    total
-}
-
 /// The kubelet's path: a minimal CRI ImageService client (Debian 12 has no crictl). Only the
 /// fields of `PullImage` we use are declared; field numbers are CRI v1's.
 mod cri {
@@ -849,7 +827,7 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     let id = format!("lp-snap-echo-{}", std::process::id());
     let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &esgz, &id, "/bin/echo", "hi"], Duration::from_secs(60));
     assert_eq!(out.trim(), "hi");
-    let fetched: u64 = layers.iter().map(|(d, s)| fetched_from(&proxy, d, *s)).sum();
+    let fetched: u64 = layers.iter().map(|(d, s)| proxy.blob_bytes_requested(d, *s)).sum();
     let pct = fetched as f64 * 100.0 / image_bytes as f64;
     eprintln!("rpull {pulled:.2?}; fetched before echo completed: {fetched} of {image_bytes} bytes ({pct:.2}%)");
     assert!(pct < 5.0, "fetched {pct:.2}% of the image before echo completed");

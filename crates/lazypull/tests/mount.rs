@@ -319,28 +319,6 @@ fn write_layout(dir: &Path, layers: &[(Vec<u8>, String)]) {
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
 }
 
-/// Bytes the proxy was asked for from blob `digest` (ranges summed; a full GET = `size`).
-fn fetched_from(proxy: &FaultProxy, digest: &str, size: u64) -> u64 {
-    let mut total = 0;
-    for r in proxy.requests() {
-        if r.method != "GET" || !r.path.contains(&format!("/blobs/{digest}")) {
-            continue;
-        }
-        match r.header("range").and_then(|v| v.strip_prefix("bytes=")) {
-            None => total += size,
-            Some(spec) => {
-                for part in spec.split(',') {
-                    let (a, b) = part.trim().split_once('-').unwrap();
-                    let a: u64 = a.parse().unwrap_or(0);
-                    let b: u64 = b.parse().unwrap_or(size - 1);
-                    total += b.min(size - 1) + 1 - a;
-                }
-            }
-        }
-    }
-    total
-}
-
 fn read_timed(p: &Path) -> (std::io::Result<Vec<u8>>, Duration) {
     let t = Instant::now();
     let r = std::fs::File::open(p).and_then(|mut f| {
@@ -427,7 +405,7 @@ fn registry_image_identity_laziness_integrity_concurrency() {
         let m = Mounted::image(&reference, &t.join("lazy-mnt"), &t.join("lazy-state"), &["--layer", "1", "--no-background"]);
         let got = std::fs::read(m.mountpoint.join("data/small/s007.txt")).unwrap();
         assert_eq!(got, data_files.iter().find(|f| f.0 == "data/small/s007.txt").unwrap().1);
-        let fetched = fetched_from(&proxy, &data_digest, data_size);
+        let fetched = proxy.blob_bytes_requested(&data_digest, data_size);
         let pct = fetched as f64 * 100.0 / data_size as f64;
         eprintln!("laziness: {fetched} of {data_size} bytes fetched ({pct:.3}%)");
         assert!(pct < 1.0, "fetched {pct:.3}% of the blob for one small file");

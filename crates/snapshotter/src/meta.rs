@@ -47,6 +47,30 @@ pub struct Record {
     pub remote: Option<RemoteLayer>,
 }
 
+/// Seconds and nanoseconds since the epoch, as records store times.
+pub fn now() -> (i64, u32) {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos())
+}
+
+impl Record {
+    /// A new record created now, with no usage measured yet.
+    pub fn new(id: u64, kind: Kind, parent: &str, labels: BTreeMap<String, String>, remote: Option<RemoteLayer>) -> Record {
+        let t = now();
+        Record {
+            id,
+            kind,
+            parent: parent.to_string(),
+            labels,
+            created: t,
+            updated: t,
+            size: 0,
+            inodes: 0,
+            remote,
+        }
+    }
+}
+
 pub struct Meta {
     db: Database,
 }

@@ -17,7 +17,6 @@ use lazyfs::{FsOptions, LayerFs, MountedLayer};
 use registry::manifest::{self, ManifestKind, Platform};
 use registry::{Client, Reference};
 use store::{ChunkStore, FetchConfig, LayerFetcher, RangeSource, RegistryRangeSource};
-use tracing::{info, warn};
 
 use crate::meta::RemoteLayer;
 use crate::snapshots::Remote;
@@ -156,30 +155,9 @@ impl Remote for RegistryRemote {
         let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), self.config.fs.clone());
         let mount = lazyfs::mount_layer(fs, dir, &format!("lazypull:{}", layer.digest), self.config.threads).map_err(|e| format!("mount: {e}"))?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        {
-            let (f, stop, background, delay) = (fetcher.clone(), stop.clone(), self.config.background, self.config.background_delay);
-            std::thread::Builder::new()
-                .name("fill".into())
-                .spawn(move || {
-                    if let Some(end) = landmark {
-                        if let Err(e) = f.prefetch_until(end) {
-                            warn!(blob = %f.blob(), error = %e, "prefetch of prioritized files failed");
-                        }
-                    }
-                    let until = std::time::Instant::now() + delay;
-                    while background && std::time::Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    if background {
-                        if let Err(e) = f.run_background(&stop) {
-                            warn!(blob = %f.blob(), error = %e, "background fetch stopped");
-                        } else if f.stats.complete.load(std::sync::atomic::Ordering::Relaxed) {
-                            info!(blob = %f.blob(), "layer fully cached");
-                        }
-                    }
-                })
-                .map_err(|e| format!("spawning the fill thread: {e}"))?;
-        }
+        fetcher
+            .spawn_fill(landmark, self.config.background, self.config.background_delay, stop.clone())
+            .map_err(|e| format!("spawning the fill thread: {e}"))?;
         self.mounts.lock().unwrap().insert(dir.to_path_buf(), Mounted { _mount: mount, fetcher, stop });
         Ok(())
     }
@@ -189,7 +167,7 @@ impl Remote for RegistryRemote {
             m.stop.store(true, std::sync::atomic::Ordering::SeqCst);
             m.fetcher.close();
             // Dropping the mount detaches it and joins its session.
-        } else if crate::snapshots::is_mountpoint(dir) {
+        } else if lazyfs::is_mountpoint(dir) {
             let _ = lazyfs::detach(dir);
         }
     }

@@ -15,13 +15,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::filter::Filters;
-use crate::meta::{Kind, Meta, Record, RemoteLayer};
+use crate::meta::{now, Kind, Meta, Record, RemoteLayer};
 
 /// Label naming the snapshot a layer is to be committed as.
 pub const TARGET_REF_LABEL: &str = "containerd.io/snapshot.ref";
@@ -76,11 +75,6 @@ pub struct Snapshotter {
     /// containerd calls concurrently; snapshot operations are short and serialized.
     lock: Mutex<()>,
     pub stats: Stats,
-}
-
-fn now() -> (i64, u32) {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    (d.as_secs() as i64, d.subsec_nanos())
 }
 
 fn kind_name(k: Kind) -> &'static str {
@@ -173,18 +167,7 @@ impl Snapshotter {
             Ok(())
         };
         mk().map_err(|e| Error::io("creating", &dir, e))?;
-        let t = now();
-        let rec = Record {
-            id,
-            kind,
-            parent: parent.to_string(),
-            labels,
-            created: t,
-            updated: t,
-            size: 0,
-            inodes: 0,
-            remote: None,
-        };
+        let rec = Record::new(id, kind, parent, labels, None);
         if let Err(e) = tx.put(key, &rec).and_then(|_| tx.commit()) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
@@ -206,18 +189,7 @@ impl Snapshotter {
         }
         let mut labels = labels.clone();
         labels.insert(REMOTE_LABEL.to_string(), "remote snapshot".to_string());
-        let t = now();
-        let rec = Record {
-            id,
-            kind: Kind::Committed,
-            parent: parent.to_string(),
-            labels,
-            created: t,
-            updated: t,
-            size: 0,
-            inodes: 0,
-            remote: Some(layer.clone()),
-        };
+        let rec = Record::new(id, Kind::Committed, parent, labels, Some(layer.clone()));
         if let Err(e) = tx.put(target, &rec).and_then(|_| tx.commit()) {
             remote.unmount(&dir.join("fs"));
             let _ = std::fs::remove_dir_all(&dir);
@@ -415,7 +387,7 @@ impl Snapshotter {
             if !ids.contains(&id) {
                 info!(id, "cleanup: removing orphaned snapshot directory");
                 let fs = e.path().join("fs");
-                if is_mountpoint(&fs) {
+                if lazyfs::is_mountpoint(&fs) {
                     let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
                 }
                 self.remove_dir(id, false);
@@ -428,13 +400,6 @@ impl Snapshotter {
     pub fn remote_snapshots(&self) -> Result<Vec<(String, PathBuf, RemoteLayer)>> {
         Ok(self.meta.all()?.into_iter().filter_map(|(k, r)| r.remote.clone().map(|l| (k, self.fs_dir(r.id), l))).collect())
     }
-}
-
-/// Whether `path` is a mount point.
-pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    let p = path.display().to_string();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str()))
 }
 
 /// Bytes (allocated blocks) and inodes under `dir`, each inode counted once.

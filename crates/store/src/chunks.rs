@@ -401,26 +401,10 @@ impl ChunkStore {
     /// false (chunk digests are passed as `(digest, false)`, file objects as `(digest, true)`).
     /// Returns (entries, bytes) removed.
     pub fn retain(&self, live: impl Fn(&Digest, bool) -> bool) -> (usize, u64) {
-        let victims: Vec<(DiskKey, u64)> = {
-            let mut disk = self.disk.lock().unwrap();
-            let mut keep = Vec::new();
-            let mut out = Vec::new();
-            while let Some((k, ())) = disk.pop_oldest() {
-                let alive = match &k {
-                    DiskKey::Chunk(d) => live(d, false),
-                    DiskKey::Object(d) => live(d, true),
-                };
-                let size = match &k {
-                    DiskKey::Chunk(d) => fs::metadata(self.path(d)).map(|m| m.len()).unwrap_or(0),
-                    DiskKey::Object(d) => fs::metadata(self.object_path(d)).map(|m| m.len()).unwrap_or(0),
-                };
-                if alive { keep.push((k, size)) } else { out.push((k, size)) }
-            }
-            for (rank, (k, size)) in keep.into_iter().enumerate() {
-                disk.insert_aged(k, size, (), rank as u64 + 1);
-            }
-            out
-        };
+        let victims = self.disk.lock().unwrap().retain(|k| match k {
+            DiskKey::Chunk(d) => live(d, false),
+            DiskKey::Object(d) => live(d, true),
+        });
         let mut bytes = 0;
         for (k, size) in &victims {
             let (DiskKey::Chunk(d) | DiskKey::Object(d)) = k;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use estargz::compression::decompress_prefix;
 use estargz::{Compression, Digest};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::chunks::ChunkStore;
 use crate::error::{Error, Result};
@@ -48,6 +48,30 @@ pub struct ChunkRef {
     /// For a chunk of a multi-chunk file: its place in the file's object in the store, so that
     /// the complete file can later be handed to the kernel (FUSE passthrough).
     pub slot: Option<crate::chunks::FileSlot>,
+}
+
+impl ChunkRef {
+    /// The reference of chunk `c` of file `node`. Chunks of multi-chunk files with a whole-file
+    /// digest are stored inside that file's object, so that a fully fetched file can be passed
+    /// through to the kernel as one backing file.
+    pub fn of_file_chunk(node: &estargz::Node, c: &estargz::Chunk) -> ChunkRef {
+        let slot = match (node.chunks.len() > 1, node.digest) {
+            (true, Some(file)) => Some(crate::chunks::FileSlot {
+                file,
+                file_size: node.size,
+                offset: c.chunk_offset,
+            }),
+            _ => None,
+        };
+        ChunkRef {
+            digest: c.digest,
+            offset: c.offset,
+            next_offset: c.next_offset,
+            inner_offset: c.inner_offset,
+            size: c.size,
+            slot,
+        }
+    }
 }
 
 /// Knobs of the scheduler.
@@ -696,6 +720,31 @@ impl LayerFetcher {
         }
         // Chunks claimed by others while we passed are theirs to finish; wait for a final state.
         Ok(())
+    }
+
+    /// Starts the layer's fill thread: the prioritized-files prefetch up to `prefetch_end` (if
+    /// any), then, when `background`, the background pass after `delay` (cut short by `stop`).
+    pub fn spawn_fill(self: &Arc<Self>, prefetch_end: Option<u64>, background: bool, delay: Duration, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let f = self.clone();
+        std::thread::Builder::new().name("fill".into()).spawn(move || {
+            if let Some(end) = prefetch_end {
+                if let Err(e) = f.prefetch_until(end) {
+                    warn!(blob = %f.blob, error = %e, "prefetch of prioritized files failed; they will be fetched on demand");
+                }
+            }
+            if !background {
+                return;
+            }
+            let until = Instant::now() + delay;
+            while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            match f.run_background(&stop) {
+                Err(e) => warn!(blob = %f.blob, error = %e, "background fetch stopped"),
+                Ok(()) if f.stats.complete.load(Ordering::Relaxed) => info!(blob = %f.blob, "layer fully cached"),
+                Ok(()) => {}
+            }
+        })
     }
 
     /// Percent of the layer's compressed bytes present in the store.

@@ -76,6 +76,22 @@ impl<K: Hash + Eq + Clone, V: Clone> Lru<K, V> {
         Some(v)
     }
 
+    /// Removes every entry `keep` rejects, keeping the order of the others; returns the removed
+    /// keys with their sizes.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) -> Vec<(K, u64)> {
+        let mut removed = Vec::new();
+        for (tick, k) in std::mem::take(&mut self.order) {
+            if keep(&k) {
+                self.order.insert(tick, k);
+            } else {
+                let (_, size, _) = self.entries.remove(&k).expect("order and entries agree");
+                self.bytes -= size;
+                removed.push((k, size));
+            }
+        }
+        removed
+    }
+
     /// Removes and returns the least recently used entry.
     pub(crate) fn pop_oldest(&mut self) -> Option<(K, V)> {
         let (_, key) = self.order.pop_first()?;
@@ -106,6 +122,18 @@ mod tests {
         assert_eq!(l.remove(&"a"), Some(9));
         assert_eq!(l.pop_oldest(), None);
         assert_eq!(l.bytes(), 0);
+    }
+
+    #[test]
+    fn retain_keeps_order_and_accounts_bytes() {
+        let mut l: Lru<u32, ()> = Lru::new();
+        for k in 1..=4 {
+            l.insert(k, k as u64, ());
+        }
+        assert_eq!(l.retain(|k| k % 2 == 0), vec![(1, 1), (3, 3)]);
+        assert_eq!(l.bytes(), 6);
+        assert_eq!(l.pop_oldest().map(|x| x.0), Some(2));
+        assert_eq!(l.pop_oldest().map(|x| x.0), Some(4));
     }
 
     #[test]

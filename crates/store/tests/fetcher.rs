@@ -89,24 +89,8 @@ fn layer() -> Layer {
     Layer { _dir: dir, blob, reader }
 }
 
-/// Chunk references as the filesystem makes them: multi-chunk files go to file objects.
-fn chunk_ref(n: &estargz::Node, c: &estargz::Chunk) -> ChunkRef {
-    ChunkRef {
-        digest: c.digest,
-        offset: c.offset,
-        next_offset: c.next_offset,
-        inner_offset: c.inner_offset,
-        size: c.size,
-        slot: (n.chunks.len() > 1).then(|| store::FileSlot {
-            file: n.digest.unwrap(),
-            file_size: n.size,
-            offset: c.chunk_offset,
-        }),
-    }
-}
-
 fn refs(r: &Reader<estargz::FileSource>) -> Vec<ChunkRef> {
-    r.tree().nodes.iter().flat_map(|n| n.chunks.iter().map(move |c| chunk_ref(n, c))).collect()
+    r.tree().nodes.iter().flat_map(|n| n.chunks.iter().map(move |c| ChunkRef::of_file_chunk(n, c))).collect()
 }
 
 fn fetcher(l: &Layer, store_dir: &std::path::Path, flip_at: Option<u64>, cfg: FetchConfig) -> (Arc<LayerFetcher>, Arc<Counting>) {
@@ -125,7 +109,7 @@ fn fetcher(l: &Layer, store_dir: &std::path::Path, flip_at: Option<u64>, cfg: Fe
 
 fn file_chunks(l: &Layer, f: &LayerFetcher, path: &str) -> Vec<usize> {
     let n = l.reader.lookup(path).unwrap();
-    n.chunks.iter().map(|c| f.chunk_index(&chunk_ref(n, c)).unwrap()).collect()
+    n.chunks.iter().map(|c| f.chunk_index(&ChunkRef::of_file_chunk(n, c)).unwrap()).collect()
 }
 
 #[test]

@@ -199,6 +199,29 @@ impl FaultProxy {
             .filter(|r| r.path.contains(path_contains))
             .count()
     }
+
+    /// Bytes clients asked for from blob `digest` of `size` bytes: the lengths of the requested
+    /// ranges, summed over recorded GETs (a GET without `Range` counts the whole blob).
+    pub fn blob_bytes_requested(&self, digest: &str, size: u64) -> u64 {
+        let mut total = 0;
+        for r in lock(&self.shared.requests).iter() {
+            if r.method != "GET" || !r.path.contains(&format!("/blobs/{digest}")) {
+                continue;
+            }
+            match r.header("range").and_then(|v| v.strip_prefix("bytes=")) {
+                None => total += size,
+                Some(spec) => {
+                    for part in spec.split(',') {
+                        let (a, b) = part.trim().split_once('-').expect("malformed Range header");
+                        let a: u64 = a.parse().unwrap_or(0);
+                        let b: u64 = b.parse().unwrap_or(size - 1);
+                        total += b.min(size - 1) + 1 - a;
+                    }
+                }
+            }
+        }
+        total
+    }
 }
 
 impl Drop for FaultProxy {
