@@ -12,6 +12,7 @@ mod image;
 mod layer;
 mod metrics;
 mod mount;
+mod rpull_cmd;
 mod snapshotter;
 
 #[derive(Parser)]
@@ -31,6 +32,9 @@ enum Command {
     Image(image::ImageCommand),
     /// Mount an image (or one layer) from a registry lazily, without containerd.
     Mount(mount::MountArgs),
+    /// Pull an image through containerd so a lazy snapshotter mounts its eStargz layers
+    /// (like `ctr-remote image rpull`); other layers are fetched and unpacked as usual.
+    Rpull(rpull_cmd::RpullArgs),
     /// Serve containerd's snapshots API (proxy plugin) with lazily mounted eStargz layers.
     Snapshotter(snapshotter::SnapshotterArgs),
     /// Unmount what `lazypull mount` mounted and stop its daemon.
@@ -61,6 +65,7 @@ fn main() {
         Command::Image(c) => image::run(c),
         Command::Mount(a) => mount::image_mount(a),
         Command::Snapshotter(a) => snapshotter::run(a),
+        Command::Rpull(a) => rpull_cmd::run(a),
         Command::Umount { mountpoint, state_dir } => mount::umount(&mountpoint, &state_dir),
         Command::Status { mountpoint, state_dir, json } => mount::status(&mountpoint, &state_dir, json),
     };

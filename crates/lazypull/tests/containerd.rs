@@ -14,10 +14,10 @@
 //! directory's layer-1 contents with an opaque whiteout (so overlay semantics are exercised).
 //!
 //! The second test runs the same image through `lazypull snapshotter` as containerd's proxy
-//! plugin: pulled with `ctr-remote image rpull --snapshotter lazypull` (remote-snapshot labels),
+//! plugin: pulled with `lazypull rpull` (containerd content/snapshots/diff/images APIs, remote-snapshot labels),
 //! run with `ctr run --snapshotter lazypull`, the listing compared with the overlayfs one, the
 //! registry bytes before `echo` completes counted by a proxy, a plain gzip image's fallback
-//! checked in the snapshotter's log, and image removal checked to unmount and free snapshots.
+//! (rpull has containerd unpack it) checked in the snapshotter's log, and image removal checked to unmount and free snapshots.
 //!
 //! Needs root, `containerd`, `ctr`, `runc`, Debian's `docker-registry` and a static
 //! `/bin/busybox` (and `ctr-remote`, /dev/fuse for the second test); skipped without them
@@ -659,15 +659,7 @@ mod cri {
 
     /// `runtime.v1.ImageService/PullImage` over containerd's unix socket.
     pub async fn pull(socket: &str, image: &str) -> Result<String, String> {
-        let path = socket.to_string();
-        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-            .map_err(|e| e.to_string())?
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .map_err(|e| format!("connecting to {socket}: {e}"))?;
+        let channel = containerd_api::unix_channel(socket);
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.map_err(|e| e.to_string())?;
         let req = PullImageRequest { image: Some(ImageSpec { image: image.to_string() }) };
@@ -812,6 +804,21 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
         assert!(ok, "ctr-remote {args:?}: {out}\n{err}\nsnapshotter log:\n{}", std::fs::read_to_string(&snap_log).unwrap_or_default());
     };
 
+    // `lazypull rpull` (pull through containerd with the remote-snapshot labels); its stdout.
+    let rpull = |image: &str| -> String {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+        cmd.args(["rpull", "--address", &ctd.sock, "--namespace", &namespace(), image]);
+        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root.path());
+        assert!(ok, "lazypull rpull {image}: {out}\n{err}\nsnapshotter log:\n{}\ncontainerd log:\n{}", std::fs::read_to_string(&snap_log).unwrap_or_default(), ctd.log_tail());
+        out
+    };
+
+    // A reference the registry does not have: a clear error naming it.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+    cmd.args(["rpull", "--address", &ctd.sock, "--namespace", &namespace(), &reference("nope")]);
+    let (ok, _, err) = run_timeout(&mut cmd, Duration::from_secs(60), snap_root.path());
+    assert!(!ok && err.contains("snap:nope") && err.to_lowercase().contains("not found"), "{err}");
+
     // Overlayfs reference listing of the converted image.
     let esgz = reference("esgz");
     ctd.ctr_ok(&["image", "pull", "--plain-http", &esgz], Duration::from_secs(60));
@@ -822,8 +829,9 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     // Lazily: rpull, then a container that only echoes.
     proxy.clear_requests();
     let t = Instant::now();
-    remote(&["image", "rpull", "--plain-http", "--snapshotter", "lazypull", &esgz]);
+    let out = rpull(&esgz);
     let pulled = t.elapsed();
+    assert!(out.contains(&format!("{n} of {n} layers remote", n = layers.len())), "{out}");
     let id = format!("lp-snap-echo-{}", std::process::id());
     let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &esgz, &id, "/bin/echo", "hi"], Duration::from_secs(60));
     assert_eq!(out.trim(), "hi");
@@ -878,15 +886,18 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     remote(&["image", "push", "--plain-http", &by_ref]);
     ctd.ctr_ok(&["image", "rm", "--sync", &plain, &by_ref], Duration::from_secs(60));
     let mounted_before = snap.log().matches("remote snapshot mounted lazily").count();
-    remote(&["image", "rpull", "--plain-http", "--snapshotter", "lazypull", &by_ref]);
+    let out = rpull(&by_ref);
+    assert!(out.contains(&format!("{n} of {n} layers remote", n = layers.len())), "{out}");
     assert_eq!(snap.log().matches("remote snapshot mounted lazily").count() - mounted_before, layers.len(), "ctr-remote's layers were not mounted lazily:\n{}", snap.log());
     let id = format!("lp-snap-ref-run-{}", std::process::id());
     let got = parse_report(&ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &by_ref, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(120)));
     assert!(got.listing == want_listing, "ctr-remote image through lazypull differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want_listing, &got.listing));
     ctd.ctr_ok(&["image", "rm", "--sync", &by_ref], Duration::from_secs(60));
 
-    // A plain gzip image falls back to normal snapshots, runs, and the log says why.
-    remote(&["image", "rpull", "--plain-http", "--snapshotter", "lazypull", &plain]);
+    // A plain gzip image falls back to normal snapshots (rpull has containerd fetch and unpack
+    // its layers), runs, and the log says why.
+    let out = rpull(&plain);
+    assert!(out.contains(&format!("0 of {} layers remote", layers.len())) && out.contains("fetched and unpacked"), "{out}");
     let id = format!("lp-snap-plain-{}", std::process::id());
     let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &plain, &id, "/bin/cat", "/etc/hello.txt"], Duration::from_secs(60));
     assert_eq!(out, HELLO);

@@ -14,23 +14,9 @@ pub mod remote;
 pub mod service;
 pub mod snapshots;
 
-/// Generated code for containerd's API (our wire-compatible copies of its protos).
-#[allow(clippy::all, missing_docs)]
+/// Generated code for containerd's API (shared with `lazypull rpull`).
 pub mod api {
-    pub mod containerd {
-        pub mod types {
-            tonic::include_proto!("containerd.types");
-        }
-        pub mod services {
-            pub mod snapshots {
-                pub mod v1 {
-                    tonic::include_proto!("containerd.services.snapshots.v1");
-                }
-            }
-        }
-    }
-    pub use containerd::services::snapshots::v1 as snapshots;
-    pub use containerd::types;
+    pub use containerd_api::{snapshots, types};
 }
 
 pub use error::{Error, Result};

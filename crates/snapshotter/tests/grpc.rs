@@ -20,14 +20,7 @@ async fn connect(path: std::path::PathBuf) -> SnapshotsClient<Channel> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .expect("connecting to the snapshotter");
+    let channel = containerd_api::unix_channel(path);
     SnapshotsClient::new(channel)
 }
 
