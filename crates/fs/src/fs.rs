@@ -65,6 +65,27 @@ pub struct FsStats {
     pub read_bytes: AtomicU64,
     pub read_errors: AtomicU64,
     pub passthrough_opens: AtomicU64,
+    /// Regular files in the order they were first opened: what a workload reads, which is what
+    /// `lazypull image convert --prioritize` wants (the optimize loop: record, then rebuild).
+    pub opened: Mutex<OpenedFiles>,
+}
+
+/// First opens of regular files (paths as in the layer, at most [`OpenedFiles::LIMIT`]).
+#[derive(Debug, Default)]
+pub struct OpenedFiles {
+    seen: std::collections::HashSet<u64>,
+    pub paths: Vec<String>,
+}
+
+impl OpenedFiles {
+    /// Enough for any workload's start; bounds the status file of a read-everything workload.
+    pub const LIMIT: usize = 20_000;
+
+    fn record(&mut self, ino: u64, path: &str) {
+        if self.paths.len() < Self::LIMIT && self.seen.insert(ino) {
+            self.paths.push(path.to_string());
+        }
+    }
 }
 
 /// A mounted layer's request handlers.
@@ -212,6 +233,9 @@ impl Filesystem for LayerFs {
         let Some(i) = self.view.get(ino.0) else { return reply.error(Errno::ENOENT) };
         if i.kind == NodeKind::Dir {
             return reply.error(Errno::EISDIR);
+        }
+        if i.kind == NodeKind::Reg {
+            self.stats.opened.lock().unwrap().record(ino.0, &i.path);
         }
         let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
         let mut opens = self.opens.lock().unwrap();

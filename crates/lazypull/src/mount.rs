@@ -137,6 +137,10 @@ pub struct LayerStatus {
     pub reads: u64,
     pub read_errors: u64,
     pub passthrough_opens: u64,
+    /// Regular files in first-open order (paths in the layer): the workload's reads, usable as
+    /// `image convert --prioritize` input.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub opened_files: Vec<String>,
     /// Range-request latency histogram: counts per bucket (upper bounds in ms:
     /// `store::LATENCY_BUCKETS_MS`, then +Inf) and the sum in seconds.
     #[serde(default)]
@@ -245,6 +249,7 @@ impl ServedLayer {
             reads: 0,
             read_errors: 0,
             passthrough_opens: 0,
+            opened_files: Vec::new(),
             fetch_latency_buckets: Vec::new(),
             fetch_latency_sum_secs: 0.0,
         };
@@ -266,6 +271,7 @@ impl ServedLayer {
             s.reads = fs.reads.load(Ordering::Relaxed);
             s.read_errors = fs.read_errors.load(Ordering::Relaxed);
             s.passthrough_opens = fs.passthrough_opens.load(Ordering::Relaxed);
+            s.opened_files = fs.opened.lock().unwrap().paths.clone();
         }
         s
     }

@@ -411,6 +411,17 @@ fn registry_image_identity_laziness_integrity_concurrency() {
         assert!(pct < 1.0, "fetched {pct:.3}% of the blob for one small file");
         let st = m.status();
         assert_eq!(st["layers"][0]["errors"], 0);
+        // The daemon records what was opened (the input of a prioritized rebuild); status.json
+        // is rewritten every second.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let opened = loop {
+            let opened = m.status()["layers"][0]["opened_files"].clone();
+            if !opened.is_null() || Instant::now() > deadline {
+                break opened;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(opened, serde_json::json!(["data/small/s007.txt"]), "opened files of the layer");
     }
 
     // --- Identity and concurrency on the whole image (overlayfs over two FUSE layers), cold.
