@@ -25,12 +25,14 @@ demo:
 	scripts/demo.sh
 
 # Long benchmarks (convert throughput vs ctr-remote / gzip / pigz, random reads; the lazy
-# filesystem vs stargz-snapshotter and a full overlayfs pull); writes
-# docs/benchmarks.md. Peer tools come from Debian packages.
+# filesystem vs stargz-snapshotter and a full overlayfs pull; hello-bench cold starts through
+# containerd on loopback and shaped links); writes docs/benchmarks.md and
+# docs/bench-coldstart.png. Peer tools come from Debian packages and ../shared/peer.
 bench:
 	scripts/install-deps.sh bench
 	scripts/bench.sh
 	scripts/bench-fs.sh
+	scripts/bench-coldstart.sh
 
 # Bounded fuzzing of footer+TOC parsing and tar conversion (FUZZ_SECONDS per target).
 FUZZ_SECONDS ?= 120

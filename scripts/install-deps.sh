@@ -15,7 +15,7 @@ pkgs=(build-essential pkg-config gzip tar zstd attr curl openssl apache2-utils d
 case "$target" in
   test|fuzz) ;;
   demo) pkgs+=(jq curl python3) ;;
-  bench) pkgs+=(jq curl pigz stargz-snapshotter debootstrap skopeo umoci docker-registry containerd runc) ;;
+  bench) pkgs+=(jq curl pigz stargz-snapshotter debootstrap skopeo umoci docker-registry containerd runc iproute2 python3 python3-matplotlib) ;;
   *) echo "usage: $0 test|demo|bench|fuzz" >&2; exit 2 ;;
 esac
 
