@@ -191,7 +191,7 @@ one_run() { # net workload mode host rep
     pull "$mode" "$ref" > "$work/pull.log" 2>&1 || { echo "pull failed: $mode $ref" >&2; tail -20 "$work/pull.log" >&2; exit 1; }
   fi
   t1=$(now)
-  eval "ctr_ container create --snapshotter $sn $ref $id ${CMD[$wl]}"
+  eval "ctr_ container create --snapshotter $sn $ref $id -- ${CMD[$wl]}"
   t2=$(now)
   ctr_ task start "$id" > "$work/task.log" 2>&1 || { echo "workload failed: $mode $wl" >&2; cat "$work/task.log" >&2; exit 1; }
   t3=$(now)
@@ -208,7 +208,7 @@ warm_floor() { # workload
   ref=$(ref_of overlayfs "$1" "$REG"); id=lpb-warm-$1
   ctr_ image pull --plain-http "$ref" >/dev/null
   for pass in 1 2; do
-    t0=$(now); eval "ctr_ container create --snapshotter overlayfs $ref $id ${CMD[$1]}"; t1=$(now)
+    t0=$(now); eval "ctr_ container create --snapshotter overlayfs $ref $id -- ${CMD[$1]}"; t1=$(now)
     ctr_ task start "$id" >/dev/null 2>&1; t2=$(now)
     ctr_ task rm -f "$id" >/dev/null 2>&1 || true; ctr_ container rm "$id" >/dev/null 2>&1 || true
   done
@@ -224,7 +224,7 @@ record_and_rebuild() { # workload
     cold lazypull
     ref=$(ref_of lazypull "$wl" "$REG"); id=lpb-rec-$wl
     pull lazypull "$ref" >/dev/null
-    eval "ctr_ container create --snapshotter lazypull $ref $id ${CMD[$wl]}"
+    eval "ctr_ container create --snapshotter lazypull $ref $id -- ${CMD[$wl]}"
     ctr_ task start "$id" >/dev/null
     sleep 1.5 # status.json is rewritten every second
     cat "$LP_ROOT"/layers/mounts/*/status.json | jq -r '.layers[].opened_files[]?' | awk '!seen[$0]++' > "$list"

@@ -7,7 +7,8 @@
 #
 # Workload as in the peer script: read every file of /data1 and /data2 (500 MiB) once cold and
 # once more warm. lazypull is measured on `lazypull mount` (one FUSE mount per layer under a
-# read-only overlayfs, no containerd: the snapshotter is issue #5); the peers inside `ctr run`,
+# read-only overlayfs, no containerd: the filesystem alone; bench-coldstart.sh measures it
+# through containerd); the peers inside `ctr run`,
 # whose container start (their run_echo, also reported) is part of their read times.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,8 +3,8 @@
 # Starts a local registry (Debian's docker-registry), `lazypull snapshotter` and a private
 # containerd that uses it as a proxy plugin; builds a sample image (static busybox + DATA under
 # /data), converts and pushes it with `lazypull image convert`, then starts a container once
-# after `ctr image pull` (overlayfs) and once after `ctr-remote image rpull --snapshotter
-# lazypull`, and prints both times and the bytes fetched. Stops everything it started on exit.
+# after `ctr image pull` (overlayfs) and once after `lazypull rpull` (pull through containerd
+# with the remote-snapshot labels), and prints both times and the bytes fetched. Stops everything it started on exit.
 #
 #   scripts/demo-lazy.sh BIN DATA_DIR WORK_DIR
 set -euo pipefail
@@ -119,7 +119,7 @@ echo "  container says: $out"
 sync; echo 3 > /proc/sys/vm/drop_caches
 echo "== lazy pull (lazypull snapshotter): rpull, then run"
 t0=$(date +%s%N)
-ctr-remote -a "$run/c.sock" -n demo-lazy image rpull --plain-http --snapshotter lazypull "$ref" > /dev/null
+"$bin" rpull --address "$run/c.sock" --namespace demo-lazy --snapshotter lazypull "$ref" > /dev/null
 lazy_pull=$(ms_since "$t0")
 t0=$(date +%s%N); out=$(c -n demo-lazy run --rm --snapshotter lazypull "$ref" demo-lazy /bin/cat /etc/hello.txt); lazy_run=$(ms_since "$t0")
 echo "  container says: $out"
