@@ -14,7 +14,7 @@
 # Results: .work/bench-cold/results.jsonl; report: docs/benchmarks.md section "coldstart" and
 # docs/bench-coldstart.png (scripts/bench-coldstart-report.py).
 #
-# Knobs: REPS (3), NETS ("loopback 1gbit-2ms 100mbit-20ms"), WORKLOADS, MODES.
+# Knobs: REPS (3), NETS ("loopback 1gbit-2ms 100mbit-20ms"), WORKLOADS, MODES, APPEND.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -245,7 +245,8 @@ cold overlayfs
 : > "$work/warm.jsonl"
 for wl in $WORKLOADS; do warm_floor "$wl" >> "$work/warm.jsonl"; done
 
-: > "$work/results.jsonl"
+# APPEND=1 adds to the previous results (e.g. NETS=100mbit-20ms APPEND=1 after a cut-short run).
+[ "${APPEND:-0}" = 1 ] || : > "$work/results.jsonl"
 for net in $NETS; do
   case "$net" in
     loopback) link_down; host=$REG ;;
