@@ -2,7 +2,6 @@
 //! lazy snapshotter mounts its eStargz layers (the `rpull` crate does the work).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -32,7 +31,7 @@ pub struct RpullArgs {
 
 pub fn run(a: RpullArgs) -> Result<()> {
     let client = a.registry.client()?;
-    let mut opts = PullOptions { snapshotter: a.snapshotter.clone(), lease_expiry: Duration::from_secs(3600), ..Default::default() };
+    let mut opts = PullOptions { snapshotter: a.snapshotter.clone(), ..Default::default() };
     if let Some(p) = &a.platform {
         opts.platform = registry::Platform::parse(p)?;
     }

@@ -151,7 +151,6 @@ impl Containerd {
             Err(s) if s.code() == Code::AlreadyExists => return self.add_labels(digest, labels.clone()).await.map(|_| Stored::Existing),
             Err(s) => return Err(Error::containerd("Content.Write", digest, s)),
         };
-        let mut first = true;
         loop {
             match responses.message().await {
                 Ok(Some(r)) if r.offset as u64 == offset + sent => {}
@@ -163,11 +162,10 @@ impl Containerd {
                     ))
                 }
                 Ok(None) => return Err(Error::containerd("Content.Write", digest, tonic::Status::aborted("stream ended before the commit"))),
-                Err(s) if s.code() == Code::AlreadyExists && first => return self.add_labels(digest, labels.clone()).await.map(|_| Stored::Existing),
-                Err(s) if s.code() == Code::AlreadyExists => return Ok(Stored::Existing),
+                // Someone stored it first: it is there, and it still gets our labels.
+                Err(s) if s.code() == Code::AlreadyExists => return self.add_labels(digest, labels.clone()).await.map(|_| Stored::Existing),
                 Err(s) => return Err(Error::containerd("Content.Write", format!("{digest} at offset {offset}"), s)),
             }
-            first = false;
             offset += sent;
             if action == WriteAction::Commit {
                 return Ok(Stored::New);
