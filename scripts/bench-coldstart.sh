@@ -14,7 +14,8 @@
 # Results: .work/bench-cold/results.jsonl; report: docs/benchmarks.md section "coldstart" and
 # docs/bench-coldstart.png (scripts/bench-coldstart-report.py).
 #
-# Knobs: REPS (3), NETS ("loopback 1gbit-2ms 100mbit-20ms"), WORKLOADS, MODES, APPEND.
+# Knobs: REPS (3), NETS ("loopback 1gbit-2ms 100mbit-20ms"), WORKLOADS, MODES, APPEND, and
+# LP_CONFIG_EXTRA (lines added to the lazypull snapshotter's TOML, e.g. "readahead_bytes = 0").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -48,6 +49,7 @@ el() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
 cat > "$work/snapshotter.toml" <<EOF
 root = "$LP_ROOT"
 address = "$LP_SOCK"
+${LP_CONFIG_EXTRA:-}
 EOF
 lp_stop() {
   if [ -f "$work/snapshotter.pid" ]; then
@@ -180,6 +182,9 @@ one_run() { # net workload mode host rep
   local net=$1 wl=$2 mode=$3 host=$4 rep=$5 ref sn log m0 t0 t1 t2 t3 id
   ref=$(ref_of "$mode" "$wl" "$host"); sn=$(snapshotter_of "$mode"); log=$(reglog "$net")
   cold "$sn"
+  # Let responses still in flight for the previous run (e.g. a background fill cut short by
+  # the wipe) finish and be logged, so they are not counted here.
+  sleep 1
   id=lpb-$wl-$rep
   m0=$(mark "$log")
   t0=$(now)

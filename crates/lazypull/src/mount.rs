@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// Concurrent range requests per layer.
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
+    /// Compressed bytes fetched beyond a missed chunk, in the same request.
+    #[arg(long, default_value_t = store::FetchConfig::default().readahead, value_name = "BYTES")]
+    pub readahead: u64,
     /// Stay in the foreground (serve until unmounted or signalled).
     #[arg(long)]
     pub foreground: bool,
@@ -82,6 +85,13 @@ pub struct MountArgs {
     /// Mount only the layer with this blob digest.
     #[arg(long, value_name = "DIGEST")]
     pub layer_digest: Option<String>,
+    /// With `--layer-digest` and `--toc-digest`: the blob's size, so that the image manifest
+    /// need not be fetched (the snapshotter knows both).
+    #[arg(long, value_name = "BYTES", requires_all = ["layer_digest", "toc_digest"])]
+    pub layer_size: Option<u64>,
+    /// The layer's TOC digest (with `--layer-size`).
+    #[arg(long, value_name = "DIGEST", requires = "layer_size")]
+    pub toc_digest: Option<String>,
     /// Platform to pick from a multi-platform image (default: this host's).
     #[arg(long)]
     pub platform: Option<String>,
@@ -213,6 +223,7 @@ fn open_store(serve: &ServeArgs) -> Result<Arc<ChunkStore>> {
 fn fetch_config(serve: &ServeArgs) -> FetchConfig {
     FetchConfig {
         parallel: serve.parallel.max(1),
+        readahead: serve.readahead,
         background_rate: serve.background_rate,
         wait_timeout: Duration::from_secs(serve.fetch_timeout.max(1) * 2),
         ..FetchConfig::default()
@@ -225,6 +236,9 @@ struct ServedLayer {
     digest: String,
     blob_bytes: u64,
     fetcher: Option<Arc<LayerFetcher>>,
+    /// Where the prioritized files end (the `.prefetch.landmark`), when they are to be
+    /// prefetched.
+    prefetch_end: Option<u64>,
     fs_stats: Option<Arc<lazyfs::FsStats>>,
     fallback_reason: Option<String>,
 }
@@ -306,12 +320,16 @@ impl Served {
         }
     }
 
-    /// Starts prefetch and background fill for every lazy layer.
+    /// Starts prefetch and background fill for every lazy layer. The prefetch runs while the
+    /// mount is already in use: it fetches in first-open order, and a read of a file it has not
+    /// reached yet joins the fetch in flight or fetches on demand, so waiting for it before
+    /// reporting ready would only delay the container's start.
     fn start_fill(&self, serve: &ServeArgs) {
         let delay = Duration::from_secs_f64(serve.background_delay.max(0.0));
-        for f in self.layers.iter().filter_map(|l| l.fetcher.as_ref()) {
-            // The prioritized files were prefetched before the mount was reported ready.
-            f.spawn_fill(None, !serve.no_background, delay, self.stop.clone()).expect("spawning a thread");
+        for l in &self.layers {
+            if let Some(f) = &l.fetcher {
+                f.spawn_fill(l.prefetch_end, !serve.no_background, delay, self.stop.clone()).expect("spawning a thread");
+            }
         }
     }
 
@@ -334,6 +352,12 @@ impl Served {
         self.write_status();
         let _ = std::fs::remove_file(self.dir.join("record.json"));
     }
+}
+
+/// Where layers' footers and TOCs are cached (`store::tails`), shared by the snapshotter, which
+/// reads them ahead, and the layer daemons.
+pub fn tails_dir(state: &Path) -> PathBuf {
+    state.join("tails")
 }
 
 /// Where a layer's chunk references live (`STATE/refs/<blob hex>`): one line per stored item,
@@ -382,16 +406,11 @@ fn write_refs(state: &Path, blob_digest: &str, fetcher: &LayerFetcher) -> Result
 /// Mounts one opened layer with FUSE at `at`, prefetching its prioritized files first.
 fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index: usize, digest: &str, blob_bytes: u64) -> Result<(ServedLayer, MountedLayer)> {
     let fetcher = opened.fetcher.clone();
+    let mut prefetch_end = None;
     if serve.fetch_all {
         fetcher.fetch_all()?;
     } else if !serve.no_prefetch && !opened.view.no_prefetch {
-        if let Some(end) = opened.view.prefetch_landmark {
-            let t = Instant::now();
-            match fetcher.prefetch_until(end) {
-                Ok(()) => info!(layer = index, bytes = end, ms = t.elapsed().as_millis() as u64, "prefetched prioritized files"),
-                Err(e) => warn!(layer = index, error = %e, "prefetch of prioritized files failed; they will be fetched on demand"),
-            }
-        }
+        prefetch_end = opened.view.prefetch_landmark;
     }
     let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), FsOptions {
         passthrough: !serve.no_passthrough,
@@ -406,6 +425,7 @@ fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index:
             digest: digest.to_string(),
             blob_bytes,
             fetcher: Some(fetcher),
+            prefetch_end,
             fs_stats: Some(fs_stats),
             fallback_reason: None,
         },
@@ -500,10 +520,27 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
     let client = args.registry.client()?;
     let location = convert::parse_location(&args.reference, &client)?;
     let convert::Store::Registry { reference, .. } = &location else { bail!("mount needs a registry reference, not an OCI layout") };
-    let manifest = rt.block_on(async {
-        let (_, root, _) = location.root().await?;
-        crate::image::select_manifest(&location, root, args.platform.as_deref()).await
-    })?;
+    let manifest = match (&args.layer_digest, args.layer_size, &args.toc_digest) {
+        // Everything needed is known: a one-layer manifest, no round trip to the registry.
+        (Some(digest), Some(size), Some(toc)) => {
+            let mut layer = registry::Descriptor::new(registry::manifest::OCI_LAYER_GZIP, digest.clone(), size);
+            layer.annotations.insert(estargz::toc::TOC_DIGEST_ANNOTATION.to_string(), toc.clone());
+            registry::Manifest {
+                schema_version: 2,
+                media_type: None,
+                artifact_type: None,
+                config: registry::Descriptor::new(registry::manifest::DOCKER_CONFIG, String::new(), 0),
+                layers: vec![layer],
+                subject: None,
+                annotations: Default::default(),
+                extra: Default::default(),
+            }
+        }
+        _ => rt.block_on(async {
+            let (_, root, _) = location.root().await?;
+            crate::image::select_manifest(&location, root, args.platform.as_deref()).await
+        })?,
+    };
     let by_digest = match &args.layer_digest {
         Some(d) => Some(manifest.layers.iter().position(|l| &l.digest == d).with_context(|| format!("layer {d} is not in {}", args.reference))?),
         None => None,
@@ -538,7 +575,8 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
                     rt.handle().clone(),
                     Duration::from_secs(args.serve.fetch_timeout.max(1)),
                 ));
-                match lazyfs::open_layer(source, Some(&want), store.clone(), fetch_config(&args.serve)) {
+                let tails = store::TailCache::new(tails_dir(&args.serve.state_dir));
+                match lazyfs::open_layer_cached(source, Some(&want), store.clone(), fetch_config(&args.serve), &tails) {
                     Ok(o) => Ok(o),
                     Err(e) => Err(format!("cannot open its TOC: {e}")),
                 }
@@ -568,6 +606,7 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
                     digest: d.digest.clone(),
                     blob_bytes: d.size,
                     fetcher: None,
+                    prefetch_end: None,
                     fs_stats: None,
                     fallback_reason: Some(reason),
                 });

@@ -56,6 +56,8 @@ struct FileConfig {
     passthrough: Option<bool>,
     fuse_threads: Option<usize>,
     parallel_fetches: Option<usize>,
+    /// Compressed bytes fetched beyond a missed chunk, in the same request.
+    readahead_bytes: Option<u64>,
     /// Serve each remote layer from its own daemon (survives snapshotter restarts).
     layer_daemons: Option<bool>,
     /// `HOST:PORT` of the Prometheus endpoint (`/metrics`); unset: no endpoint.
@@ -84,6 +86,9 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
     };
     cfg.fs.passthrough = file.passthrough.unwrap_or(true);
     cfg.fetch.parallel = file.parallel_fetches.unwrap_or(4);
+    if let Some(r) = file.readahead_bytes {
+        cfg.fetch.readahead = r;
+    }
     cfg.fetch.wait_timeout = cfg.fetch_timeout * 2;
     let daemons = file.layer_daemons.unwrap_or(true);
     let daemon_args = DaemonArgs {
@@ -92,9 +97,12 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
         background: cfg.background,
         background_delay: cfg.background_delay.as_secs_f64(),
         passthrough: cfg.fs.passthrough,
+        parallel: cfg.fetch.parallel,
+        readahead: cfg.fetch.readahead,
         registry: args.registry.to_args(),
     };
-    let resolver = Arc::new(RegistryRemote::new(args.registry.client()?, rt.handle().clone(), store, cfg));
+    let tails = store::TailCache::new(crate::mount::tails_dir(&daemon_args.state));
+    let resolver = Arc::new(RegistryRemote::new(args.registry.client()?, rt.handle().clone(), store, cfg).with_tail_cache(tails));
     let remote: Arc<dyn Remote> = if daemons { Arc::new(DaemonRemote { resolver, args: daemon_args }) } else { resolver };
     let snap = Arc::new(Snapshotter::open(&root, Some(remote.clone()))?);
 
@@ -143,6 +151,8 @@ struct DaemonArgs {
     background: bool,
     background_delay: f64,
     passthrough: bool,
+    parallel: usize,
+    readahead: u64,
     registry: Vec<std::ffi::OsString>,
 }
 
@@ -164,10 +174,14 @@ impl Remote for DaemonRemote {
             .arg(&layer.image_ref)
             .arg(dir)
             .args(["--layer-digest", &layer.digest])
+            .args(["--layer-size", &layer.size.to_string()])
+            .args(["--toc-digest", &layer.toc_digest])
             .arg("--state-dir")
             .arg(&self.args.state)
             .args(["--fetch-timeout", &self.args.fetch_timeout.to_string()])
             .args(["--background-delay", &self.args.background_delay.to_string()])
+            .args(["--parallel", &self.args.parallel.to_string()])
+            .args(["--readahead", &self.args.readahead.to_string()])
             .args(&self.args.registry);
         if !self.args.background {
             cmd.arg("--no-background");
@@ -209,6 +223,8 @@ impl Remote for DaemonRemote {
             }
             Err(e) => warn!(error = %e, "cache GC skipped"),
         }
+        let live_digests: std::collections::HashSet<&str> = live.iter().map(|l| l.digest.as_str()).collect();
+        store::TailCache::new(crate::mount::tails_dir(&self.args.state)).retain(|d| live_digests.contains(d));
         // References of layers no longer in use.
         let live_hex: std::collections::HashSet<String> = live.iter().map(|l| l.digest.trim_start_matches("sha256:").to_string()).collect();
         if let Ok(rd) = std::fs::read_dir(self.args.state.join("refs")) {

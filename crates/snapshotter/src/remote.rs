@@ -5,9 +5,11 @@
 //! `containerd.io/snapshot/remote/stargz.reference|digest`, and CRI
 //! `containerd.io/snapshot/cri.image-ref|layer-digest`. The TOC digest comes from the label
 //! `containerd.io/snapshot/stargz/toc.digest` when present, otherwise from the layer's
-//! annotation in the image manifest, which is fetched once per image.
+//! annotation in the image manifest, which is fetched once per image. When the labels also carry
+//! the blob's size (`containerd.io/snapshot/lazypull.layer-size`, set by `lazypull rpull`), the
+//! manifest is not fetched at all: a round trip less on every cold start.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +18,7 @@ use estargz::Digest;
 use lazyfs::{FsOptions, LayerFs, MountedLayer};
 use registry::manifest::{self, ManifestKind, Platform};
 use registry::{Client, Reference};
-use store::{ChunkStore, FetchConfig, LayerFetcher, RangeSource, RegistryRangeSource};
+use store::{ChunkStore, FetchConfig, LayerFetcher, RangeSource, RegistryRangeSource, TailCache};
 
 use crate::meta::RemoteLayer;
 use crate::snapshots::Remote;
@@ -25,6 +27,11 @@ pub const STARGZ_REF_LABEL: &str = "containerd.io/snapshot/remote/stargz.referen
 pub const STARGZ_DIGEST_LABEL: &str = "containerd.io/snapshot/remote/stargz.digest";
 pub const CRI_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
 pub const CRI_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.layer-digest";
+/// The image's layers from this one up, comma-separated (stargz and CRI flavours).
+pub const STARGZ_LAYERS_LABEL: &str = "containerd.io/snapshot/remote/stargz.layers";
+pub const CRI_LAYERS_LABEL: &str = "containerd.io/snapshot/cri.image-layers";
+/// Compressed size of the layer blob (the same key as `rpull::labels::LAYER_SIZE_LABEL`).
+pub const LAYER_SIZE_LABEL: &str = "containerd.io/snapshot/lazypull.layer-size";
 
 /// Settings of lazily mounted layers.
 #[derive(Debug, Clone)]
@@ -67,6 +74,10 @@ pub struct RegistryRemote {
     config: RemoteConfig,
     manifests: Mutex<HashMap<String, Arc<registry::Manifest>>>,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
+    /// Footers and TOCs read ahead of their layers' mounts (see `store::tails`).
+    tails: Option<TailCache>,
+    /// Blobs whose TOC is being read ahead.
+    warming: Arc<Mutex<HashSet<String>>>,
 }
 
 impl RegistryRemote {
@@ -78,7 +89,67 @@ impl RegistryRemote {
             config,
             manifests: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
+            tails: None,
+            warming: Arc::new(Mutex::new(HashSet::new())),
         }
+    }
+
+    /// Reads the TOCs of an image's later layers into `tails` as soon as its first layer is
+    /// prepared, and opens layers from there.
+    pub fn with_tail_cache(mut self, tails: TailCache) -> Self {
+        self.tails = Some(tails);
+        self
+    }
+
+    /// Starts reading, in parallel and in the background, the TOCs of the layers the labels list
+    /// after `current` (containerd prepares them next, one by one), so that their mounts find
+    /// them on disk. Costs one manifest request, off the critical path.
+    fn warm_later_layers(&self, image: &str, current: &str, labels: &BTreeMap<String, String>) {
+        let Some(tails) = self.tails.clone() else { return };
+        let Some(list) = labels.get(STARGZ_LAYERS_LABEL).or_else(|| labels.get(CRI_LAYERS_LABEL)) else { return };
+        let todo: Vec<String> = {
+            let mut warming = self.warming.lock().unwrap();
+            list.split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty() && *d != current && !tails.contains(d))
+                .filter(|d| warming.insert(d.to_string()))
+                .map(str::to_string)
+                .collect()
+        };
+        if todo.is_empty() {
+            return;
+        }
+        let Ok(reference) = Reference::parse(image) else { return };
+        let (client, runtime, warming, timeout) = (self.client.clone(), self.runtime.clone(), self.warming.clone(), self.config.fetch_timeout);
+        self.runtime.spawn(async move {
+            let done = |todo: &[String]| {
+                let mut w = warming.lock().unwrap();
+                todo.iter().for_each(|d| {
+                    w.remove(d);
+                });
+            };
+            let manifest = match tokio::time::timeout(timeout, fetch_manifest(&client, &reference)).await {
+                Ok(Ok(m)) => m,
+                _ => return done(&todo),
+            };
+            let mut tasks = Vec::new();
+            for d in &todo {
+                let Some(layer) = manifest.layers.iter().find(|l| &l.digest == d) else { continue };
+                let Some(toc) = layer.annotations.get(estargz::toc::TOC_DIGEST_ANNOTATION).and_then(|t| t.parse::<Digest>().ok()) else { continue };
+                let source: Arc<dyn RangeSource> = Arc::new(RegistryRangeSource::new(client.clone(), reference.clone(), d.clone(), layer.size, runtime.clone(), timeout));
+                let tails = tails.clone();
+                let digest = d.clone();
+                tasks.push(tokio::task::spawn_blocking(move || {
+                    if let Err(e) = lazyfs::cache_toc(source, Some(&toc), &tails) {
+                        tracing::debug!(layer = %digest, error = %e, "reading a TOC ahead failed; the mount will read it");
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            done(&todo);
+        });
     }
 
     fn manifest(&self, image: &str) -> Result<Arc<registry::Manifest>, String> {
@@ -90,22 +161,7 @@ impl RegistryRemote {
         let client = self.client.clone();
         let m = self
             .runtime
-            .block_on(async move {
-                tokio::time::timeout(timeout, async {
-                    let fetched = client.get_manifest(&r).await?;
-                    match fetched.manifest {
-                        ManifestKind::Image(m) => Ok(m),
-                        ManifestKind::Index(i) => {
-                            let d = manifest::select_platform(&i, &Platform::host(), &r.to_string())?;
-                            match client.get_manifest(&r.with_digest(&d.digest)).await?.manifest {
-                                ManifestKind::Image(m) => Ok(m),
-                                ManifestKind::Index(_) => Err(registry::Error::Config("nested index".into())),
-                            }
-                        }
-                    }
-                })
-                .await
-            })
+            .block_on(async move { tokio::time::timeout(timeout, fetch_manifest(&client, &r)).await })
             .map_err(|_| format!("registry unreachable: no manifest for {image} within {timeout:?}"))?
             .map_err(|e| format!("registry: {e}"))?;
         let m = Arc::new(m);
@@ -124,6 +180,17 @@ impl Remote for RegistryRemote {
         let image = labels.get(STARGZ_REF_LABEL).or_else(|| labels.get(CRI_REF_LABEL));
         let digest = labels.get(STARGZ_DIGEST_LABEL).or_else(|| labels.get(CRI_DIGEST_LABEL));
         let (Some(image), Some(digest)) = (image, digest) else { return Ok(None) };
+        self.warm_later_layers(image, digest, labels);
+        let labelled_toc = labels.get(estargz::toc::TOC_DIGEST_ANNOTATION);
+        let labelled_size = labels.get(LAYER_SIZE_LABEL).and_then(|s| s.parse::<u64>().ok());
+        if let (Some(toc), Some(size)) = (labelled_toc, labelled_size) {
+            return Ok(Some(RemoteLayer {
+                image_ref: image.clone(),
+                digest: digest.clone(),
+                size,
+                toc_digest: toc.clone(),
+            }));
+        }
         let m = self.manifest(image)?;
         let d = m.layers.iter().find(|l| &l.digest == digest).ok_or_else(|| format!("not in manifest: layer {digest} is not in {image}"))?;
         let toc = labels
@@ -149,7 +216,11 @@ impl Remote for RegistryRemote {
             self.runtime.clone(),
             self.config.fetch_timeout,
         ));
-        let opened = lazyfs::open_layer(source, Some(&want), self.store.clone(), self.config.fetch.clone()).map_err(|e| format!("TOC: {e}"))?;
+        let opened = match &self.tails {
+            Some(tails) => lazyfs::open_layer_cached(source, Some(&want), self.store.clone(), self.config.fetch.clone(), tails),
+            None => lazyfs::open_layer(source, Some(&want), self.store.clone(), self.config.fetch.clone()),
+        }
+        .map_err(|e| format!("TOC: {e}"))?;
         let fetcher = opened.fetcher.clone();
         let landmark = if self.config.prefetch && !opened.view.no_prefetch { opened.view.prefetch_landmark } else { None };
         let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), self.config.fs.clone());
@@ -169,6 +240,21 @@ impl Remote for RegistryRemote {
             // Dropping the mount detaches it and joins its session.
         } else if lazyfs::is_mountpoint(dir) {
             let _ = lazyfs::detach(dir);
+        }
+    }
+}
+
+/// The image manifest of `r` for this host's platform.
+async fn fetch_manifest(client: &Client, r: &Reference) -> registry::Result<registry::Manifest> {
+    let fetched = client.get_manifest(r).await?;
+    match fetched.manifest {
+        ManifestKind::Image(m) => Ok(m),
+        ManifestKind::Index(i) => {
+            let d = manifest::select_platform(&i, &Platform::host(), &r.to_string())?;
+            match client.get_manifest(&r.with_digest(&d.digest)).await?.manifest {
+                ManifestKind::Image(m) => Ok(m),
+                ManifestKind::Index(_) => Err(registry::Error::Config("nested index".into())),
+            }
         }
     }
 }

@@ -16,8 +16,8 @@
 //! - **Verification before anything else sees the bytes.** A chunk whose sha256 differs from
 //!   its `chunkDigest` fails its readers with [`Error::Corrupt`] naming the digest, and is
 //!   neither cached nor returned.
-//! - **Background fill yields.** The background pass fetches in blob order, bounded in rate,
-//!   and pauses while on-demand reads are in progress.
+//! - **Background fill yields.** The background pass (see [`fill`]) waits for a quiet link
+//!   and keeps each of its requests short, so on-demand reads never queue behind it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -26,11 +26,13 @@ use std::time::{Duration, Instant};
 
 use estargz::compression::decompress_prefix;
 use estargz::{Compression, Digest};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::chunks::ChunkStore;
 use crate::error::{Error, Result};
 use crate::source::RangeSource;
+
+mod fill;
 
 /// One chunk of the layer: its digest and where its compressed bytes are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,19 +89,22 @@ pub struct FetchConfig {
     pub wait_timeout: Duration,
     /// Background fill rate in bytes/s (0 = unlimited).
     pub background_rate: u64,
-    /// Compressed bytes per background batch.
+    /// Largest batch of the prefetch and background passes, in compressed bytes.
     pub background_batch: u64,
+    /// The background pass runs only after this long without on-demand fetches.
+    pub background_silence: Duration,
 }
 
 impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
             max_range: 8 << 20,
-            readahead: 1 << 20,
+            readahead: 256 << 10,
             parallel: 4,
             wait_timeout: Duration::from_secs(60),
             background_rate: 0,
             background_batch: 16 << 20,
+            background_silence: Duration::from_secs(1),
         }
     }
 }
@@ -213,9 +218,22 @@ pub struct LayerFetcher {
     config: FetchConfig,
     inflight: Mutex<HashMap<Digest, Arc<Flight>>>,
     permits: Permits,
+    /// On-demand reads in progress.
     demand: AtomicUsize,
+    /// When (µs after `epoch`) the last on-demand read that needed the network ended.
+    last_network_demand_us: AtomicU64,
+    epoch: Instant,
     closed: AtomicBool,
     pub stats: LayerStats,
+}
+
+/// How a set of claims is turned into requests.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    /// Concurrent requests (each a multi-range request over contiguous runs).
+    workers: usize,
+    /// Largest coalesced range.
+    max_range: u64,
 }
 
 /// A chunk claimed by this thread for fetching.
@@ -255,6 +273,8 @@ impl LayerFetcher {
             config,
             inflight: Mutex::new(HashMap::new()),
             demand: AtomicUsize::new(0),
+            last_network_demand_us: AtomicU64::new(0),
+            epoch: Instant::now(),
             closed: AtomicBool::new(false),
             stats: LayerStats::default(),
         }
@@ -353,6 +373,14 @@ impl LayerFetcher {
         }
     }
 
+    /// How on-demand misses are fetched: as few ranges as possible, split among the workers.
+    fn demand_shape(&self) -> Shape {
+        Shape {
+            workers: self.config.parallel,
+            max_range: self.config.max_range,
+        }
+    }
+
     /// The verified bytes of chunk `idx`, fetching it (and, on a miss, up to `readahead`
     /// following bytes) if needed.
     pub fn get(&self, idx: usize) -> Result<Arc<Vec<u8>>> {
@@ -385,6 +413,7 @@ impl LayerFetcher {
                 Err(f) => waits.push((k, f)),
             }
         }
+        let network = !claims.is_empty() || !waits.is_empty();
         if !claims.is_empty() {
             let mut all: Vec<Claim> = Vec::new();
             let mut mine: Vec<(usize, usize)> = Vec::new();
@@ -396,7 +425,7 @@ impl LayerFetcher {
                 let last = all.iter().map(|c| c.idx).max().expect("non-empty");
                 all.extend(self.claim_following(last, self.config.readahead));
             }
-            let fetched = self.fetch_claims(all);
+            let fetched = self.fetch_claims(all, self.demand_shape());
             for (k, idx) in mine {
                 match fetched.get(&idx) {
                     Some(Ok(v)) => out[k] = Some(v.clone()),
@@ -421,6 +450,9 @@ impl LayerFetcher {
             }
         }
         self.stats.demand_wait_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if network {
+            self.last_network_demand_us.store(self.epoch.elapsed().as_micros() as u64, Ordering::SeqCst);
+        }
         Ok(out.into_iter().map(|v| v.expect("every chunk resolved")).collect())
     }
 
@@ -481,10 +513,10 @@ impl LayerFetcher {
 
     /// Fetches claimed chunks: groups them into coalesced ranges, splits the ranges among up to
     /// `parallel` workers, verifies, stores, and completes every claim.
-    fn fetch_claims(&self, mut claims: Vec<Claim>) -> HashMap<usize, Result<Arc<Vec<u8>>>> {
+    fn fetch_claims(&self, mut claims: Vec<Claim>, shape: Shape) -> HashMap<usize, Result<Arc<Vec<u8>>>> {
         claims.sort_by_key(|c| c.idx);
-        let ranges = self.coalesce(&claims);
-        let workers = self.config.parallel.max(1).min(ranges.len());
+        let ranges = self.coalesce(&claims, shape.max_range);
+        let workers = shape.workers.max(1).min(ranges.len());
         // Contiguous runs of ranges per worker, balanced by bytes.
         let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
         let per_worker = total.div_ceil(workers as u64).max(1);
@@ -511,13 +543,13 @@ impl LayerFetcher {
     }
 
     /// Coalesces the members of the claimed chunks into ranges of at most `max_range` bytes.
-    fn coalesce(&self, claims: &[Claim]) -> Vec<Span> {
+    fn coalesce(&self, claims: &[Claim], max_range: u64) -> Vec<Span> {
         let mut spans: Vec<Span> = Vec::new();
         for (ci, cl) in claims.iter().enumerate() {
             let c = &self.chunks[cl.idx];
             if let Some(last) = spans.last_mut() {
                 let same_member = last.start <= c.offset && c.next_offset <= last.end;
-                let adjacent = last.end == c.offset && c.next_offset - last.start <= self.config.max_range;
+                let adjacent = last.end == c.offset && c.next_offset - last.start <= max_range.max(1);
                 if same_member || adjacent {
                     last.end = last.end.max(c.next_offset);
                     last.claims.push(ci);
@@ -618,133 +650,6 @@ impl LayerFetcher {
         *cl.flight.result.lock().unwrap() = Some(res.clone());
         cl.flight.done.notify_all();
         res
-    }
-
-    /// Fetches every chunk whose member ends at or before `end` (the prioritized files, up to
-    /// the `.prefetch.landmark`), as large ranges split among the workers.
-    pub fn prefetch_until(&self, end: u64) -> Result<()> {
-        let idxs: Vec<usize> = (0..self.chunks.len()).filter(|&i| self.chunks[i].next_offset <= end).collect();
-        let res = self.fetch_missing(&idxs);
-        self.stats.prefetch_done.store(true, Ordering::Relaxed);
-        res
-    }
-
-    /// Fetches whatever of `idxs` is neither stored nor in flight (no readahead, no waiting).
-    fn fetch_missing(&self, idxs: &[usize]) -> Result<()> {
-        let mut claims = Vec::new();
-        for &i in idxs {
-            if self.present[i].load(Ordering::Relaxed) {
-                continue;
-            }
-            let d = self.digest_of(i)?;
-            match self.claim(i, d) {
-                Ok(Some(c)) => claims.push(c),
-                Ok(None) => self.mark_present(i),
-                Err(_) => {}
-            }
-        }
-        if claims.is_empty() {
-            return Ok(());
-        }
-        for (_, r) in self.fetch_claims(claims) {
-            r?;
-        }
-        Ok(())
-    }
-
-    /// Fetches the whole layer now, at full speed; returns the first error.
-    pub fn fetch_all(&self) -> Result<()> {
-        self.fill(false, &AtomicBool::new(false))
-    }
-
-    /// The background pass: fetches every missing chunk in blob order, in batches of
-    /// `background_batch` bytes, at most `background_rate` bytes/s, pausing while on-demand
-    /// reads run. Returns when the layer is complete, `stop` is set or the fetcher is closed.
-    pub fn run_background(&self, stop: &AtomicBool) -> Result<()> {
-        self.fill(true, stop)
-    }
-
-    fn fill(&self, polite: bool, stop: &AtomicBool) -> Result<()> {
-        let started = Instant::now();
-        let mut sent = 0u64;
-        let mut next = 0usize;
-        let mut failures = 0u32;
-        while next < self.chunks.len() {
-            if stop.load(Ordering::Relaxed) || self.closed.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            if polite {
-                while self.demand.load(Ordering::SeqCst) > 0 && !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                if self.config.background_rate > 0 {
-                    let due = Duration::from_secs_f64(sent as f64 / self.config.background_rate as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait.min(Duration::from_millis(500)));
-                        continue;
-                    }
-                }
-            }
-            // The next batch: missing chunks from `next` covering about `background_batch` bytes.
-            let mut batch = Vec::new();
-            let mut end = next;
-            let batch_start = self.chunks[next].offset;
-            while end < self.chunks.len() && self.chunks[end].next_offset - batch_start <= self.config.background_batch.max(1) {
-                if !self.present[end].load(Ordering::Relaxed) {
-                    batch.push(end);
-                }
-                end += 1;
-            }
-            if end == next {
-                // A single member larger than the batch size.
-                batch.push(next);
-                end = next + 1;
-            }
-            let bytes = member_bytes(&self.chunks, next..end);
-            match self.fetch_missing(&batch) {
-                Ok(()) => {
-                    failures = 0;
-                    sent += bytes;
-                    next = end;
-                }
-                Err(e) if !polite => return Err(e),
-                Err(e) => {
-                    failures += 1;
-                    if failures >= 5 {
-                        warn!(blob = %self.blob, error = %e, "background fetch gives up after repeated failures");
-                        return Err(e);
-                    }
-                    std::thread::sleep(Duration::from_millis(200 << failures));
-                }
-            }
-        }
-        // Chunks claimed by others while we passed are theirs to finish; wait for a final state.
-        Ok(())
-    }
-
-    /// Starts the layer's fill thread: the prioritized-files prefetch up to `prefetch_end` (if
-    /// any), then, when `background`, the background pass after `delay` (cut short by `stop`).
-    pub fn spawn_fill(self: &Arc<Self>, prefetch_end: Option<u64>, background: bool, delay: Duration, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let f = self.clone();
-        std::thread::Builder::new().name("fill".into()).spawn(move || {
-            if let Some(end) = prefetch_end {
-                if let Err(e) = f.prefetch_until(end) {
-                    warn!(blob = %f.blob, error = %e, "prefetch of prioritized files failed; they will be fetched on demand");
-                }
-            }
-            if !background {
-                return;
-            }
-            let until = Instant::now() + delay;
-            while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            match f.run_background(&stop) {
-                Err(e) => warn!(blob = %f.blob, error = %e, "background fetch stopped"),
-                Ok(()) if f.stats.complete.load(Ordering::Relaxed) => info!(blob = %f.blob, "layer fully cached"),
-                Ok(()) => {}
-            }
-        })
     }
 
     /// Percent of the layer's compressed bytes present in the store.
