@@ -150,18 +150,19 @@ cold() { # $1 = snapshotter
       for k in $keys; do ctr_ snapshot --snapshotter "$s" rm "$k" >/dev/null 2>&1 || true; done
     done
   done
-  case "$1" in
-    stargz) "$PEER/06-stargz-grpc.sh" restart-clean >/dev/null ;;
-    lazypull) lp_stop; rm -rf "$LP_ROOT"; lp_start
-      # containerd's proxy client redials with backoff after the socket went away: wait until a
-      # real call gets through (as the peer's restart-clean does for stargz).
-      for _ in $(seq 1 100); do
-        if ctr_ snapshot --snapshotter lazypull prepare lpb-probe >/dev/null 2>&1; then
-          ctr_ snapshot --snapshotter lazypull rm lpb-probe >/dev/null 2>&1 || true; break
-        fi
-        sleep 0.2
-      done ;;
-  esac
+  # Both lazy snapshotters are restarted clean whatever the next run uses: a background fetch
+  # left running by the previous run (the Go peer keeps fetching a removed image's layers) would
+  # otherwise share the link with this run and be counted in its registry bytes.
+  "$PEER/06-stargz-grpc.sh" restart-clean >/dev/null
+  lp_stop; rm -rf "$LP_ROOT"; lp_start
+  # containerd's proxy client redials with backoff after the socket went away: wait until a
+  # real call gets through (as the peer's restart-clean does for stargz).
+  for _ in $(seq 1 100); do
+    if ctr_ snapshot --snapshotter lazypull prepare lpb-probe >/dev/null 2>&1; then
+      ctr_ snapshot --snapshotter lazypull rm lpb-probe >/dev/null 2>&1 || true; break
+    fi
+    sleep 0.2
+  done
   sync; echo 3 > /proc/sys/vm/drop_caches
 }
 

@@ -241,3 +241,27 @@ fn prefetch_fetches_a_prefix_in_few_requests() {
         }
     }
 }
+
+#[test]
+fn background_fill_waits_for_a_quiet_link_and_then_completes() {
+    let l = layer();
+    let store = tempfile::tempdir().unwrap();
+    let cfg = FetchConfig {
+        background_silence: std::time::Duration::from_millis(600),
+        ..Default::default()
+    };
+    let (f, src) = fetcher(&l, store.path(), None, cfg);
+    f.get(file_chunks(&l, &f, "f03")[0]).unwrap();
+    let after_demand = src.requests.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let bg = {
+        let f = f.clone();
+        std::thread::spawn(move || f.run_background(&AtomicBool::new(false)))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(src.requests.load(Ordering::SeqCst), after_demand, "the fill must not start within the quiet period");
+    bg.join().unwrap().unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(550));
+    assert!(f.stats.complete.load(Ordering::Relaxed));
+    assert!(src.requests.load(Ordering::SeqCst) > after_demand);
+}
