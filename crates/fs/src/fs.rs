@@ -23,6 +23,7 @@ use fuser::{
 use store::LayerFetcher;
 use tracing::{error, info, warn};
 
+use crate::deps::{self, Examined};
 use crate::view::{Inode, LayerView};
 
 /// How long the kernel may cache entries and attributes: the layer never changes.
@@ -35,6 +36,8 @@ pub struct FsOptions {
     pub passthrough: bool,
     /// With passthrough: open incomplete files with direct I/O (mmap still allowed).
     pub direct_io_until_cached: bool,
+    /// Prefetch the shared libraries of a program when it is first read (see [`crate::deps`]).
+    pub prefetch_libraries: bool,
 }
 
 impl Default for FsOptions {
@@ -42,6 +45,7 @@ impl Default for FsOptions {
         FsOptions {
             passthrough: true,
             direct_io_until_cached: std::env::var_os("LAZYPULL_NO_DIRECT_IO").is_none(),
+            prefetch_libraries: true,
         }
     }
 }
@@ -88,6 +92,24 @@ impl OpenedFiles {
     }
 }
 
+/// A run of sequential reads of one file: where it started and how far it has got.
+#[derive(Clone, Copy)]
+struct Stream {
+    start: u64,
+    end: u64,
+}
+
+/// Reads up to this far before or after a stream's end still continue it: the kernel sends the
+/// pieces of one large read in parallel, so they arrive slightly out of order.
+const STREAM_SLACK: u64 = 1 << 20;
+/// A stream is read ahead once it has covered this much...
+const AHEAD_AFTER: u64 = 512 << 10;
+/// ...by as much as it has covered, within these bounds (uncompressed bytes).
+const AHEAD_MIN: u64 = 4 << 20;
+const AHEAD_MAX: u64 = 16 << 20;
+/// Streams remembered at most (the table is simply cleared when it grows past this).
+const MAX_STREAMS: usize = 4096;
+
 /// A mounted layer's request handlers.
 pub struct LayerFs {
     view: Arc<LayerView>,
@@ -98,6 +120,10 @@ pub struct LayerFs {
     /// passthrough opens (one per inode: the kernel fails opens that bring a second one).
     opens: Mutex<HashMap<u64, InodeOpens>>,
     next_fh: AtomicU64,
+    /// Sequential readers per inode, for [`LayerFs::read_ahead`].
+    streams: Mutex<HashMap<u64, Stream>>,
+    /// Programs whose libraries were looked for, for [`crate::deps`].
+    examined: Arc<Examined>,
     pub stats: Arc<FsStats>,
 }
 
@@ -110,6 +136,8 @@ impl LayerFs {
             passthrough: AtomicBool::new(false),
             opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            streams: Mutex::new(HashMap::new()),
+            examined: Arc::default(),
             stats: Arc::new(FsStats::default()),
         }
     }
@@ -141,21 +169,38 @@ impl LayerFs {
 
     /// Reads `[offset, offset + size)` of a regular file through the fetcher.
     pub fn read_file(&self, i: &Inode, offset: u64, size: u32) -> Result<Vec<u8>, store::Error> {
-        if offset >= i.size || size == 0 {
-            return Ok(Vec::new());
+        read_chunks(&self.fetcher, i, offset, size)
+    }
+
+    /// Tracks sequential reads of `ino` and, once a reader is streaming through the file, has
+    /// the fetcher start on the chunks it will want next (see `store`'s `fetch_ahead`), so the
+    /// link keeps busy while the reader consumes what it has.
+    fn read_ahead(&self, ino: u64, i: &Inode, offset: u64, size: u32) {
+        if i.chunks.len() < 2 {
+            return;
         }
-        let end = i.size.min(offset + size as u64);
-        let first = i.chunks.partition_point(|c| c.file_offset + c.size <= offset);
-        let touched: Vec<_> = i.chunks[first..].iter().take_while(|c| c.file_offset < end).collect();
-        let idxs: Vec<usize> = touched.iter().map(|c| c.fetch_index).collect();
-        let datas = self.fetcher.get_many(&idxs, true)?;
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        for (c, data) in touched.iter().zip(datas) {
-            let from = offset.max(c.file_offset) - c.file_offset;
-            let to = end.min(c.file_offset + c.size) - c.file_offset;
-            out.extend_from_slice(&data[from as usize..to as usize]);
+        let end = offset + size as u64;
+        let stream = {
+            let mut streams = self.streams.lock().unwrap();
+            let continues = |s: &Stream| offset + STREAM_SLACK >= s.end && offset <= s.end + STREAM_SLACK;
+            let s = match streams.get(&ino) {
+                Some(s) if continues(s) => Stream { start: s.start, end: s.end.max(end) },
+                _ => Stream { start: offset, end },
+            };
+            if streams.len() >= MAX_STREAMS {
+                streams.clear();
+            }
+            streams.insert(ino, s);
+            s
+        };
+        let covered = stream.end - stream.start;
+        if covered < AHEAD_AFTER || stream.end >= i.size {
+            return;
         }
-        Ok(out)
+        let until = stream.end + covered.clamp(AHEAD_MIN, AHEAD_MAX);
+        let first = i.chunks.partition_point(|c| c.file_offset + c.size <= stream.end);
+        let ahead: Vec<usize> = i.chunks[first..].iter().take_while(|c| c.file_offset < until).map(|c| c.fetch_index).collect();
+        self.fetcher.fetch_ahead(&ahead);
     }
 
     /// The store file holding all of a fully cached file, for passthrough: the chunk file of a
@@ -170,6 +215,25 @@ impl LayerFs {
         };
         std::fs::File::open(path).ok()
     }
+}
+
+/// Reads `[offset, offset + size)` of regular file `i` through `fetcher`.
+pub(crate) fn read_chunks(fetcher: &Arc<LayerFetcher>, i: &Inode, offset: u64, size: u32) -> Result<Vec<u8>, store::Error> {
+    if offset >= i.size || size == 0 {
+        return Ok(Vec::new());
+    }
+    let end = i.size.min(offset + size as u64);
+    let first = i.chunks.partition_point(|c| c.file_offset + c.size <= offset);
+    let touched: Vec<_> = i.chunks[first..].iter().take_while(|c| c.file_offset < end).collect();
+    let idxs: Vec<usize> = touched.iter().map(|c| c.fetch_index).collect();
+    let datas = fetcher.get_many(&idxs, true)?;
+    let mut out = Vec::with_capacity((end - offset) as usize);
+    for (c, data) in touched.iter().zip(datas) {
+        let from = offset.max(c.file_offset) - c.file_offset;
+        let to = end.min(c.file_offset + c.size) - c.file_offset;
+        out.extend_from_slice(&data[from as usize..to as usize]);
+    }
+    Ok(out)
 }
 
 fn file_type(k: NodeKind) -> FileType {
@@ -253,6 +317,9 @@ impl Filesystem for LayerFs {
                         Ok(id) => {
                             entry.backing = Some(id);
                             entry.mode = OpenMode::Passthrough;
+                            if self.options.prefetch_libraries {
+                                deps::on_cached_open(&self.view, &self.fetcher, &self.examined, ino.0);
+                            }
                         }
                         Err(e) => {
                             warn!(error = %e, "FUSE passthrough unavailable; serving reads from the daemon");
@@ -282,8 +349,12 @@ impl Filesystem for LayerFs {
         if i.kind != NodeKind::Reg {
             return reply.error(Errno::EINVAL);
         }
+        self.read_ahead(ino.0, i, offset, size);
         match self.read_file(i, offset, size) {
             Ok(data) => {
+                if offset == 0 && self.options.prefetch_libraries {
+                    deps::on_first_read(&self.view, &self.fetcher, &self.examined, ino.0, &data);
+                }
                 self.stats.reads.fetch_add(1, Ordering::Relaxed);
                 self.stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 reply.data(&data)

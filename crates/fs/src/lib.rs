@@ -6,6 +6,7 @@
 //! and inodes; chunk caching, fetching and verification belong to the `store` crate, and
 //! whole-image assembly (overlayfs over several layers) to its callers.
 
+pub mod deps;
 pub mod error;
 pub mod fs;
 pub mod mount;

@@ -197,6 +197,39 @@ impl LayerView {
         Some(ino)
     }
 
+    /// Inode of an absolute path, following symbolic links on the way as the kernel would if
+    /// this layer were the whole file system (at most 40 links).
+    pub fn resolve_following(&self, path: &str) -> Option<u64> {
+        let mut todo: Vec<String> = path.split('/').filter(|p| !p.is_empty()).rev().map(str::to_string).collect();
+        let (mut ino, mut links) = (1, 0);
+        while let Some(part) = todo.pop() {
+            match part.as_str() {
+                "." => continue,
+                ".." => {
+                    ino = self.get(ino)?.parent;
+                    continue;
+                }
+                _ => {}
+            }
+            let next = self.lookup(ino, part.as_bytes())?;
+            let node = self.get(next)?;
+            if node.kind != NodeKind::Symlink {
+                ino = next;
+                continue;
+            }
+            links += 1;
+            if links > 40 {
+                return None;
+            }
+            let target = std::str::from_utf8(&node.link_target).ok()?;
+            if target.starts_with('/') {
+                ino = 1;
+            }
+            todo.extend(target.split('/').filter(|p| !p.is_empty()).rev().map(str::to_string));
+        }
+        Some(ino)
+    }
+
     /// Number of inode slots (the largest inode number).
     pub fn max_ino(&self) -> u64 {
         self.inodes.len() as u64

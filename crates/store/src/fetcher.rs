@@ -32,6 +32,7 @@ use crate::chunks::ChunkStore;
 use crate::error::{Error, Result};
 use crate::source::RangeSource;
 
+mod ahead;
 mod fill;
 
 /// One chunk of the layer: its digest and where its compressed bytes are.
@@ -162,6 +163,12 @@ impl Flight {
         })
     }
 
+    /// Hands the result to the waiters (again, harmlessly, if it was published before).
+    fn publish(&self, res: Result<Arc<Vec<u8>>>) {
+        *self.result.lock().unwrap() = Some(res);
+        self.done.notify_all();
+    }
+
     fn wait(&self, timeout: Duration) -> Option<Result<Arc<Vec<u8>>>> {
         let guard = self.result.lock().unwrap();
         let (guard, _) = self.done.wait_timeout_while(guard, timeout, |r| r.is_none()).unwrap();
@@ -237,10 +244,14 @@ struct Shape {
 }
 
 /// A chunk claimed by this thread for fetching.
+#[derive(Clone)]
 struct Claim {
     idx: usize,
     digest: Digest,
     flight: Arc<Flight>,
+    /// A reader is blocked on this chunk: it is decoded and handed out before anything else
+    /// the same request brought (readahead), and its disk write happens after the hand-out.
+    urgent: bool,
 }
 
 impl LayerFetcher {
@@ -383,12 +394,16 @@ impl LayerFetcher {
 
     /// The verified bytes of chunk `idx`, fetching it (and, on a miss, up to `readahead`
     /// following bytes) if needed.
-    pub fn get(&self, idx: usize) -> Result<Arc<Vec<u8>>> {
+    pub fn get(self: &Arc<Self>, idx: usize) -> Result<Arc<Vec<u8>>> {
         Ok(self.get_many(&[idx], true)?.pop().expect("one chunk asked, one returned"))
     }
 
     /// The verified bytes of several chunks (one coalesced fetch for the missing ones).
-    pub fn get_many(&self, idxs: &[usize], readahead: bool) -> Result<Vec<Arc<Vec<u8>>>> {
+    ///
+    /// Returns as soon as *these* chunks are verified: the readahead chunks that came with them
+    /// are decoded, and all of them written to the store, on a helper thread meanwhile (a
+    /// reader that wants one of those in between joins its flight).
+    pub fn get_many(self: &Arc<Self>, idxs: &[usize], readahead: bool) -> Result<Vec<Arc<Vec<u8>>>> {
         self.demand.fetch_add(1, Ordering::SeqCst);
         let _demand = CountGuard(&self.demand);
         let started = Instant::now();
@@ -404,7 +419,10 @@ impl LayerFetcher {
                 continue;
             }
             match self.claim(idx, d) {
-                Ok(Some(c)) => claims.push((k, c)),
+                Ok(Some(mut c)) => {
+                    c.urgent = true;
+                    claims.push((k, c))
+                }
                 Ok(None) => {
                     // Stored between our lookup and the claim.
                     self.mark_present(idx);
@@ -425,7 +443,7 @@ impl LayerFetcher {
                 let last = all.iter().map(|c| c.idx).max().expect("non-empty");
                 all.extend(self.claim_following(last, self.config.readahead));
             }
-            let fetched = self.fetch_claims(all, self.demand_shape());
+            let fetched = self.fetch_claims(all, self.demand_shape(), Some(self));
             for (k, idx) in mine {
                 match fetched.get(&idx) {
                     Some(Ok(v)) => out[k] = Some(v.clone()),
@@ -464,7 +482,7 @@ impl LayerFetcher {
         })
     }
 
-    fn get_stored(&self, idx: usize, d: Digest) -> Result<Arc<Vec<u8>>> {
+    fn get_stored(self: &Arc<Self>, idx: usize, d: Digest) -> Result<Arc<Vec<u8>>> {
         match self.store_get(idx, &d) {
             Some(v) => Ok(v),
             // Evicted in between: fetch it ourselves, without readahead.
@@ -485,7 +503,12 @@ impl LayerFetcher {
         }
         let flight = Flight::new();
         inflight.insert(d, flight.clone());
-        Ok(Some(Claim { idx, digest: d, flight }))
+        Ok(Some(Claim {
+            idx,
+            digest: d,
+            flight,
+            urgent: false,
+        }))
     }
 
     /// Claims the uncached, unclaimed chunks after `last`, stopping at the first one that is
@@ -513,7 +536,10 @@ impl LayerFetcher {
 
     /// Fetches claimed chunks: groups them into coalesced ranges, splits the ranges among up to
     /// `parallel` workers, verifies, stores, and completes every claim.
-    fn fetch_claims(&self, mut claims: Vec<Claim>, shape: Shape) -> HashMap<usize, Result<Arc<Vec<u8>>>> {
+    ///
+    /// With `defer_to`, only the urgent claims are settled before this returns (and only they
+    /// are in the result); the rest of the work continues on a helper thread.
+    fn fetch_claims(&self, mut claims: Vec<Claim>, shape: Shape, defer_to: Option<&Arc<LayerFetcher>>) -> HashMap<usize, Result<Arc<Vec<u8>>>> {
         claims.sort_by_key(|c| c.idx);
         let ranges = self.coalesce(&claims, shape.max_range);
         let workers = shape.workers.max(1).min(ranges.len());
@@ -532,10 +558,10 @@ impl LayerFetcher {
         }
         let claims = &claims;
         let results: Vec<Vec<(usize, Result<Arc<Vec<u8>>>)>> = if batches.len() == 1 {
-            vec![self.fetch_batch(&batches[0], claims)]
+            vec![self.fetch_batch(&batches[0], claims, defer_to)]
         } else {
             std::thread::scope(|s| {
-                let handles: Vec<_> = batches.iter().map(|b| s.spawn(move || self.fetch_batch(b, claims))).collect();
+                let handles: Vec<_> = batches.iter().map(|b| s.spawn(move || self.fetch_batch(b, claims, defer_to))).collect();
                 handles.into_iter().map(|h| h.join().expect("fetch worker panicked")).collect()
             })
         };
@@ -565,7 +591,7 @@ impl LayerFetcher {
         spans
     }
 
-    fn fetch_batch(&self, batch: &[Span], claims: &[Claim]) -> Vec<(usize, Result<Arc<Vec<u8>>>)> {
+    fn fetch_batch(&self, batch: &[Span], claims: &[Claim], defer_to: Option<&Arc<LayerFetcher>>) -> Vec<(usize, Result<Arc<Vec<u8>>>)> {
         let ranges: Vec<(u64, u64)> = batch.iter().map(|s| (s.start, s.end - s.start)).collect();
         let fetched = if self.closed.load(Ordering::SeqCst) {
             Err(Error::Closed { blob: self.blob.clone() })
@@ -578,33 +604,80 @@ impl LayerFetcher {
             self.stats.observe_latency(t.elapsed());
             res
         };
+        let parts = match fetched {
+            Ok(parts) => parts,
+            Err(e) => {
+                let all = batch.iter().flat_map(|s| &s.claims).map(|&ci| &claims[ci]);
+                return all.map(|cl| (cl.idx, self.complete(cl, Err(e.clone())))).collect();
+            }
+        };
         let mut out = Vec::new();
-        match fetched {
-            Ok(parts) => {
-                for (span, bytes) in batch.iter().zip(parts) {
-                    self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    for &ci in &span.claims {
-                        let cl = &claims[ci];
-                        let res = if bytes.len() as u64 != span.end - span.start {
-                            Err(Error::Fetch {
-                                blob: self.blob.clone(),
-                                offset: span.start,
-                                end: span.end,
-                                reason: format!("got {} bytes, asked for {}", bytes.len(), span.end - span.start),
-                            })
-                        } else {
-                            self.decode(cl, &bytes, span.start)
-                        };
-                        out.push((cl.idx, self.complete(cl, res)));
+        // Work left for after the hand-out: urgent chunks to store, other claims to decode.
+        let mut later = Later::default();
+        for (span, bytes) in batch.iter().zip(parts) {
+            self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            if bytes.len() as u64 != span.end - span.start {
+                let e = Error::Fetch {
+                    blob: self.blob.clone(),
+                    offset: span.start,
+                    end: span.end,
+                    reason: format!("got {} bytes, asked for {}", bytes.len(), span.end - span.start),
+                };
+                out.extend(span.claims.iter().map(|&ci| (claims[ci].idx, self.complete(&claims[ci], Err(e.clone())))));
+                continue;
+            }
+            let mut rest = Vec::new();
+            for &ci in &span.claims {
+                let cl = &claims[ci];
+                if !(cl.urgent && defer_to.is_some()) {
+                    rest.push(cl.clone());
+                    continue;
+                }
+                match self.decode(cl, &bytes, span.start) {
+                    Ok(v) => {
+                        cl.flight.publish(Ok(v.clone()));
+                        later.store.push((cl.clone(), v.clone()));
+                        out.push((cl.idx, Ok(v)));
+                    }
+                    Err(e) => out.push((cl.idx, self.complete(cl, Err(e)))),
+                }
+            }
+            if !rest.is_empty() {
+                later.decode.push((bytes, span.start, rest));
+            }
+        }
+        match defer_to {
+            Some(me) if !later.is_empty() => {
+                let (me, work) = (me.clone(), Arc::new(Mutex::new(Some(later))));
+                let handed = work.clone();
+                let spawned = std::thread::Builder::new().name("settle".into()).spawn(move || {
+                    if let Some(later) = handed.lock().unwrap().take() {
+                        me.settle(later);
+                    }
+                });
+                if let Err(e) = spawned {
+                    warn!(error = %e, "no helper thread; settling the readahead chunks first");
+                    if let Some(later) = work.lock().unwrap().take() {
+                        self.settle(later);
                     }
                 }
             }
-            Err(e) => {
-                for span in batch {
-                    for &ci in &span.claims {
-                        out.push((claims[ci].idx, self.complete(&claims[ci], Err(e.clone()))));
-                    }
-                }
+            _ => out.extend(self.settle(later)),
+        }
+        out
+    }
+
+    /// Finishes what [`Self::fetch_batch`] left for later: stores the urgent chunks already
+    /// handed out, and decodes, stores and completes the others.
+    fn settle(&self, later: Later) -> Vec<(usize, Result<Arc<Vec<u8>>>)> {
+        let mut out = Vec::new();
+        for (cl, v) in later.store {
+            let _ = self.complete(&cl, Ok(v));
+        }
+        for (bytes, start, claims) in later.decode {
+            for cl in claims {
+                let res = self.decode(&cl, &bytes, start);
+                out.push((cl.idx, self.complete(&cl, res)));
             }
         }
         out
@@ -647,8 +720,7 @@ impl LayerFetcher {
             }
         }
         self.inflight.lock().unwrap().remove(&cl.digest);
-        *cl.flight.result.lock().unwrap() = Some(res.clone());
-        cl.flight.done.notify_all();
+        cl.flight.publish(res.clone());
         res
     }
 
@@ -658,6 +730,21 @@ impl LayerFetcher {
             return 100.0;
         }
         self.stats.present_bytes.load(Ordering::Relaxed) as f64 * 100.0 / self.total_bytes as f64
+    }
+}
+
+/// Work [`LayerFetcher::fetch_batch`] leaves for after the urgent chunks are handed out.
+#[derive(Default)]
+struct Later {
+    /// Urgent chunks, verified and published, still to be stored.
+    store: Vec<(Claim, Arc<Vec<u8>>)>,
+    /// Range bytes (and where they start) with the claims still to decode from them.
+    decode: Vec<(Vec<u8>, u64, Vec<Claim>)>,
+}
+
+impl Later {
+    fn is_empty(&self) -> bool {
+        self.store.is_empty() && self.decode.is_empty()
     }
 }
 

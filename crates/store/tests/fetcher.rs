@@ -265,3 +265,42 @@ fn background_fill_waits_for_a_quiet_link_and_then_completes() {
     assert!(f.stats.complete.load(Ordering::Relaxed));
     assert!(src.requests.load(Ordering::SeqCst) > after_demand);
 }
+
+#[test]
+fn readers_join_a_fetch_ahead_instead_of_fetching_again() {
+    let l = layer();
+    let store = tempfile::tempdir().unwrap();
+    let (f, src) = fetcher(&l, store.path(), None, FetchConfig::default());
+    let idxs = file_chunks(&l, &f, "big");
+    f.fetch_ahead(&idxs);
+    // Read the file chunk by chunk, as a streaming reader would, while the fetch is in flight.
+    let node = l.reader.lookup("big").unwrap();
+    let mut want = vec![0u8; node.size as usize];
+    l.reader.read_file_at(l.reader.tree().lookup("big").unwrap(), 0, &mut want, true).unwrap();
+    let got: Vec<u8> = idxs.iter().flat_map(|&i| f.get_many(&[i], false).unwrap().pop().unwrap().to_vec()).collect();
+    assert_eq!(got, want);
+    let blob_bytes: u64 = idxs.iter().map(|&i| f.chunks()[i].next_offset - f.chunks()[i].offset).sum();
+    assert_eq!(src.bytes.load(Ordering::SeqCst), blob_bytes, "every chunk fetched exactly once");
+    // Nothing was left claimed: a second pass is served by the store alone.
+    let before = src.requests.load(Ordering::SeqCst);
+    f.get_many(&idxs, true).unwrap();
+    assert_eq!(src.requests.load(Ordering::SeqCst), before);
+}
+
+#[test]
+fn readahead_chunks_reach_the_store_after_the_reader_is_served() {
+    let l = layer();
+    let store = tempfile::tempdir().unwrap();
+    let (f, src) = fetcher(&l, store.path(), None, FetchConfig::default());
+    let idxs = file_chunks(&l, &f, "big");
+    f.get(idxs[0]).unwrap();
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1);
+    // The readahead that came with the miss is settled on a helper thread; wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while f.stats.chunks_fetched.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(f.stats.chunks_fetched.load(Ordering::SeqCst) >= 2, "readahead chunks settled");
+    f.get_many(&idxs[1..3], false).unwrap();
+    assert_eq!(src.requests.load(Ordering::SeqCst), 1, "the following chunks came with the first miss");
+}

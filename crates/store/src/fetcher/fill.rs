@@ -224,7 +224,7 @@ impl LayerFetcher {
         members.sort_unstable();
         members.dedup();
         let bytes = members.iter().map(|(a, b)| b - a).sum();
-        for (_, r) in self.fetch_claims(claims, shape) {
+        for (_, r) in self.fetch_claims(claims, shape, None) {
             r?;
         }
         Ok(bytes)

@@ -1,0 +1,68 @@
+//! Fetching ahead of a sequential reader.
+//!
+//! Readahead by blob order ([`FetchConfig::readahead`]) rides along with a miss, in the same
+//! request, so it only helps when the next chunks are small. A big file read from start to end
+//! (a model, a jar, a data file) has chunks of several MiB: each miss would be one round trip
+//! plus one chunk's transfer, one after another, with the link idle while the reader consumes.
+//! So the file system tells the fetcher, while a reader streams through a file, which chunks it
+//! will want next; they are claimed at once (a reader that gets there joins the flight) and
+//! fetched on a helper thread in one request per chunk-sized span, in parallel, keeping one
+//! request slot free for other readers.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tracing::warn;
+
+use super::{Claim, CountGuard, LayerFetcher, Shape};
+
+/// Largest span of one read-ahead request: big chunks go one per request, small ones in
+/// groups, so that the reader's next chunk arrives after one span, not after the whole window.
+const AHEAD_SPAN: u64 = 1 << 20;
+
+impl LayerFetcher {
+    /// Starts fetching those of `idxs` that are neither stored nor in flight, on a helper
+    /// thread, and returns at once. Counted as demand: the background fill keeps quiet meanwhile.
+    pub fn fetch_ahead(self: &Arc<Self>, idxs: &[usize]) {
+        let mut claims = Vec::new();
+        for &i in idxs {
+            if self.present[i].load(Ordering::Relaxed) {
+                continue;
+            }
+            let Ok(d) = self.digest_of(i) else { break };
+            match self.claim(i, d) {
+                Ok(Some(c)) => claims.push(c),
+                Ok(None) => self.mark_present(i),
+                Err(_) => {}
+            }
+        }
+        if claims.is_empty() {
+            return;
+        }
+        let shape = Shape {
+            workers: self.config.parallel.saturating_sub(1).max(1),
+            max_range: AHEAD_SPAN,
+        };
+        self.demand.fetch_add(1, Ordering::SeqCst);
+        let work = Arc::new(Mutex::new(Some(claims)));
+        let (me, handed) = (self.clone(), work.clone());
+        let spawned = std::thread::Builder::new().name("ahead".into()).spawn(move || {
+            if let Some(claims) = handed.lock().unwrap().take() {
+                me.run_ahead(claims, shape);
+            }
+        });
+        if let Err(e) = spawned {
+            // The claims must not stay unfetched: readers would wait on them.
+            warn!(error = %e, "no helper thread for read-ahead; fetching inline");
+            if let Some(claims) = work.lock().unwrap().take() {
+                self.run_ahead(claims, shape);
+            }
+        }
+    }
+
+    fn run_ahead(&self, claims: Vec<Claim>, shape: Shape) {
+        let _demand = CountGuard(&self.demand);
+        self.fetch_claims(claims, shape, None);
+        self.last_network_demand_us.store(self.epoch.elapsed().as_micros() as u64, Ordering::SeqCst);
+    }
+}
