@@ -327,4 +327,26 @@ mod tests {
         assert_eq!(v.get(etc).unwrap().parent, 1);
         assert!(v.get(0).is_none() && v.get(v.max_ino() + 1).is_none());
     }
+
+    #[test]
+    fn paths_resolve_through_symbolic_links_like_a_loader_would() {
+        use tar::EntryType::*;
+        let r = layer(&[
+            ("usr/", Directory, b"", ""),
+            ("usr/lib/", Directory, b"", ""),
+            ("usr/lib/x86_64-linux-gnu/", Directory, b"", ""),
+            ("usr/lib/x86_64-linux-gnu/libz.so.1.2.13", Regular, b"\x7fELF", ""),
+            ("usr/lib/x86_64-linux-gnu/libz.so.1", Symlink, b"", "libz.so.1.2.13"),
+            ("lib", Symlink, b"", "usr/lib"),
+            ("lib64", Symlink, b"", "/usr/lib/../lib/x86_64-linux-gnu"),
+            ("loop", Symlink, b"", "loop"),
+        ]);
+        let v = LayerView::build(r.tree());
+        let real = v.resolve("usr/lib/x86_64-linux-gnu/libz.so.1.2.13").unwrap();
+        assert_eq!(v.resolve_following("/lib/x86_64-linux-gnu/libz.so.1"), Some(real));
+        assert_eq!(v.resolve_following("/lib64/libz.so.1"), Some(real));
+        assert_eq!(v.resolve_following("/lib/./x86_64-linux-gnu/../x86_64-linux-gnu/libz.so.1"), Some(real));
+        assert_eq!(v.resolve_following("/lib/missing.so"), None);
+        assert_eq!(v.resolve_following("/loop/x"), None, "a link cycle ends");
+    }
 }

@@ -511,6 +511,24 @@ impl LayerFetcher {
         }))
     }
 
+    /// Claims those of `idxs` that are neither stored nor in flight (a chunk without a digest is
+    /// left to its reader, who gets the error).
+    fn claim_missing(&self, idxs: &[usize]) -> Vec<Claim> {
+        let mut claims = Vec::new();
+        for &i in idxs {
+            if self.present[i].load(Ordering::Relaxed) {
+                continue;
+            }
+            let Some(d) = self.chunks[i].digest else { continue };
+            match self.claim(i, d) {
+                Ok(Some(c)) => claims.push(c),
+                Ok(None) => self.mark_present(i),
+                Err(_) => {}
+            }
+        }
+        claims
+    }
+
     /// Claims the uncached, unclaimed chunks after `last`, stopping at the first one that is
     /// stored or in flight, or when `budget` compressed bytes are covered.
     fn claim_following(&self, last: usize, budget: u64) -> Vec<Claim> {
@@ -648,19 +666,10 @@ impl LayerFetcher {
         }
         match defer_to {
             Some(me) if !later.is_empty() => {
-                let (me, work) = (me.clone(), Arc::new(Mutex::new(Some(later))));
-                let handed = work.clone();
-                let spawned = std::thread::Builder::new().name("settle".into()).spawn(move || {
-                    if let Some(later) = handed.lock().unwrap().take() {
-                        me.settle(later);
-                    }
+                let me = me.clone();
+                run_detached("settle", move || {
+                    me.settle(later);
                 });
-                if let Err(e) = spawned {
-                    warn!(error = %e, "no helper thread; settling the readahead chunks first");
-                    if let Some(later) = work.lock().unwrap().take() {
-                        self.settle(later);
-                    }
-                }
             }
             _ => out.extend(self.settle(later)),
         }
@@ -730,6 +739,24 @@ impl LayerFetcher {
             return 100.0;
         }
         self.stats.present_bytes.load(Ordering::Relaxed) as f64 * 100.0 / self.total_bytes as f64
+    }
+}
+
+/// Runs `job` on a new helper thread, or on this one if no thread can be had: the jobs complete
+/// claims that readers wait on, so they must run somewhere.
+fn run_detached<F: FnOnce() + Send + 'static>(name: &str, job: F) {
+    let slot = Arc::new(Mutex::new(Some(job)));
+    let handed = slot.clone();
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        if let Some(job) = handed.lock().unwrap().take() {
+            job();
+        }
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, thread = name, "no helper thread; doing its work here");
+        if let Some(job) = slot.lock().unwrap().take() {
+            job();
+        }
     }
 }
 

@@ -10,11 +10,9 @@
 //! request slot free for other readers.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use tracing::warn;
-
-use super::{Claim, CountGuard, LayerFetcher, Shape};
+use super::{run_detached, Claim, CountGuard, LayerFetcher, Shape};
 
 /// Largest span of one read-ahead request: big chunks go one per request, small ones in
 /// groups, so that the reader's next chunk arrives after one span, not after the whole window.
@@ -24,18 +22,7 @@ impl LayerFetcher {
     /// Starts fetching those of `idxs` that are neither stored nor in flight, on a helper
     /// thread, and returns at once. Counted as demand: the background fill keeps quiet meanwhile.
     pub fn fetch_ahead(self: &Arc<Self>, idxs: &[usize]) {
-        let mut claims = Vec::new();
-        for &i in idxs {
-            if self.present[i].load(Ordering::Relaxed) {
-                continue;
-            }
-            let Ok(d) = self.digest_of(i) else { break };
-            match self.claim(i, d) {
-                Ok(Some(c)) => claims.push(c),
-                Ok(None) => self.mark_present(i),
-                Err(_) => {}
-            }
-        }
+        let claims = self.claim_missing(idxs);
         if claims.is_empty() {
             return;
         }
@@ -44,20 +31,8 @@ impl LayerFetcher {
             max_range: AHEAD_SPAN,
         };
         self.demand.fetch_add(1, Ordering::SeqCst);
-        let work = Arc::new(Mutex::new(Some(claims)));
-        let (me, handed) = (self.clone(), work.clone());
-        let spawned = std::thread::Builder::new().name("ahead".into()).spawn(move || {
-            if let Some(claims) = handed.lock().unwrap().take() {
-                me.run_ahead(claims, shape);
-            }
-        });
-        if let Err(e) = spawned {
-            // The claims must not stay unfetched: readers would wait on them.
-            warn!(error = %e, "no helper thread for read-ahead; fetching inline");
-            if let Some(claims) = work.lock().unwrap().take() {
-                self.run_ahead(claims, shape);
-            }
-        }
+        let me = self.clone();
+        run_detached("ahead", move || me.run_ahead(claims, shape));
     }
 
     fn run_ahead(&self, claims: Vec<Claim>, shape: Shape) {

@@ -205,18 +205,7 @@ impl LayerFetcher {
     /// Fetches whatever of `idxs` is neither stored nor in flight (no readahead, no waiting);
     /// returns the compressed bytes requested.
     fn fetch_missing(&self, idxs: &[usize], shape: Shape) -> Result<u64> {
-        let mut claims = Vec::new();
-        for &i in idxs {
-            if self.present[i].load(Ordering::Relaxed) {
-                continue;
-            }
-            let d = self.digest_of(i)?;
-            match self.claim(i, d) {
-                Ok(Some(c)) => claims.push(c),
-                Ok(None) => self.mark_present(i),
-                Err(_) => {}
-            }
-        }
+        let claims = self.claim_missing(idxs);
         if claims.is_empty() {
             return Ok(0);
         }
