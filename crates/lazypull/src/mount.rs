@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Fetch each whole layer at mount, before reporting ready.
     #[arg(long)]
     pub fetch_all: bool,
+    /// Layers without prioritized files and at most this many compressed bytes are fetched
+    /// whole right after mount, in the background (0: never).
+    #[arg(long, default_value_t = lazyfs::SMALL_LAYER_BYTES, value_name = "BYTES")]
+    pub prefetch_small_layers: u64,
     /// Never use FUSE passthrough.
     #[arg(long)]
     pub no_passthrough: bool,
@@ -226,6 +230,8 @@ fn fetch_config(serve: &ServeArgs) -> FetchConfig {
         readahead: serve.readahead,
         background_rate: serve.background_rate,
         wait_timeout: Duration::from_secs(serve.fetch_timeout.max(1) * 2),
+        // Every daemon of this state directory shares the link: their demand quiets our fill.
+        link: store::LinkActivity::open(&serve.state_dir.join("link-demand")).ok().map(Arc::new),
         ..FetchConfig::default()
     }
 }
@@ -409,8 +415,8 @@ fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index:
     let mut prefetch_end = None;
     if serve.fetch_all {
         fetcher.fetch_all()?;
-    } else if !serve.no_prefetch && !opened.view.no_prefetch {
-        prefetch_end = opened.view.prefetch_landmark;
+    } else if !serve.no_prefetch {
+        prefetch_end = lazyfs::prefetch_end(&opened.view, &fetcher, serve.prefetch_small_layers);
     }
     let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), FsOptions {
         passthrough: !serve.no_passthrough,

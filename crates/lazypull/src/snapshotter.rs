@@ -58,6 +58,8 @@ struct FileConfig {
     parallel_fetches: Option<usize>,
     /// Compressed bytes fetched beyond a missed chunk, in the same request.
     readahead_bytes: Option<u64>,
+    /// Layers without prioritized files and at most this big are fetched whole at mount.
+    small_layer_prefetch_bytes: Option<u64>,
     /// Serve each remote layer from its own daemon (survives snapshotter restarts).
     layer_daemons: Option<bool>,
     /// `HOST:PORT` of the Prometheus endpoint (`/metrics`); unset: no endpoint.
@@ -82,6 +84,7 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
         background_delay: Duration::from_secs_f64(file.background_delay_secs.unwrap_or(5.0).max(0.0)),
         prefetch: file.prefetch.unwrap_or(true),
         threads: file.fuse_threads.unwrap_or(8),
+        small_layer_prefetch: file.small_layer_prefetch_bytes.unwrap_or(lazyfs::SMALL_LAYER_BYTES),
         ..RemoteConfig::default()
     };
     cfg.fs.passthrough = file.passthrough.unwrap_or(true);
@@ -99,6 +102,7 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
         passthrough: cfg.fs.passthrough,
         parallel: cfg.fetch.parallel,
         readahead: cfg.fetch.readahead,
+        small_layer_prefetch: cfg.small_layer_prefetch,
         registry: args.registry.to_args(),
     };
     let tails = store::TailCache::new(crate::mount::tails_dir(&daemon_args.state));
@@ -153,6 +157,7 @@ struct DaemonArgs {
     passthrough: bool,
     parallel: usize,
     readahead: u64,
+    small_layer_prefetch: u64,
     registry: Vec<std::ffi::OsString>,
 }
 
@@ -182,6 +187,7 @@ impl Remote for DaemonRemote {
             .args(["--background-delay", &self.args.background_delay.to_string()])
             .args(["--parallel", &self.args.parallel.to_string()])
             .args(["--readahead", &self.args.readahead.to_string()])
+            .args(["--prefetch-small-layers", &self.args.small_layer_prefetch.to_string()])
             .args(&self.args.registry);
         if !self.args.background {
             cmd.arg("--no-background");

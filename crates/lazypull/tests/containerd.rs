@@ -781,7 +781,9 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     let sock = run_dir.join("s.sock");
     let config = snap_root.path().join("config.toml");
     let metrics_port = test_registry::free_port();
-    std::fs::write(&config, format!("background_delay_secs = 30.0\nfetch_timeout_secs = 10\nmetrics_address = \"127.0.0.1:{metrics_port}\"\n")).unwrap();
+    // No background fill and no whole-layer prefetch of small layers within the test: the
+    // laziness assertion below measures what on-demand reads fetch.
+    std::fs::write(&config, format!("background_delay_secs = 30.0\nsmall_layer_prefetch_bytes = 0\nfetch_timeout_secs = 10\nmetrics_address = \"127.0.0.1:{metrics_port}\"\n")).unwrap();
     let metrics = || {
         use std::io::{Read as _, Write as _};
         let mut c = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("metrics endpoint");

@@ -45,6 +45,8 @@ pub struct RemoteConfig {
     /// link to themselves (the prioritized-files prefetch is not delayed).
     pub background_delay: Duration,
     pub prefetch: bool,
+    /// Layers without prioritized files and at most this big are fetched whole at mount.
+    pub small_layer_prefetch: u64,
 }
 
 impl Default for RemoteConfig {
@@ -57,6 +59,7 @@ impl Default for RemoteConfig {
             background: true,
             background_delay: Duration::from_secs(5),
             prefetch: true,
+            small_layer_prefetch: lazyfs::SMALL_LAYER_BYTES,
         }
     }
 }
@@ -222,7 +225,7 @@ impl Remote for RegistryRemote {
         }
         .map_err(|e| format!("TOC: {e}"))?;
         let fetcher = opened.fetcher.clone();
-        let landmark = if self.config.prefetch && !opened.view.no_prefetch { opened.view.prefetch_landmark } else { None };
+        let landmark = if self.config.prefetch { lazyfs::prefetch_end(&opened.view, &fetcher, self.config.small_layer_prefetch) } else { None };
         let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), self.config.fs.clone());
         let mount = lazyfs::mount_layer(fs, dir, &format!("lazypull:{}", layer.digest), self.config.threads).map_err(|e| format!("mount: {e}"))?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

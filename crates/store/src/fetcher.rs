@@ -94,6 +94,9 @@ pub struct FetchConfig {
     pub background_batch: u64,
     /// The background pass runs only after this long without on-demand fetches.
     pub background_silence: Duration,
+    /// Demand shared with the other layers on the same link (their reads count as ours for
+    /// the background pass's quiet period).
+    pub link: Option<Arc<crate::link::LinkActivity>>,
 }
 
 impl Default for FetchConfig {
@@ -106,6 +109,7 @@ impl Default for FetchConfig {
             background_rate: 0,
             background_batch: 16 << 20,
             background_silence: Duration::from_secs(1),
+            link: None,
         }
     }
 }
@@ -469,9 +473,17 @@ impl LayerFetcher {
         }
         self.stats.demand_wait_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if network {
-            self.last_network_demand_us.store(self.epoch.elapsed().as_micros() as u64, Ordering::SeqCst);
+            self.note_network_demand();
         }
         Ok(out.into_iter().map(|v| v.expect("every chunk resolved")).collect())
+    }
+
+    /// Records that a reader needed the network just now (here and on the shared link).
+    fn note_network_demand(&self) {
+        self.last_network_demand_us.store(self.epoch.elapsed().as_micros() as u64, Ordering::SeqCst);
+        if let Some(link) = &self.config.link {
+            link.note_demand();
+        }
     }
 
     fn digest_of(&self, idx: usize) -> Result<Digest> {

@@ -17,12 +17,14 @@
 pub mod chunks;
 pub mod error;
 pub mod fetcher;
+pub mod link;
 mod lru;
 pub mod source;
 pub mod tails;
 
 pub use chunks::{ChunkStore, FileSlot, StoreConfig, StoreStats, StoreUsage};
 pub use error::{Error, Result};
+pub use link::LinkActivity;
 pub use fetcher::{ChunkRef, FetchConfig, LayerFetcher, LayerStats, LATENCY_BUCKETS_MS};
 pub use source::{BlobSourceAdapter, FileRangeSource, RangeSource, RegistryRangeSource};
 pub use tails::{TailCache, TailSource};

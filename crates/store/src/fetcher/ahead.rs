@@ -38,6 +38,6 @@ impl LayerFetcher {
     fn run_ahead(&self, claims: Vec<Claim>, shape: Shape) {
         let _demand = CountGuard(&self.demand);
         self.fetch_claims(claims, shape, None);
-        self.last_network_demand_us.store(self.epoch.elapsed().as_micros() as u64, Ordering::SeqCst);
+        self.note_network_demand();
     }
 }

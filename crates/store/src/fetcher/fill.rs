@@ -162,8 +162,8 @@ impl LayerFetcher {
         }
     }
 
-    /// Waits until no on-demand read has needed the network for `background_silence`; false if
-    /// stopped meanwhile.
+    /// Waits until no on-demand read (of this layer, or of any layer sharing the link) has
+    /// needed the network for `background_silence`; false if stopped meanwhile.
     fn wait_until_quiet(&self, stop: &AtomicBool) -> bool {
         let silence = self.config.background_silence.as_micros() as u64;
         loop {
@@ -171,7 +171,10 @@ impl LayerFetcher {
                 return false;
             }
             let busy = self.demand.load(Ordering::SeqCst) > 0;
-            let since = (self.epoch.elapsed().as_micros() as u64).saturating_sub(self.last_network_demand_us.load(Ordering::SeqCst));
+            let mut since = (self.epoch.elapsed().as_micros() as u64).saturating_sub(self.last_network_demand_us.load(Ordering::SeqCst));
+            if let Some(link) = &self.config.link {
+                since = since.min(link.quiet_for().as_micros() as u64);
+            }
             if !busy && since >= silence {
                 return true;
             }
@@ -227,7 +230,7 @@ impl LayerFetcher {
             if let Some(end) = prefetch_end {
                 let t = Instant::now();
                 match f.prefetch_until(end) {
-                    Ok(()) => info!(blob = %f.blob, bytes = end, ms = t.elapsed().as_millis() as u64, "prefetched prioritized files"),
+                    Ok(()) => info!(blob = %f.blob, bytes = end.min(f.total_bytes), ms = t.elapsed().as_millis() as u64, "prefetched at mount"),
                     Err(e) => warn!(blob = %f.blob, error = %e, "prefetch of prioritized files failed; they will be fetched on demand"),
                 }
             }
