@@ -19,6 +19,7 @@
 //! inconsistency in the headers, just means nothing is prefetched.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use estargz::NodeKind;
@@ -28,7 +29,7 @@ use object::Endianness;
 use store::LayerFetcher;
 use tracing::debug;
 
-use crate::fs::read_chunks;
+use crate::fs::{read_chunks, FsStats};
 use crate::view::{Inode, LayerView};
 
 /// Most libraries one examination prefetches (a loader closure is rarely above a few dozen).
@@ -170,48 +171,58 @@ impl Examined {
     }
 }
 
+/// What the helper thread needs of the mount.
+#[derive(Clone)]
+pub struct Context {
+    pub view: Arc<LayerView>,
+    pub fetcher: Arc<LayerFetcher>,
+    pub examined: Arc<Examined>,
+    pub stats: Arc<FsStats>,
+}
+
 /// Called with the first bytes of a read at offset 0 of `ino`: if it is an ELF file seen for
 /// the first time, starts prefetching its libraries on a helper thread.
-pub fn on_first_read(view: &Arc<LayerView>, fetcher: &Arc<LayerFetcher>, examined: &Arc<Examined>, ino: u64, head: &[u8]) {
-    if !looks_like_elf(head) || !examined.first_time(ino) {
+pub fn on_first_read(cx: &Context, ino: u64, head: &[u8]) {
+    if !looks_like_elf(head) || !cx.examined.first_time(ino) {
         return;
     }
-    let (view, fetcher, examined) = (view.clone(), fetcher.clone(), examined.clone());
-    let _ = std::thread::Builder::new().name("deps".into()).spawn(move || prefetch_closure(&view, &fetcher, &examined, ino));
+    let cx = cx.clone();
+    let _ = std::thread::Builder::new().name("deps".into()).spawn(move || prefetch_closure(&cx, ino));
 }
 
 /// Called when `ino` is opened with all its content already in the store (a passthrough open,
 /// whose reads the daemon never sees): examines it like [`on_first_read`], reading its header
 /// from the store on the helper thread.
-pub fn on_cached_open(view: &Arc<LayerView>, fetcher: &Arc<LayerFetcher>, examined: &Arc<Examined>, ino: u64) {
-    if examined.0.lock().unwrap().contains(&ino) {
+pub fn on_cached_open(cx: &Context, ino: u64) {
+    if cx.examined.0.lock().unwrap().contains(&ino) {
         return;
     }
-    let (view, fetcher, examined) = (view.clone(), fetcher.clone(), examined.clone());
+    let cx = cx.clone();
     let _ = std::thread::Builder::new().name("deps".into()).spawn(move || {
-        let Some(inode) = view.get(ino) else { return };
-        let is_elf = read_chunks(&fetcher, inode, 0, 4).is_ok_and(|head| looks_like_elf(&head));
-        if is_elf && examined.first_time(ino) {
-            prefetch_closure(&view, &fetcher, &examined, ino);
+        let Some(inode) = cx.view.get(ino) else { return };
+        let is_elf = read_chunks(&cx.fetcher, inode, 0, 4).is_ok_and(|head| looks_like_elf(&head));
+        if is_elf && cx.examined.first_time(ino) {
+            prefetch_closure(&cx, ino);
         }
     });
 }
 
 /// Breadth first over the dependency graph from `root`: every level's libraries are handed to
 /// the fetcher together, then read (which waits for them) to find the next level.
-fn prefetch_closure(view: &LayerView, fetcher: &Arc<LayerFetcher>, examined: &Examined, root: u64) {
+fn prefetch_closure(cx: &Context, root: u64) {
+    let view = &cx.view;
     let mut level = vec![root];
     let mut started = 0;
     while !level.is_empty() && started < MAX_LIBRARIES {
         let mut next = Vec::new();
         for ino in level {
             let Some(inode) = view.get(ino) else { continue };
-            let mut read = |offset: u64, len: u64| read_chunks(fetcher, inode, offset, len.min(u32::MAX as u64) as u32).ok();
+            let mut read = |offset: u64, len: u64| read_chunks(&cx.fetcher, inode, offset, len.min(u32::MAX as u64) as u32).ok();
             let Some(deps) = parse_elf(&mut read) else { continue };
             let origin = format!("/{}", inode.path.rsplit_once('/').map_or("", |(dir, _)| dir));
             let names = deps.interpreter.iter().chain(&deps.needed);
             for lib in names.filter_map(|n| resolve_library(view, n, &origin, &deps)) {
-                if started < MAX_LIBRARIES && examined.first_time(lib) {
+                if started < MAX_LIBRARIES && cx.examined.first_time(lib) {
                     started += 1;
                     next.push(lib);
                 }
@@ -220,7 +231,8 @@ fn prefetch_closure(view: &LayerView, fetcher: &Arc<LayerFetcher>, examined: &Ex
         let chunks: Vec<usize> = next.iter().filter_map(|&l| view.get(l)).flat_map(|i: &Inode| i.chunks.iter().map(|c| c.fetch_index)).collect();
         if !chunks.is_empty() {
             debug!(root = %view.get(root).map_or("", |i| i.path.as_str()), libraries = next.len(), "prefetching libraries");
-            fetcher.fetch_ahead(&chunks);
+            cx.stats.libraries_prefetched.fetch_add(next.len() as u64, Ordering::Relaxed);
+            cx.fetcher.fetch_ahead(&chunks);
         }
         level = next;
     }

@@ -69,6 +69,8 @@ pub struct FsStats {
     pub read_bytes: AtomicU64,
     pub read_errors: AtomicU64,
     pub passthrough_opens: AtomicU64,
+    /// Libraries handed to the fetcher by the dependency-aware prefetch ([`crate::deps`]).
+    pub libraries_prefetched: AtomicU64,
     /// Regular files in the order they were first opened: what a workload reads, which is what
     /// `lazypull image convert --prioritize` wants (the optimize loop: record, then rebuild).
     pub opened: Mutex<OpenedFiles>,
@@ -203,6 +205,15 @@ impl LayerFs {
         self.fetcher.fetch_ahead(&ahead);
     }
 
+    fn deps_context(&self) -> deps::Context {
+        deps::Context {
+            view: self.view.clone(),
+            fetcher: self.fetcher.clone(),
+            examined: self.examined.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
     /// The store file holding all of a fully cached file, for passthrough: the chunk file of a
     /// single-chunk file, or the complete object of a multi-chunk one.
     fn backing_file(&self, i: &Inode) -> Option<std::fs::File> {
@@ -318,7 +329,7 @@ impl Filesystem for LayerFs {
                             entry.backing = Some(id);
                             entry.mode = OpenMode::Passthrough;
                             if self.options.prefetch_libraries {
-                                deps::on_cached_open(&self.view, &self.fetcher, &self.examined, ino.0);
+                                deps::on_cached_open(&self.deps_context(), ino.0);
                             }
                         }
                         Err(e) => {
@@ -353,7 +364,7 @@ impl Filesystem for LayerFs {
         match self.read_file(i, offset, size) {
             Ok(data) => {
                 if offset == 0 && self.options.prefetch_libraries {
-                    deps::on_first_read(&self.view, &self.fetcher, &self.examined, ino.0, &data);
+                    deps::on_first_read(&self.deps_context(), ino.0, &data);
                 }
                 self.stats.reads.fetch_add(1, Ordering::Relaxed);
                 self.stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);

@@ -151,6 +151,9 @@ pub struct LayerStatus {
     pub reads: u64,
     pub read_errors: u64,
     pub passthrough_opens: u64,
+    /// Shared libraries prefetched because a program that needs them was read (`fs::deps`).
+    #[serde(default)]
+    pub libraries_prefetched: u64,
     /// Regular files in first-open order (paths in the layer): the workload's reads, usable as
     /// `image convert --prioritize` input.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -269,6 +272,7 @@ impl ServedLayer {
             reads: 0,
             read_errors: 0,
             passthrough_opens: 0,
+            libraries_prefetched: 0,
             opened_files: Vec::new(),
             fetch_latency_buckets: Vec::new(),
             fetch_latency_sum_secs: 0.0,
@@ -291,6 +295,7 @@ impl ServedLayer {
             s.reads = fs.reads.load(Ordering::Relaxed);
             s.read_errors = fs.read_errors.load(Ordering::Relaxed);
             s.passthrough_opens = fs.passthrough_opens.load(Ordering::Relaxed);
+            s.libraries_prefetched = fs.libraries_prefetched.load(Ordering::Relaxed);
             s.opened_files = fs.opened.lock().unwrap().paths.clone();
         }
         s

@@ -276,11 +276,25 @@ fn debian_rootfs_tar(dir: &Path) -> Vec<u8> {
         .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "--pax-option=delete=mtime,delete=atime,delete=ctime", "-C", "/", "-cf"])
         .arg(&out)
         .args(["etc", "usr/sbin", "usr/share/doc/apt", "usr/share/doc/tar", "usr/lib/os-release", "usr/bin/tar", "usr/bin/gzip", "usr/bin/ls"])
+        .args(ls_libraries())
         .status()
         .unwrap();
     // GNU tar exits 1 when a file changed while read (e.g. /etc/mtab); the archive is complete.
     assert!(st.code().is_some_and(|c| c <= 1), "tar failed: {st}");
     std::fs::read(out).unwrap()
+}
+
+/// The shared libraries `ls` loads on Debian (names and the links to them), relative to `/`.
+fn ls_libraries() -> Vec<String> {
+    let dir = "usr/lib/x86_64-linux-gnu";
+    let mut out: Vec<String> = std::fs::read_dir(Path::new("/").join(dir))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| ["libc.so.", "libselinux.so.", "libpcre2-8.so."].iter().any(|p| n.starts_with(p)))
+        .map(|n| format!("{dir}/{n}"))
+        .collect();
+    out.sort();
+    out
 }
 
 fn write_layout(dir: &Path, layers: &[(Vec<u8>, String)]) {
@@ -394,7 +408,7 @@ fn registry_image_identity_laziness_integrity_concurrency() {
     let mut want = snapshot(&expected);
     // Directories that are in no tar (parents of what was archived) get the TOC's defaults in
     // the mount and the extraction time on disk: compare them by type only.
-    const IMPLICIT: [&str; 7] = ["usr", "usr/bin", "usr/lib", "usr/share", "usr/share/doc", "data", "data/small"];
+    const IMPLICIT: [&str; 8] = ["usr", "usr/bin", "usr/lib", "usr/lib/x86_64-linux-gnu", "usr/share", "usr/share/doc", "data", "data/small"];
     for d in IMPLICIT {
         want.remove(d);
     }
@@ -422,6 +436,32 @@ fn registry_image_identity_laziness_integrity_concurrency() {
             std::thread::sleep(Duration::from_millis(200));
         };
         assert_eq!(opened, serde_json::json!(["data/small/s007.txt"]), "opened files of the layer");
+    }
+
+    // --- A program's first read brings its libraries along (fs::deps): after reading the
+    // header of `ls`, reading the libraries it loads needs no request of its own.
+    {
+        let m = Mounted::image(&reference, &t.join("deps-mnt"), &t.join("deps-state"), &["--layer", "0", "--no-background"]);
+        let mut head = [0u8; 64];
+        std::fs::File::open(m.mountpoint.join("usr/bin/ls")).unwrap().read_exact(&mut head).unwrap();
+        assert_eq!(&head[..4], b"\x7fELF");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let libraries = loop {
+            let n = m.status()["layers"][0]["libraries_prefetched"].as_u64().unwrap_or(0);
+            if n >= 3 || Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(libraries >= 3, "libc, libselinux and (through it) libpcre2 prefetched, got {libraries}:\n{}", tail(&m.log(), 20));
+        std::thread::sleep(Duration::from_millis(1500)); // let status.json count those requests
+        let requests = m.status()["layers"][0]["requests"].as_u64().unwrap();
+        for lib in ls_libraries() {
+            let got = std::fs::read(m.mountpoint.join(&lib)).unwrap();
+            assert_eq!(got, std::fs::read(Path::new("/").join(&lib)).unwrap(), "{lib}");
+        }
+        std::thread::sleep(Duration::from_millis(1200)); // status.json is rewritten every second
+        assert_eq!(m.status()["layers"][0]["requests"].as_u64().unwrap(), requests, "the libraries were already fetched or in flight");
     }
 
     // --- Identity and concurrency on the whole image (overlayfs over two FUSE layers), cold.
