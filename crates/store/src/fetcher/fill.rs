@@ -28,51 +28,34 @@ use tracing::{info, warn};
 use super::{member_bytes, LayerFetcher, Shape};
 use crate::error::Result;
 
-/// First batch of the prefetch and of the background pass.
+/// First batch of the background pass.
 const FIRST_BATCH: u64 = 1 << 20;
-/// Smallest batch of the background pass.
-const MIN_POLITE_BATCH: u64 = 256 << 10;
+/// Smallest batch of the background pass, and the first span of the prefetch pipeline.
+const MIN_SPAN: u64 = 256 << 10;
 /// A background batch faster than this grows; one slower than `SLOW_BATCH` shrinks.
 const FAST_BATCH: Duration = Duration::from_millis(100);
 const SLOW_BATCH: Duration = Duration::from_millis(300);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pass {
-    /// Prioritized files: full speed, growing batches.
-    Prefetch,
-    /// `fetch_all`: full speed, largest batches.
-    Full,
-    /// Background fill: polite.
-    Background,
-}
 
 impl LayerFetcher {
     /// Fetches every chunk whose member ends at or before `end` (the prioritized files, up to
     /// the `.prefetch.landmark`), in blob order.
     pub fn prefetch_until(&self, end: u64) -> Result<()> {
         let last = self.chunks.partition_point(|c| c.next_offset <= end);
-        let res = self.pass(0..last, Pass::Prefetch, &AtomicBool::new(false));
+        let res = self.pipeline(0..last, true);
         self.stats.prefetch_done.store(true, Ordering::Relaxed);
         res
     }
 
     /// Fetches the whole layer now, at full speed; returns the first error.
     pub fn fetch_all(&self) -> Result<()> {
-        self.pass(0..self.chunks.len(), Pass::Full, &AtomicBool::new(false))
+        self.pipeline(0..self.chunks.len(), false)
     }
 
     /// The background pass: fetches every missing chunk in blob order, politely (see the module
     /// docs) and at most `background_rate` bytes/s. Returns when the layer is complete, `stop`
     /// is set or the fetcher is closed.
     pub fn run_background(&self, stop: &AtomicBool) -> Result<()> {
-        self.pass(0..self.chunks.len(), Pass::Background, stop)
-    }
-
-    fn pass(&self, range: Range<usize>, kind: Pass, stop: &AtomicBool) -> Result<()> {
-        match kind {
-            Pass::Prefetch | Pass::Full => self.pipeline(range, kind),
-            Pass::Background => self.polite(range, stop),
-        }
+        self.polite(0..self.chunks.len(), stop)
     }
 
     /// The background pass: one batch at a time, each after a quiet period, sized to the link.
@@ -120,11 +103,13 @@ impl LayerFetcher {
     }
 
     /// A full-speed pass: spans in blob order, fetched by `parallel` workers that each take the
-    /// next span when done with theirs. Returns the first error (after the other spans).
-    fn pipeline(&self, range: Range<usize>, kind: Pass) -> Result<()> {
-        let max = (self.config.background_batch / self.config.parallel.max(1) as u64).max(MIN_POLITE_BATCH);
+    /// next span when done with theirs; with `start_small` (the prefetch) the spans start at
+    /// [`MIN_SPAN`] and double, so the first files arrive after one short request. Returns the
+    /// first error (after the other spans).
+    fn pipeline(&self, range: Range<usize>, start_small: bool) -> Result<()> {
+        let max = (self.config.background_batch / self.config.parallel.max(1) as u64).max(MIN_SPAN);
         let mut spans = Vec::new();
-        let mut budget = if kind == Pass::Prefetch { MIN_POLITE_BATCH.min(max) } else { max };
+        let mut budget = if start_small { MIN_SPAN.min(max) } else { max };
         let mut next = range.start;
         while next < range.end {
             let (batch, end) = self.next_batch(next, range.end, budget);
@@ -255,7 +240,7 @@ fn next_batch_size(batch: u64, max: u64, took: Duration) -> u64 {
     if took < FAST_BATCH {
         (batch * 2).min(max)
     } else if took > SLOW_BATCH {
-        (batch / 2).max(MIN_POLITE_BATCH.min(max))
+        (batch / 2).max(MIN_SPAN.min(max))
     } else {
         batch
     }
@@ -271,7 +256,7 @@ mod tests {
         assert_eq!(next_batch_size(1 << 20, max, Duration::from_millis(20)), 2 << 20);
         assert_eq!(next_batch_size(1 << 20, max, Duration::from_millis(800)), 512 << 10);
         assert_eq!(next_batch_size(1 << 20, max, Duration::from_millis(200)), 1 << 20);
-        assert_eq!(next_batch_size(MIN_POLITE_BATCH, max, Duration::from_secs(5)), MIN_POLITE_BATCH);
+        assert_eq!(next_batch_size(MIN_SPAN, max, Duration::from_secs(5)), MIN_SPAN);
         assert_eq!(next_batch_size(max, max, Duration::ZERO), max);
     }
 }
