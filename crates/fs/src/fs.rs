@@ -23,7 +23,7 @@ use fuser::{
 use store::LayerFetcher;
 use tracing::{error, info, warn};
 
-use crate::deps::{self, Examined};
+use crate::deps;
 use crate::view::{Inode, LayerView};
 
 /// How long the kernel may cache entries and attributes: the layer never changes.
@@ -124,23 +124,29 @@ pub struct LayerFs {
     next_fh: AtomicU64,
     /// Sequential readers per inode, for [`LayerFs::read_ahead`].
     streams: Mutex<HashMap<u64, Stream>>,
-    /// Programs whose libraries were looked for, for [`crate::deps`].
-    examined: Arc<Examined>,
+    /// What the library prefetch ([`crate::deps`]) shares with its helper threads.
+    deps: deps::Context,
     pub stats: Arc<FsStats>,
 }
 
 impl LayerFs {
     pub fn new(view: Arc<LayerView>, fetcher: Arc<LayerFetcher>, options: FsOptions) -> LayerFs {
+        let stats = Arc::new(FsStats::default());
         LayerFs {
-            view,
-            fetcher,
+            view: view.clone(),
+            fetcher: fetcher.clone(),
             options,
             passthrough: AtomicBool::new(false),
             opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             streams: Mutex::new(HashMap::new()),
-            examined: Arc::default(),
-            stats: Arc::new(FsStats::default()),
+            deps: deps::Context {
+                view: view.clone(),
+                fetcher: fetcher.clone(),
+                examined: Arc::default(),
+                stats: stats.clone(),
+            },
+            stats,
         }
     }
 
@@ -203,15 +209,6 @@ impl LayerFs {
         let first = i.chunks.partition_point(|c| c.file_offset + c.size <= stream.end);
         let ahead: Vec<usize> = i.chunks[first..].iter().take_while(|c| c.file_offset < until).map(|c| c.fetch_index).collect();
         self.fetcher.fetch_ahead(&ahead);
-    }
-
-    fn deps_context(&self) -> deps::Context {
-        deps::Context {
-            view: self.view.clone(),
-            fetcher: self.fetcher.clone(),
-            examined: self.examined.clone(),
-            stats: self.stats.clone(),
-        }
     }
 
     /// The store file holding all of a fully cached file, for passthrough: the chunk file of a
@@ -329,7 +326,7 @@ impl Filesystem for LayerFs {
                             entry.backing = Some(id);
                             entry.mode = OpenMode::Passthrough;
                             if self.options.prefetch_libraries {
-                                deps::on_cached_open(&self.deps_context(), ino.0);
+                                deps::on_cached_open(&self.deps, ino.0);
                             }
                         }
                         Err(e) => {
@@ -364,7 +361,7 @@ impl Filesystem for LayerFs {
         match self.read_file(i, offset, size) {
             Ok(data) => {
                 if offset == 0 && self.options.prefetch_libraries {
-                    deps::on_first_read(&self.deps_context(), ino.0, &data);
+                    deps::on_first_read(&self.deps, ino.0, &data);
                 }
                 self.stats.reads.fetch_add(1, Ordering::Relaxed);
                 self.stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);

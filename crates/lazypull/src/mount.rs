@@ -245,8 +245,8 @@ struct ServedLayer {
     digest: String,
     blob_bytes: u64,
     fetcher: Option<Arc<LayerFetcher>>,
-    /// Where the prioritized files end (the `.prefetch.landmark`), when they are to be
-    /// prefetched.
+    /// Where the mount-time prefetch ends (`lazyfs::prefetch_end`: the prioritized files, or
+    /// all of a small layer), if there is one.
     prefetch_end: Option<u64>,
     fs_stats: Option<Arc<lazyfs::FsStats>>,
     fallback_reason: Option<String>,
@@ -414,7 +414,7 @@ fn write_refs(state: &Path, blob_digest: &str, fetcher: &LayerFetcher) -> Result
     Ok(())
 }
 
-/// Mounts one opened layer with FUSE at `at`, prefetching its prioritized files first.
+/// Mounts one opened layer with FUSE at `at` (its prefetch starts with the fill, after the mount).
 fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index: usize, digest: &str, blob_bytes: u64) -> Result<(ServedLayer, MountedLayer)> {
     let fetcher = opened.fetcher.clone();
     let mut prefetch_end = None;
