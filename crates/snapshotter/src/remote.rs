@@ -75,7 +75,8 @@ pub struct RegistryRemote {
     runtime: tokio::runtime::Handle,
     store: Arc<ChunkStore>,
     config: RemoteConfig,
-    manifests: Mutex<HashMap<String, Arc<registry::Manifest>>>,
+    /// Image manifests by reference, shared with the TOC read-ahead tasks.
+    manifests: Arc<Mutex<HashMap<String, Arc<registry::Manifest>>>>,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
     /// Footers and TOCs read ahead of their layers' mounts (see `store::tails`).
     tails: Option<TailCache>,
@@ -90,7 +91,7 @@ impl RegistryRemote {
             runtime,
             store,
             config,
-            manifests: Mutex::new(HashMap::new()),
+            manifests: Arc::default(),
             mounts: Mutex::new(HashMap::new()),
             tails: None,
             warming: Arc::new(Mutex::new(HashSet::new())),
@@ -124,6 +125,7 @@ impl RegistryRemote {
         }
         let Ok(reference) = Reference::parse(image) else { return };
         let (client, runtime, warming, timeout) = (self.client.clone(), self.runtime.clone(), self.warming.clone(), self.config.fetch_timeout);
+        let (manifests, image) = (self.manifests.clone(), image.to_string());
         self.runtime.spawn(async move {
             let done = |todo: &[String]| {
                 let mut w = warming.lock().unwrap();
@@ -131,9 +133,13 @@ impl RegistryRemote {
                     w.remove(d);
                 });
             };
-            let manifest = match tokio::time::timeout(timeout, fetch_manifest(&client, &reference)).await {
-                Ok(Ok(m)) => m,
-                _ => return done(&todo),
+            let cached = manifests.lock().unwrap().get(&image).cloned();
+            let manifest = match cached {
+                Some(m) => m,
+                None => match tokio::time::timeout(timeout, fetch_manifest(&client, &reference)).await {
+                    Ok(Ok(m)) => manifests.lock().unwrap().entry(image).or_insert_with(|| Arc::new(m)).clone(),
+                    _ => return done(&todo),
+                },
             };
             let mut tasks = Vec::new();
             for d in &todo {
@@ -153,6 +159,33 @@ impl RegistryRemote {
             }
             done(&todo);
         });
+    }
+
+    /// The remote layer the labels name: from the labels alone when they carry the TOC digest
+    /// and the blob size, else with the size (and maybe the TOC digest) from the image manifest.
+    fn layer_of(&self, image: &str, digest: &str, labels: &BTreeMap<String, String>) -> Result<RemoteLayer, String> {
+        let labelled_toc = labels.get(estargz::toc::TOC_DIGEST_ANNOTATION);
+        let labelled_size = labels.get(LAYER_SIZE_LABEL).and_then(|s| s.parse::<u64>().ok());
+        if let (Some(toc), Some(size)) = (labelled_toc, labelled_size) {
+            return Ok(RemoteLayer {
+                image_ref: image.to_string(),
+                digest: digest.to_string(),
+                size,
+                toc_digest: toc.clone(),
+            });
+        }
+        let m = self.manifest(image)?;
+        let d = m.layers.iter().find(|l| l.digest == digest).ok_or_else(|| format!("not in manifest: layer {digest} is not in {image}"))?;
+        let toc = labels
+            .get(estargz::toc::TOC_DIGEST_ANNOTATION)
+            .or_else(|| d.annotations.get(estargz::toc::TOC_DIGEST_ANNOTATION))
+            .ok_or_else(|| format!("not eStargz: layer {digest} has no {} annotation", estargz::toc::TOC_DIGEST_ANNOTATION))?;
+        Ok(RemoteLayer {
+            image_ref: image.to_string(),
+            digest: digest.to_string(),
+            size: d.size,
+            toc_digest: toc.clone(),
+        })
     }
 
     fn manifest(&self, image: &str) -> Result<Arc<registry::Manifest>, String> {
@@ -183,29 +216,10 @@ impl Remote for RegistryRemote {
         let image = labels.get(STARGZ_REF_LABEL).or_else(|| labels.get(CRI_REF_LABEL));
         let digest = labels.get(STARGZ_DIGEST_LABEL).or_else(|| labels.get(CRI_DIGEST_LABEL));
         let (Some(image), Some(digest)) = (image, digest) else { return Ok(None) };
+        let layer = self.layer_of(image, digest, labels);
+        // After the layer's own resolution, so the read-ahead finds its manifest cached.
         self.warm_later_layers(image, digest, labels);
-        let labelled_toc = labels.get(estargz::toc::TOC_DIGEST_ANNOTATION);
-        let labelled_size = labels.get(LAYER_SIZE_LABEL).and_then(|s| s.parse::<u64>().ok());
-        if let (Some(toc), Some(size)) = (labelled_toc, labelled_size) {
-            return Ok(Some(RemoteLayer {
-                image_ref: image.clone(),
-                digest: digest.clone(),
-                size,
-                toc_digest: toc.clone(),
-            }));
-        }
-        let m = self.manifest(image)?;
-        let d = m.layers.iter().find(|l| &l.digest == digest).ok_or_else(|| format!("not in manifest: layer {digest} is not in {image}"))?;
-        let toc = labels
-            .get(estargz::toc::TOC_DIGEST_ANNOTATION)
-            .or_else(|| d.annotations.get(estargz::toc::TOC_DIGEST_ANNOTATION))
-            .ok_or_else(|| format!("not eStargz: layer {digest} has no {} annotation", estargz::toc::TOC_DIGEST_ANNOTATION))?;
-        Ok(Some(RemoteLayer {
-            image_ref: image.clone(),
-            digest: digest.clone(),
-            size: d.size,
-            toc_digest: toc.clone(),
-        }))
+        layer.map(Some)
     }
 
     fn mount(&self, layer: &RemoteLayer, dir: &Path) -> Result<(), String> {
