@@ -109,11 +109,11 @@ impl TailSource {
     /// The bytes from `start` to the end of the blob, if the reads passed on cover them.
     pub fn passed_tail(&self, start: u64) -> Option<Vec<u8>> {
         let size = self.inner.size();
-        let mut reads = self.passed.lock().unwrap().clone();
+        let mut reads = self.passed.lock().unwrap();
         reads.sort_by_key(|r| r.0);
         let mut out = Vec::with_capacity(size.saturating_sub(start) as usize);
         let mut at = start;
-        for (off, bytes) in &reads {
+        for (off, bytes) in reads.iter() {
             let end = off + bytes.len() as u64;
             if *off > at {
                 return None;
