@@ -14,11 +14,12 @@ build:
 release:
 	$(CARGO) build --release --locked -p lazypull
 
-# Unit + integration tests, including interop with the Go reference library (required here:
-# a missing Go toolchain fails the run instead of skipping).
+# Unit + integration tests, including interop with the Go reference library and the real
+# runtime (required here: a missing tool fails the run instead of skipping); ends with a
+# one-line summary (passed / failed / skipped, wall time).
 test:
 	scripts/install-deps.sh test
-	LAZYPULL_INTEROP=required $(CARGO) test --workspace --locked
+	CARGO=$(CARGO) scripts/test.sh
 
 demo:
 	scripts/install-deps.sh demo

@@ -53,13 +53,19 @@ pub async fn extract_layer(store: &Store, d: &Descriptor, state: &Path) -> Resul
     Ok(fs_dir)
 }
 
-/// Mounts a read-only overlayfs of `lowers` (bottom layer first) at `at`.
-pub fn mount_overlay(lowers: &[PathBuf], at: &Path) -> Result<()> {
+/// Mounts a read-only overlayfs of `lowers` (bottom layer first) at `at`; `nosuid,nodev`
+/// unless the image's privileges are to be honoured.
+/// Returns the overlay's device number (its identity for a later unmount).
+pub fn mount_overlay(lowers: &[PathBuf], at: &Path, privileges: lazyfs::Privileges) -> Result<u64> {
     std::fs::create_dir_all(at)?;
     // overlayfs lists the top layer first.
     let list: Vec<String> = lowers.iter().rev().map(|p| p.display().to_string()).collect();
     let data = format!("lowerdir={}", list.join(":"));
-    nix::mount::mount(Some("overlay"), at, Some("overlay"), nix::mount::MsFlags::MS_RDONLY, Some(data.as_str()))
+    let mut flags = nix::mount::MsFlags::MS_RDONLY;
+    if privileges == lazyfs::Privileges::Ignore {
+        flags |= nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+    }
+    nix::mount::mount(Some("overlay"), at, Some("overlay"), flags, Some(data.as_str()))
         .with_context(|| format!("mounting overlayfs at {} ({} layers)", at.display(), lowers.len()))?;
-    Ok(())
+    Ok(std::os::unix::fs::MetadataExt::dev(&std::fs::symlink_metadata(at)?))
 }

@@ -76,6 +76,21 @@ pub struct ServeArgs {
     /// Stay in the foreground (serve until unmounted or signalled).
     #[arg(long)]
     pub foreground: bool,
+    /// Honour the image's setuid/setgid bits, file capabilities and device nodes (mount with
+    /// `suid,dev`). Off by default: any local user could otherwise gain what a hostile image
+    /// grants. The snapshotter sets it for its layers, which sit below a root-only directory.
+    #[arg(long)]
+    pub allow_setuid: bool,
+}
+
+impl ServeArgs {
+    pub fn privileges(&self) -> lazyfs::Privileges {
+        if self.allow_setuid {
+            lazyfs::Privileges::Honour
+        } else {
+            lazyfs::Privileges::Ignore
+        }
+    }
 }
 
 #[derive(Args)]
@@ -126,6 +141,29 @@ struct Record {
     /// FUSE layer mounts (below an overlay) in layer order; empty when the mountpoint is the layer.
     layer_mounts: Vec<PathBuf>,
     overlay: bool,
+    /// Device number of the mount at `mountpoint` (its identity): `umount` detaches only this
+    /// mount, never a newer one at the same path.
+    #[serde(default)]
+    dev: Option<u64>,
+    /// The daemon's start time (clock ticks after boot, /proc/PID/stat field 22): together
+    /// with `pid` it names the process, so a reused pid is never signalled.
+    #[serde(default)]
+    start_ticks: Option<u64>,
+}
+
+/// Start time of process `pid` in clock ticks after boot (`/proc/PID/stat` field 22).
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl Record {
+    /// Whether the recorded daemon is still the process with that pid.
+    fn daemon_alive(&self) -> bool {
+        alive(self.pid) && (self.start_ticks.is_none() || start_ticks(self.pid) == self.start_ticks)
+    }
 }
 
 /// One layer's line in `status.json`.
@@ -187,7 +225,8 @@ fn daemonize(serve: &ServeArgs, mountpoint: &Path) -> Result<()> {
     let dir = mount_dir(&serve.state_dir, mountpoint);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("daemon.log");
-    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    // Appended to: after a restart an old daemon on its way out and the new one share the path.
+    let log = std::fs::File::options().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     args.push("--foreground".into());
     let mut cmd = Command::new(std::env::current_exe()?);
@@ -309,7 +348,9 @@ struct Served {
     dir: PathBuf,
     layers: Vec<ServedLayer>,
     mounts: Vec<MountedLayer>,
-    overlay: bool,
+    /// Device number of our overlay at `mountpoint` (image mounts); its identity, so that only
+    /// our own overlay is ever unmounted.
+    overlay: Option<u64>,
     store: Arc<ChunkStore>,
     stop: Arc<AtomicBool>,
     started: Instant,
@@ -347,8 +388,8 @@ impl Served {
     /// Unmounts everything and stops background work.
     fn shutdown(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if self.overlay && is_mountpoint(&self.mountpoint) {
-            let _ = lazyfs::detach(&self.mountpoint);
+        if let Some(dev) = self.overlay {
+            let _ = lazyfs::detach_if(&self.mountpoint, dev);
         }
         for l in &self.layers {
             if let Some(f) = &l.fetcher {
@@ -360,8 +401,16 @@ impl Served {
                 warn!(error = %e, "unmount");
             }
         }
-        self.write_status();
-        let _ = std::fs::remove_file(self.dir.join("record.json"));
+        // A newer daemon for the same mount point (after a restart) owns the record now.
+        if self.owns_record() {
+            self.write_status();
+            let _ = std::fs::remove_file(self.dir.join("record.json"));
+        }
+    }
+
+    /// Whether `record.json` is this process's (not a newer daemon's at the same path).
+    fn owns_record(&self) -> bool {
+        std::fs::read(self.dir.join("record.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()).is_some_and(|r| r.pid == std::process::id())
     }
 }
 
@@ -429,7 +478,7 @@ fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index:
     });
     let fs_stats = fs.stats.clone();
     std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
-    let mounted = lazyfs::mount_layer(fs, at, &format!("lazypull:{digest}"), serve.threads)?;
+    let mounted = lazyfs::mount_layer(fs, at, &format!("lazypull:{digest}"), serve.threads, serve.privileges())?;
     Ok((
         ServedLayer {
             index,
@@ -451,7 +500,9 @@ fn run_served(served: Served, serve: &ServeArgs, ready_line: String) -> Result<(
         mountpoint: served.mountpoint.clone(),
         source: served.source.clone(),
         layer_mounts: served.mounts.iter().map(|m| m.mountpoint().to_path_buf()).filter(|p| *p != served.mountpoint).collect(),
-        overlay: served.overlay,
+        overlay: served.overlay.is_some(),
+        dev: served.overlay.or_else(|| served.mounts.iter().find(|m| m.mountpoint() == served.mountpoint).map(|m| m.dev())),
+        start_ticks: start_ticks(std::process::id()),
     };
     std::fs::write(served.dir.join("record.json"), serde_json::to_vec_pretty(&record)?)?;
     served.write_status();
@@ -468,11 +519,18 @@ fn run_served(served: Served, serve: &ServeArgs, ready_line: String) -> Result<(
             info!("signalled; unmounting");
             break;
         }
-        if served.mounts.iter().any(|m| m.is_finished()) || (served.overlay && !is_mountpoint(&served.mountpoint)) {
+        // A layer session ends when the kernel drops the connection: its mount was detached
+        // and nothing (no container's overlay) holds it any more. Until then a detached mount
+        // is still served. Only our own overlay counts: a newer mount at the same path is not
+        // ours to watch or to take down.
+        let overlay_gone = served.overlay.is_some_and(|dev| !(is_mountpoint(&served.mountpoint) && std::fs::symlink_metadata(&served.mountpoint).is_ok_and(|m| std::os::unix::fs::MetadataExt::dev(&m) == dev)));
+        if served.mounts.iter().any(|m| m.is_finished()) || overlay_gone {
             info!("mount went away; shutting down");
             break;
         }
-        served.write_status();
+        if served.owns_record() {
+            served.write_status();
+        }
     }
     served.shutdown();
     Ok(())
@@ -512,7 +570,7 @@ pub fn layer_mount(args: LayerMountArgs) -> Result<()> {
         dir: mount_dir(&args.serve.state_dir, &args.mountpoint),
         layers: vec![layer],
         mounts: vec![mounted],
-        overlay: false,
+        overlay: None,
         store,
         stop: Arc::new(AtomicBool::new(false)),
         started: Instant::now(),
@@ -625,16 +683,14 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
             }
         }
     }
-    if !single {
-        crate::fallback::mount_overlay(&lowers, &args.mountpoint)?;
-    }
+    let overlay = if single { None } else { Some(crate::fallback::mount_overlay(&lowers, &args.mountpoint, args.serve.privileges())?) };
     let served = Served {
         source: args.reference.clone(),
         mountpoint: args.mountpoint.clone(),
         dir,
         layers,
         mounts,
-        overlay: !single,
+        overlay,
         store,
         stop: Arc::new(AtomicBool::new(false)),
         started,
@@ -667,22 +723,35 @@ fn alive(pid: u32) -> bool {
 
 /// `lazypull umount MOUNTPOINT`.
 pub fn umount(mountpoint: &Path, state: &Path) -> Result<()> {
-    let (_, rec) = read_record(state, mountpoint)?;
-    if is_mountpoint(&rec.mountpoint) {
-        lazyfs::detach(&rec.mountpoint)?;
+    let (dir, rec) = read_record(state, mountpoint)?;
+    match rec.dev {
+        Some(dev) => {
+            lazyfs::detach_if(&rec.mountpoint, dev)?;
+        }
+        // A record from before identities were kept.
+        None if is_mountpoint(&rec.mountpoint) => lazyfs::detach(&rec.mountpoint)?,
+        None => {}
     }
-    // SAFETY: plain signal delivery to the daemon we started.
-    unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGTERM) };
-    let t = Instant::now();
-    while alive(rec.pid) && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
+    if rec.daemon_alive() {
+        // SAFETY: plain signal delivery to the daemon we started (pid and start time checked).
+        unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGTERM) };
+        let t = Instant::now();
+        while rec.daemon_alive() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if rec.daemon_alive() {
+            warn!(pid = rec.pid, "daemon did not exit; killing it");
+            // SAFETY: as above.
+            unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGKILL) };
+        }
+    } else {
+        // The daemon died without cleaning up: its record is stale.
+        let _ = std::fs::remove_file(dir.join("record.json"));
     }
-    if alive(rec.pid) {
-        warn!(pid = rec.pid, "daemon did not exit; killing it");
-        unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGKILL) };
-    }
+    // Layer mounts of an image's overlay: only while their daemon is gone (it detaches its
+    // own on the way out; what is left at those paths of a dead daemon is dead too).
     for m in &rec.layer_mounts {
-        if is_mountpoint(m) {
+        if is_mountpoint(m) && std::fs::read_dir(m).is_err() {
             let _ = lazyfs::detach(m);
         }
     }
@@ -707,7 +776,7 @@ pub fn status(mountpoint: &Path, state: &Path, json: bool) -> Result<()> {
         println!(
             "  {:>2} {} {mode:9} {:>6.2}% present, {:>10} of {:>10} bytes fetched, {} requests, {} errors{}",
             l.index,
-            &l.digest[..l.digest.len().min(19)],
+            l.digest.chars().take(19).collect::<String>(),
             l.present_percent,
             l.fetched_bytes,
             l.blob_bytes,

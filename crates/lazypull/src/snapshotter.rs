@@ -8,8 +8,11 @@
 //! mount --layer-digest` daemon in its own session (see docs/design.md), so killing the
 //! snapshotter, even with SIGKILL, leaves running containers' layers served. On start, each
 //! recorded remote snapshot whose mount still answers is left alone; a dead one is detached and
-//! mounted again — all before the socket is served (containerd's first call after a restart
-//! must succeed). `layer_daemons = false` serves layers in-process instead.
+//! mounted again — all before the socket is served, but after it exists (bound at once, or
+//! handed over by systemd socket activation), so containerd's calls wait in the backlog and
+//! its first call after a restart succeeds. `Mounts`/`View`/`Prepare` check the remote
+//! parents again later (a daemon may die at any time). `layer_daemons = false` serves layers
+//! in-process instead.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +22,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Deserialize;
 use snapshotter::remote::{RegistryRemote, RemoteConfig};
-use snapshotter::{Remote, Snapshotter};
+use snapshotter::{listener, Remote, Snapshotter};
 use store::{ChunkStore, StoreConfig};
 use tracing::{info, warn};
 
@@ -73,6 +76,9 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
     };
     let root = args.root.or(file.root).unwrap_or_else(|| PathBuf::from("/var/lib/lazypull/snapshotter"));
     let address = args.address.or(file.address).unwrap_or_else(|| PathBuf::from("/run/lazypull/lazypull.sock"));
+    // The socket first, before any thread exists (activation edits the environment) and before
+    // the slow recovery below.
+    let (sock, origin) = listener::listen(&address).with_context(|| format!("listening on {}", address.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut store_cfg = StoreConfig::new(root.join("cache"));
     store_cfg.disk_limit = file.cache_size.unwrap_or(0);
@@ -110,21 +116,24 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
     let remote: Arc<dyn Remote> = if daemons { Arc::new(DaemonRemote { resolver, args: daemon_args }) } else { resolver };
     let snap = Arc::new(Snapshotter::open(&root, Some(remote.clone()))?);
 
-    // Remote snapshots from before a restart: keep the live ones, remount the dead ones.
+    // Remote snapshots from before a restart: keep the live ones, remount the dead ones. The
+    // socket already exists (bound or handed over above), so containerd's calls queue in its
+    // backlog meanwhile instead of being refused.
     for (name, dir, layer) in snap.remote_snapshots()? {
-        if mount_answers(&dir) {
+        if remote.is_live(&dir) {
             info!(%name, "remote snapshot still served");
             continue;
         }
-        if lazyfs::is_mountpoint(&dir) {
-            let _ = lazyfs::detach(&dir);
-        }
-        match remote.mount(&layer, &dir) {
-            Ok(()) => info!(%name, "remote snapshot mounted again"),
-            Err(e) => warn!(%name, error = %e, "cannot mount remote snapshot again; its containers will fail to read"),
+        if let Err(e) = snap.ensure_served(&name, &layer, &dir) {
+            warn!(%name, error = %e, "its containers will fail to read until it can be mounted");
         }
     }
-    info!(socket = %address.display(), root = %root.display(), "serving containerd snapshots API");
+    match &origin {
+        listener::Origin::Activated(path) => {
+            info!(socket = %path.as_deref().unwrap_or(&address).display(), root = %root.display(), "serving containerd snapshots API (socket activated)")
+        }
+        listener::Origin::Bound(path) => info!(socket = %path.display(), root = %root.display(), "serving containerd snapshots API"),
+    }
     if let Some(addr) = file.metrics_address.clone() {
         rt.spawn(crate::metrics::serve(addr, snap.clone(), root.join("layers")));
     }
@@ -137,15 +146,9 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
             }
             info!("shutting down");
         };
-        snapshotter::service::serve(snap.clone(), &address, shutdown).await
+        snapshotter::service::serve(snap.clone(), sock, shutdown).await
     })?;
     Ok(())
-}
-
-/// Whether `dir` is a mount point whose file system answers (a FUSE mount whose daemon died
-/// fails with ENOTCONN).
-fn mount_answers(dir: &std::path::Path) -> bool {
-    lazyfs::is_mountpoint(dir) && std::fs::read_dir(dir).is_ok()
 }
 
 /// How layer daemons are started.
@@ -181,6 +184,9 @@ impl Remote for DaemonRemote {
             .args(["--layer-digest", &layer.digest])
             .args(["--layer-size", &layer.size.to_string()])
             .args(["--toc-digest", &layer.toc_digest])
+            // Container rootfs layers: setuid binaries must work; the snapshotter's root is
+            // root-only (0700), so no other user reaches these mounts.
+            .arg("--allow-setuid")
             .arg("--state-dir")
             .arg(&self.args.state)
             .args(["--fetch-timeout", &self.args.fetch_timeout.to_string()])

@@ -680,10 +680,39 @@ struct SnapshotterDaemon {
     keep_mounts: bool,
 }
 
+/// How the snapshotter gets its socket.
+enum SocketMode<'a> {
+    /// Handed over like systemd socket activation does (`LISTEN_FDS`/`LISTEN_PID`, fd 3): the
+    /// test plays the supervisor and keeps the listening socket across restarts.
+    Activated(&'a std::os::unix::net::UnixListener),
+    /// The snapshotter binds the path itself.
+    Bound,
+}
+
 impl SnapshotterDaemon {
-    fn start(root: &Path, sock: &Path, config: &Path) -> SnapshotterDaemon {
+    /// Starts the snapshotter and returns once it has answered a snapshots API call on `sock`.
+    fn start(root: &Path, sock: &Path, config: &Path, mode: SocketMode) -> SnapshotterDaemon {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
         let log = root.with_extension("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_lazypull"))
+        let exe = env!("CARGO_BIN_EXE_lazypull");
+        let mut cmd = match mode {
+            SocketMode::Bound => Command::new(exe),
+            SocketMode::Activated(listener) => {
+                // `sh` learns its pid as `$$` and keeps it through `exec`, as systemd's own
+                // socket-activate helper does; LISTEN_PID must name the snapshotter's process.
+                let mut c = Command::new("/bin/sh");
+                c.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"", exe]);
+                let fd = listener.as_raw_fd();
+                // SAFETY: between fork and exec only dup2 (async-signal-safe) runs; dup2 onto 3
+                // also clears close-on-exec there.
+                unsafe {
+                    c.pre_exec(move || if libc::dup2(fd, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+                }
+                c
+            }
+        };
+        let child = cmd
             .args(["snapshotter", "--config"])
             .arg(config)
             .arg("--root")
@@ -692,21 +721,26 @@ impl SnapshotterDaemon {
             .arg(sock)
             .env("LAZYPULL_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .stdout(std::fs::File::options().create(true).append(true).open(&log).unwrap())
+            .stderr(std::fs::File::options().create(true).append(true).open(&log).unwrap())
             .spawn()
             .expect("spawn lazypull snapshotter");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "snapshotter did not create its socket:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        let mut d = SnapshotterDaemon { child, log, root: root.to_path_buf(), keep_mounts: false };
+        // Ready means: a call on its socket succeeds (not: the socket file exists).
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = d.child.try_wait().unwrap() {
+                panic!("snapshotter exited with {status} before serving:\n{}", d.log());
+            }
+            let last = match rt.block_on(snapshots_call(sock)) {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            assert!(Instant::now() < deadline, "snapshotter did not answer a List call on {} within 30 s (last error: {last}):\n{}", sock.display(), d.log());
             std::thread::sleep(Duration::from_millis(50));
         }
-        SnapshotterDaemon {
-            child,
-            log,
-            root: root.to_path_buf(),
-            keep_mounts: false,
-        }
+        d
     }
 
     fn log(&self) -> String {
@@ -717,6 +751,179 @@ impl SnapshotterDaemon {
         let root = self.root.to_str().unwrap().to_string();
         std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&root)) && l.contains(" fuse")).count()
     }
+
+    /// The Prometheus endpoint (configured as port 0): the TCP port the process listens on.
+    fn metrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Some(p) = test_registry::listening_tcp_ports(self.child.id()).first() {
+                break *p;
+            }
+            assert!(Instant::now() < deadline, "the snapshotter (pid {}) opened no metrics listener within 10 s:\n{}", self.child.id(), self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        body
+    }
+
+    /// SIGKILL, as a crash would; layer daemons and mounts stay.
+    fn crash(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.keep_mounts = true;
+    }
+}
+
+/// One `List` call of the snapshots API straight on the snapshotter's socket.
+async fn snapshots_call(sock: &Path) -> Result<(), String> {
+    use containerd_api::snapshots::snapshots_client::SnapshotsClient;
+    let mut c = SnapshotsClient::new(containerd_api::unix_channel(sock.to_path_buf()));
+    let req = containerd_api::snapshots::ListSnapshotsRequest { snapshotter: "lazypull".into(), filters: vec![] };
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), c.list(req)).await.map_err(|_| "timed out".to_string())?.map_err(|e| e.to_string())?.into_inner();
+    while stream.message().await.map_err(|e| e.to_string())?.is_some() {}
+    Ok(())
+}
+
+/// One call's start, end and outcome.
+type Call = (Instant, Instant, Result<(), String>);
+
+/// `ctr snapshot --snapshotter lazypull ls` every 100 ms in a thread: what containerd's callers
+/// see while the snapshotter restarts.
+struct LsLoop {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    calls: Arc<std::sync::Mutex<Vec<Call>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LsLoop {
+    fn start(ctd: &Containerd) -> LsLoop {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (sock, scratch, stop2, calls2) = (ctd.sock.clone(), ctd.root.path().to_path_buf(), stop.clone(), calls.clone());
+        let handle = std::thread::spawn(move || {
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                let began = Instant::now();
+                let mut cmd = Command::new(ctr_bin());
+                cmd.args(["--address", &sock, "--namespace", &namespace(), "snapshot", "--snapshotter", "lazypull", "ls"]);
+                let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(60), &scratch);
+                calls2.lock().unwrap().push((began, Instant::now(), if ok { Ok(()) } else { Err(format!("{out}{err}").trim().to_string()) }));
+                std::thread::sleep(Duration::from_millis(100).saturating_sub(began.elapsed()));
+            }
+        });
+        LsLoop { stop, calls, handle: Some(handle) }
+    }
+
+    /// End of the first successful call that started after `t`.
+    fn first_success_after(&self, t: Instant) -> Option<Instant> {
+        self.calls.lock().unwrap().iter().find(|(b, _, r)| *b >= t && r.is_ok()).map(|c| c.1)
+    }
+
+    /// Stops the loop; every call made.
+    fn finish(mut self) -> Vec<Call> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.take().unwrap().join().unwrap();
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+}
+
+/// What callers saw across one snapshotter crash and restart.
+struct RestartReport {
+    calls: usize,
+    failed: Vec<String>,
+    /// kill → end of the first successful `ctr snapshot ls` that began after the kill.
+    first_ok: Duration,
+    /// kill → output of a container started right after the restart.
+    to_container: Duration,
+}
+
+/// Kills the snapshotter (SIGKILL) while a `ctr snapshot ls` loop runs, starts it again with
+/// `start`, runs a container, and reports what the callers saw.
+fn crash_and_restart(ctd: &Containerd, snap: SnapshotterDaemon, start: impl FnOnce() -> SnapshotterDaemon, image: &str) -> (SnapshotterDaemon, RestartReport) {
+    let ls = LsLoop::start(ctd);
+    let warm = Instant::now() + Duration::from_secs(10);
+    while ls.first_success_after(Instant::now() - Duration::from_secs(60)).is_none() {
+        assert!(Instant::now() < warm, "`ctr snapshot ls` does not succeed before the crash");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = Instant::now();
+    snap.crash();
+    let snap = start();
+    // A container started right after the restart (retried while containerd still refuses,
+    // which only happens without socket activation; those failures are counted).
+    let mut container_failures = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let id = format!("lp-snap-restart-{}-{}", std::process::id(), killed.elapsed().as_nanos());
+        let (ok, out, err) = ctd.ctr(&["run", "--rm", "--snapshotter", "lazypull", image, &id, "/bin/echo", "up"], Duration::from_secs(60));
+        if ok {
+            assert_eq!(out.trim(), "up");
+            break;
+        }
+        let _ = ctd.ctr(&["container", "delete", &id], Duration::from_secs(10));
+        container_failures.push(format!("ctr run: {}", err.trim()));
+        assert!(Instant::now() < deadline, "no container started within 90 s of the restart: {container_failures:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let to_container = killed.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first_ok = loop {
+        if let Some(t) = ls.first_success_after(killed) {
+            break t.duration_since(killed);
+        }
+        assert!(Instant::now() < deadline, "no successful `ctr snapshot ls` within 60 s of the restart: {:?}", ls.calls.lock().unwrap().iter().filter_map(|c| c.2.as_ref().err()).collect::<Vec<_>>());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // A few more calls after the first success.
+    std::thread::sleep(Duration::from_millis(300));
+    let calls = ls.finish();
+    let failed = calls.iter().filter_map(|c| c.2.as_ref().err().cloned()).chain(container_failures).collect();
+    (snap, RestartReport { calls: calls.len(), failed, first_ok, to_container })
+}
+
+/// Process ids of the layer daemons (`lazypull mount --layer-digest …`) serving below `state`.
+fn layer_daemons(state: &Path) -> Vec<i32> {
+    let state = state.to_str().unwrap();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.iter().any(|a| a == "mount") && args.iter().any(|a| a == "--layer-digest") && args.iter().any(|a| a == state) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The logs of every layer daemon below `state`.
+fn daemon_logs(state: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(state.join("mounts")).into_iter().flatten().flatten() {
+        out.push_str(&format!("--- {}\n{}", e.path().display(), std::fs::read_to_string(e.path().join("daemon.log")).unwrap_or_default()));
+    }
+    out
+}
+
+/// How often `needle` occurs in the log of the snapshotter rooted at `root` (all its runs).
+fn snap_log_count(root: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(root.with_extension("log")).unwrap_or_default().matches(needle).count()
+}
+
+/// FUSE mount points below `root`.
+fn fuse_mount_points(root: &Path) -> Vec<String> {
+    let root = root.to_str().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" fuse"))
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(root))
+        .map(str::to_string)
+        .collect()
 }
 
 impl Drop for SnapshotterDaemon {
@@ -780,19 +987,15 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     std::fs::create_dir_all(&run_dir).unwrap();
     let sock = run_dir.join("s.sock");
     let config = snap_root.path().join("config.toml");
-    let metrics_port = test_registry::free_port();
     // No background fill and no whole-layer prefetch of small layers within the test: the
-    // laziness assertion below measures what on-demand reads fetch.
-    std::fs::write(&config, format!("background_delay_secs = 30.0\nsmall_layer_prefetch_bytes = 0\nfetch_timeout_secs = 10\nmetrics_address = \"127.0.0.1:{metrics_port}\"\n")).unwrap();
-    let metrics = || {
-        use std::io::{Read as _, Write as _};
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("metrics endpoint");
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut body = String::new();
-        c.read_to_string(&mut body).unwrap();
-        body
-    };
-    let snap = SnapshotterDaemon::start(&snap_root.path().join("root"), &sock, &config);
+    // laziness assertion below measures what on-demand reads fetch. The metrics endpoint binds
+    // port 0; the test finds the port from the process's sockets.
+    std::fs::write(&config, "background_delay_secs = 30.0\nsmall_layer_prefetch_bytes = 0\nfetch_timeout_secs = 10\nmetrics_address = \"127.0.0.1:0\"\n").unwrap();
+    // The test plays systemd: it holds the listening socket, the snapshotter gets it as fd 3.
+    let activated = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let snap_state = snap_root.path().join("root");
+    let start_activated = || SnapshotterDaemon::start(&snap_state, &sock, &config, SocketMode::Activated(&activated));
+    let snap = start_activated();
     let ctd = Containerd::start_with(&format!(
         "\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"lazypull\"\n    disable_snapshot_annotations = false\n  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n    endpoint = [\"http://{host}\"]\n",
         serde_json::to_string(sock.to_str().unwrap()).unwrap(),
@@ -844,7 +1047,7 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     let log = snap.log();
     assert_eq!(log.matches("remote snapshot mounted lazily").count(), layers.len(), "every layer must be a remote snapshot:\n{log}");
     assert!(snap.fuse_mounts() >= layers.len());
-    let m = metrics();
+    let m = snap.metrics();
     assert!(m.contains(&format!("lazypull_remote_snapshots_total {}", layers.len())), "{m}");
     assert!(m.contains(&format!("lazypull_fetched_bytes_total{{layer=\"{}\"}}", layers[0].0)), "{m}");
     assert!(m.contains("lazypull_fetch_latency_seconds_count"), "{m}");
@@ -855,12 +1058,16 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     let long = format!("lp-snap-long-{}", std::process::id());
     ctd.containers.borrow_mut().push(long.clone());
     ctd.ctr_ok(&["run", "-d", "--snapshotter", "lazypull", &esgz, &long, "/bin/busybox", "sleep", "600"], Duration::from_secs(60));
-    let mut snap = snap;
-    snap.child.kill().unwrap();
-    snap.child.wait().unwrap();
-    snap.keep_mounts = true;
-    drop(snap);
-    let snap = SnapshotterDaemon::start(&snap_root.path().join("root"), &sock, &config);
+    // With socket activation no call made during the restart may fail.
+    let (snap, r) = crash_and_restart(&ctd, snap, start_activated, &esgz);
+    eprintln!(
+        "restart (socket activated): {} calls, {} failed; kill → first successful call {:.0?}, kill → container output {:.0?}",
+        r.calls,
+        r.failed.len(),
+        r.first_ok,
+        r.to_container
+    );
+    assert!(r.failed.is_empty(), "calls failed during a socket-activated restart: {:?}", r.failed);
     let out = ctd.ctr_ok(&["task", "exec", "--exec-id", "sum", &long, "/bin/sha256sum", "/data/big.bin"], Duration::from_secs(60));
     assert_eq!(out.split_whitespace().next(), Some(sha_hex(&big).as_str()), "uncached read after the restart");
     assert!(snap.log().contains("remote snapshot still served"), "restart did not adopt the live mounts:\n{}", snap.log());
@@ -878,6 +1085,66 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     let (_, want_listing): (Vec<String>, Vec<String>) = want.listing.iter().cloned().partition(|l| ESTARGZ_METADATA.contains(&path_of(l)));
     assert_eq!(got.hello, HELLO);
     assert!(got.listing == want_listing, "lazy rootfs differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want_listing, &got.listing));
+
+    // Without socket activation: the snapshotter removes the stale socket and binds at once;
+    // containerd's connection may still be in reconnect back-off. Measured, not required.
+    let bound = || SnapshotterDaemon::start(&snap_state, &sock, &config, SocketMode::Bound);
+    let (snap, r) = crash_and_restart(&ctd, snap, bound, &esgz);
+    eprintln!(
+        "restart (bound by the snapshotter): {} calls, {} failed{}; kill → first successful call {:.0?}, kill → container output {:.0?}",
+        r.calls,
+        r.failed.len(),
+        r.failed.first().map(|f| format!(" (first: {f})")).unwrap_or_default(),
+        r.first_ok,
+        r.to_container
+    );
+    // Back to the supervisor's socket for the rest (the bound one replaced its file).
+    drop(activated);
+    let activated = std::os::unix::net::UnixListener::bind({
+        let _ = std::fs::remove_file(&sock);
+        &sock
+    })
+    .unwrap();
+    let start_activated = || SnapshotterDaemon::start(&snap_state, &sock, &config, SocketMode::Activated(&activated));
+    let mut snap = {
+        snap.crash();
+        start_activated()
+    };
+
+    // A reboot: the snapshotter stops, every layer daemon is gone and its FUSE mount detached;
+    // once with the old daemons already exited, once while they are still exiting (their way
+    // out must not take the new mounts with it). The restarted snapshotter mounts every layer
+    // again and containers see the right files.
+    for still_exiting in [false, true] {
+        snap.crash();
+        let daemons = layer_daemons(&snap_state.join("layers"));
+        assert!(daemons.len() >= layers.len(), "expected a daemon per layer, found {daemons:?}");
+        let signal = if still_exiting { libc::SIGTERM } else { libc::SIGKILL };
+        for pid in &daemons {
+            // SAFETY: signalling processes the test's snapshotter started.
+            unsafe { libc::kill(*pid, signal) };
+        }
+        if !still_exiting {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while daemons.iter().any(|p| Path::new(&format!("/proc/{p}")).exists() && !std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default().contains(") Z")) {
+                assert!(Instant::now() < deadline, "layer daemons did not die");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for m in fuse_mount_points(&snap_state) {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        let before = snap_log_count(&snap_state, "remote snapshot mounted again");
+        let snap2 = start_activated();
+        let remounted = snap_log_count(&snap_state, "remote snapshot mounted again") - before;
+        let id = format!("lp-snap-reboot-{}-{still_exiting}", std::process::id());
+        let got = parse_report(&ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &esgz, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(120)));
+        assert!(got.listing == want_listing, "after a reboot (old daemons still exiting: {still_exiting}) the rootfs differs (- overlayfs, + lazypull):\n{}\nsnapshotter log:\n{}", diff(&want_listing, &got.listing), snap2.log());
+        eprintln!("reboot (old daemons still exiting: {still_exiting}): {remounted} layers mounted again at start, {} FUSE mounts, rootfs identical", snap2.fuse_mounts());
+        assert!(remounted >= layers.len(), "not every layer was mounted again:\n{}", snap2.log());
+        assert!(snap2.fuse_mounts() >= layers.len(), "layers not mounted after the reboot:\n{}\nlayer daemons:\n{}", snap2.log(), daemon_logs(&snap_state.join("layers")));
+        snap = snap2;
+    }
 
     // An image converted by the reference converter (ctr-remote) runs lazily too, with the same
     // filesystem.
@@ -905,7 +1172,7 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     assert_eq!(out, HELLO);
     let log = snap.log();
     assert!(log.contains("falling back") && log.contains("not eStargz"), "fallback reason not logged:\n{log}");
-    let m = metrics();
+    let m = snap.metrics();
     assert!(m.contains("lazypull_fallbacks_total{reason=\"not eStargz\"} 2"), "{m}");
 
     // Removing the images frees every snapshot and unmounts the lazy layers.

@@ -114,6 +114,20 @@ impl Mounted {
         let out = lazypull(&["status", self.mountpoint.to_str().unwrap(), "--state-dir", self.state.to_str().unwrap(), "--json"]);
         serde_json::from_str(&out).unwrap()
     }
+
+    /// A status the daemon wrote after this call began (it rewrites status.json periodically).
+    fn fresh_status(&self) -> serde_json::Value {
+        let before: f64 = self.status()["mounted_secs"].as_f64().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = self.status();
+            if st["mounted_secs"].as_f64().unwrap() > before {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "status.json not rewritten within 10 s:\n{}", tail(&self.log(), 20));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Mounted {
@@ -454,14 +468,22 @@ fn registry_image_identity_laziness_integrity_concurrency() {
             std::thread::sleep(Duration::from_millis(200));
         };
         assert!(libraries >= 3, "libc, libselinux and (through it) libpcre2 prefetched, got {libraries}:\n{}", tail(&m.log(), 20));
-        std::thread::sleep(Duration::from_millis(1500)); // let status.json count those requests
-        let requests = m.status()["layers"][0]["requests"].as_u64().unwrap();
+        // Those requests settle: two fresh statuses in a row count the same.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut requests = m.fresh_status()["layers"][0]["requests"].as_u64().unwrap();
+        loop {
+            let now = m.fresh_status()["layers"][0]["requests"].as_u64().unwrap();
+            if now == requests {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the library prefetch's requests did not settle");
+            requests = now;
+        }
         for lib in ls_libraries() {
             let got = std::fs::read(m.mountpoint.join(&lib)).unwrap();
             assert_eq!(got, std::fs::read(Path::new("/").join(&lib)).unwrap(), "{lib}");
         }
-        std::thread::sleep(Duration::from_millis(1200)); // status.json is rewritten every second
-        assert_eq!(m.status()["layers"][0]["requests"].as_u64().unwrap(), requests, "the libraries were already fetched or in flight");
+        assert_eq!(m.fresh_status()["layers"][0]["requests"].as_u64().unwrap(), requests, "the libraries were already fetched or in flight");
     }
 
     // --- Identity and concurrency on the whole image (overlayfs over two FUSE layers), cold.

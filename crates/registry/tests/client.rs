@@ -606,7 +606,8 @@ async fn mirror_serves_pulls() {
     assert!(f.proxy.requests().is_empty(), "pulls went to the registry, not the mirror: {:?}", f.proxy.requests());
 
     // A registry name that does not answer at all: still served by the mirror.
-    let dead = format!("127.0.0.1:{}", support::registry::free_port());
+    let refusing = support::registry::RefusingAddr::new();
+    let dead = refusing.addr.to_string();
     let c = client(mirror_config(&dead, &f.reg.host), Credentials::anonymous());
     let r = reference(&dead, "lazypull/faults", "v1");
     assert_eq!(c.get_manifest(&r).await.unwrap().digest, m.digest);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
-use support::registry::{free_port, Auth, TestRegistry, TOKEN_SERVICE};
+use support::registry::{listening_tcp_ports, Auth, RefusingAddr, TestRegistry, TOKEN_SERVICE};
 
 struct Resp {
     status: u16,
@@ -144,11 +144,21 @@ fn push_and_pull_blob(reg: &TestRegistry, repo: &str, auth_header: &str, data: &
 }
 
 #[test]
-fn free_port_is_unique_and_bindable() {
-    let a = free_port();
-    let b = free_port();
-    assert_ne!(a, b);
-    std::net::TcpListener::bind(("127.0.0.1", a)).unwrap();
+fn listening_ports_of_a_process_are_found() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    assert!(listening_tcp_ports(std::process::id()).contains(&port));
+    drop(l);
+    assert!(!listening_tcp_ports(std::process::id()).contains(&port), "a closed listener is not reported");
+}
+
+#[test]
+fn refusing_addr_refuses_and_keeps_its_port() {
+    let r = RefusingAddr::new();
+    let err = std::net::TcpStream::connect(r.addr).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    // Held: nobody else can listen on it while the value lives.
+    assert!(std::net::TcpListener::bind(r.addr).is_err());
 }
 
 #[test]

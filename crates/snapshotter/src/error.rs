@@ -14,6 +14,9 @@ pub enum Error {
     InvalidArgument(String),
     #[error("metadata store: {0}")]
     Meta(String),
+    /// A remote snapshot's layer is not served and could not be mounted again.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{what} {path}: {reason}")]
     Io { what: String, path: String, reason: String },
 }
@@ -36,6 +39,7 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            Error::Unavailable(_) => tonic::Status::unavailable(msg),
             Error::Meta(_) | Error::Io { .. } => tonic::Status::internal(msg),
         }
     }

@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod filter;
+pub mod listener;
 pub mod meta;
 pub mod remote;
 pub mod service;

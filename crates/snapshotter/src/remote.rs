@@ -241,12 +241,19 @@ impl Remote for RegistryRemote {
         let fetcher = opened.fetcher.clone();
         let landmark = if self.config.prefetch { lazyfs::prefetch_end(&opened.view, &fetcher, self.config.small_layer_prefetch) } else { None };
         let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), self.config.fs.clone());
-        let mount = lazyfs::mount_layer(fs, dir, &format!("lazypull:{}", layer.digest), self.config.threads).map_err(|e| format!("mount: {e}"))?;
+        let mount = lazyfs::mount_layer(fs, dir, &format!("lazypull:{}", layer.digest), self.config.threads, lazyfs::Privileges::Honour).map_err(|e| format!("mount: {e}"))?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         fetcher
             .spawn_fill(landmark, self.config.background, self.config.background_delay, stop.clone())
             .map_err(|e| format!("spawning the fill thread: {e}"))?;
-        self.mounts.lock().unwrap().insert(dir.to_path_buf(), Mounted { _mount: mount, fetcher, stop });
+        let replaced = self.mounts.lock().unwrap().insert(dir.to_path_buf(), Mounted { _mount: mount, fetcher, stop });
+        if let Some(old) = replaced {
+            // A dead mount replaced by a new one: its session may take a while to end (its
+            // superblock lives while a container still holds it); never wait for it here.
+            old.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            old.fetcher.close();
+            std::thread::spawn(move || drop(old));
+        }
         Ok(())
     }
 

@@ -151,13 +151,11 @@ impl Snapshots for Service {
     }
 }
 
-/// Serves the snapshots API on a unix socket until `shutdown` resolves.
-pub async fn serve(inner: Arc<Snapshotter>, socket: &std::path::Path, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(socket);
-    let listener = tokio::net::UnixListener::bind(socket)?;
+/// Serves the snapshots API on a listening unix socket (see [`crate::listener`]) until
+/// `shutdown` resolves. Calls that arrived in the backlog before this point are served.
+pub async fn serve(inner: Arc<Snapshotter>, listener: std::os::unix::net::UnixListener, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(Service::new(inner)))

@@ -56,6 +56,12 @@ pub trait Remote: Send + Sync {
     fn mount(&self, layer: &RemoteLayer, dir: &Path) -> std::result::Result<(), String>;
     /// Unmounts what `mount` mounted at `dir`.
     fn unmount(&self, dir: &Path);
+    /// Whether the layer mounted at `dir` is served right now: a mount point whose file system
+    /// answers (a FUSE mount whose daemon died fails with ENOTCONN; a detached one is no mount
+    /// point any more and would leave containerd an empty lower directory).
+    fn is_live(&self, dir: &Path) -> bool {
+        lazyfs::is_mountpoint(dir) && std::fs::read_dir(dir).is_ok()
+    }
     /// Frees cached data of layers no longer in `live` (called after a remote snapshot is
     /// removed, e.g. because its image was).
     fn collect_garbage(&self, _live: &[RemoteLayer]) {}
@@ -74,6 +80,8 @@ pub struct Snapshotter {
     remote: Option<Arc<dyn Remote>>,
     /// containerd calls concurrently; snapshot operations are short and serialized.
     lock: Mutex<()>,
+    /// Serializes mounting remote snapshots again (see [`Snapshotter::ensure_served`]).
+    remount: Mutex<()>,
     pub stats: Stats,
 }
 
@@ -88,12 +96,17 @@ fn kind_name(k: Kind) -> &'static str {
 impl Snapshotter {
     pub fn open(root: &Path, remote: Option<Arc<dyn Remote>>) -> Result<Snapshotter> {
         std::fs::create_dir_all(root.join("snapshots")).map_err(|e| Error::io("creating", root, e))?;
+        // Remote snapshots are mounted with suid,dev (they are container root filesystems):
+        // only root may reach them, as with containerd's own snapshotters.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(|e| Error::io("restricting", root, e))?;
         let meta = Meta::open(&root.join("metadata.redb"))?;
         Ok(Snapshotter {
             root: root.to_path_buf(),
             meta,
             remote,
             lock: Mutex::new(()),
+            remount: Mutex::new(()),
             stats: Stats::default(),
         })
     }
@@ -200,16 +213,46 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Committed ancestors' `fs` directories, nearest first.
+    /// Committed ancestors' `fs` directories, nearest first. Remote ancestors are checked to be
+    /// served, and mounted again if not: containerd must never get an empty lower directory.
     fn lowers(&self, parent: &str) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         let mut p = parent.to_string();
         while !p.is_empty() {
             let r = self.meta.get(&p)?.ok_or_else(|| Error::NotFound(p.clone()))?;
+            if let Some(layer) = &r.remote {
+                self.ensure_served(&p, layer, &self.fs_dir(r.id))?;
+            }
             out.push(self.fs_dir(r.id));
             p = r.parent;
         }
         Ok(out)
+    }
+
+    /// Mounts remote snapshot `name` at `dir` again unless its mount is live (its daemon died,
+    /// or the node rebooted and something detached it).
+    pub fn ensure_served(&self, name: &str, layer: &RemoteLayer, dir: &Path) -> Result<()> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        if remote.is_live(dir) {
+            return Ok(());
+        }
+        let _g = self.remount.lock().unwrap();
+        if remote.is_live(dir) {
+            return Ok(());
+        }
+        if lazyfs::is_mountpoint(dir) {
+            let _ = lazyfs::detach(dir);
+        }
+        match remote.mount(layer, dir) {
+            Ok(()) => {
+                info!(name, layer = %layer.digest, "remote snapshot mounted again");
+                Ok(())
+            }
+            Err(reason) => {
+                warn!(name, layer = %layer.digest, %reason, "cannot mount remote snapshot again");
+                Err(Error::Unavailable(format!("remote snapshot {name} (layer {}) is not served and cannot be mounted again: {reason}", layer.digest)))
+            }
+        }
     }
 
     fn mounts_of(&self, _key: &str, r: &Record) -> Result<Vec<Mount>> {

@@ -23,7 +23,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -133,76 +133,75 @@ impl TestRegistry {
         let log_path = dir.path().join("registry.log");
         let config_path = dir.path().join("config.yml");
 
-        // The registry's port is chosen before it binds, so another process may grab it in
-        // between; retry with a new port in that (rare) case.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let port = free_port();
-            let config = format!(
-                "version: 0.1\n\
-                 log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
-                 storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
-                 redirect:\n    disable: true\n  maintenance:\n    uploadpurging:\n      enabled: false\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: {secret}\n  headers:\n    X-Content-Type-Options: [nosniff]\n\
-                 health:\n  storagedriver:\n    enabled: false\n\
-                 {auth_yaml}",
-                storage = yaml_path(&storage),
-                secret = yaml_str(&random_hex(16)),
-            );
-            fs::write(&config_path, &config).expect("write registry config");
-            let log_file = File::create(&log_path).expect("create registry log");
-            let mut cmd = Command::new(REGISTRY_BIN);
-            cmd.arg("serve")
-                .arg(&config_path)
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().expect("dup log fd"))
-                .stderr(log_file);
-            // REGISTRY_* variables override the config file; keep the environment from
-            // changing what the tests run against.
-            for (k, _) in std::env::vars_os() {
-                if k.to_string_lossy().starts_with("REGISTRY_") {
-                    cmd.env_remove(&k);
+        // The registry binds port 0 itself (no probe-then-bind race with other tests); its port
+        // is read back from the kernel: the TCP socket in LISTEN state that this child owns.
+        let config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
+             redirect:\n    disable: true\n  maintenance:\n    uploadpurging:\n      enabled: false\n\
+             http:\n  addr: 127.0.0.1:0\n  secret: {secret}\n  headers:\n    X-Content-Type-Options: [nosniff]\n\
+             health:\n  storagedriver:\n    enabled: false\n\
+             {auth_yaml}",
+            storage = yaml_path(&storage),
+            secret = yaml_str(&random_hex(16)),
+        );
+        fs::write(&config_path, &config).expect("write registry config");
+        let log_file = File::create(&log_path).expect("create registry log");
+        let mut cmd = Command::new(REGISTRY_BIN);
+        cmd.arg("serve")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log fd"))
+            .stderr(log_file);
+        // REGISTRY_* variables override the config file; keep the environment from
+        // changing what the tests run against.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("REGISTRY_") {
+                cmd.env_remove(&k);
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn docker-registry");
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut host = None;
+        let outcome = loop {
+            if let Some(status) = child.try_wait().expect("poll docker-registry") {
+                break Err(format!("docker-registry exited early with {status}"));
+            }
+            if host.is_none() {
+                host = listening_tcp_ports(child.id()).first().map(|p| format!("127.0.0.1:{p}"));
+            }
+            if let Some(h) = &host {
+                if probe_v2(h) {
+                    break Ok(h.clone());
                 }
             }
-            let mut child = cmd.spawn().expect("spawn docker-registry");
-            let host = format!("127.0.0.1:{port}");
-            let deadline = Instant::now() + START_TIMEOUT;
-            let outcome = loop {
-                if let Some(status) = child.try_wait().expect("poll docker-registry") {
-                    break Err(format!("docker-registry exited early with {status}"));
-                }
-                if probe_v2(&host) {
-                    break Ok(());
-                }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break Err(format!("docker-registry did not answer on {host} within {START_TIMEOUT:?}"));
-                }
-                thread::sleep(Duration::from_millis(20));
-            };
-            match outcome {
-                Ok(()) => {
-                    return TestRegistry {
-                        url: format!("http://{host}"),
-                        host,
-                        token_requests,
-                        token_url: token_server.as_ref().map(|s| s.realm()),
-                        child,
-                        log_path,
-                        token_server,
-                        dir,
-                    };
-                }
-                Err(msg) => {
-                    let log = fs::read_to_string(&log_path).unwrap_or_default();
-                    if attempt < 4 && log.contains("address already in use") {
-                        continue;
-                    }
-                    panic!("{msg}\n--- config ---\n{config}\n--- registry log ---\n{log}");
-                }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let what = match &host {
+                    None => "did not listen on a TCP port".to_string(),
+                    Some(h) => format!("did not answer GET /v2/ on {h}"),
+                };
+                break Err(format!("docker-registry {what} within {START_TIMEOUT:?}"));
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        match outcome {
+            Ok(host) => TestRegistry {
+                url: format!("http://{host}"),
+                host,
+                token_requests,
+                token_url: token_server.as_ref().map(|s| s.realm()),
+                child,
+                log_path,
+                token_server,
+                dir,
+            },
+            Err(msg) => {
+                let log = fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("{msg}\n--- config ---\n{config}\n--- registry log ---\n{log}");
             }
         }
     }
@@ -237,18 +236,47 @@ impl Drop for TestRegistry {
     }
 }
 
-/// A currently free TCP port on 127.0.0.1. Ports are never handed out twice by one process,
-/// so concurrently starting tests do not collide with each other.
-pub fn free_port() -> u16 {
-    static GIVEN: OnceLock<Mutex<std::collections::HashSet<u16>>> = OnceLock::new();
-    let given = GIVEN.get_or_init(Default::default);
-    loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = l.local_addr().expect("local_addr").port();
-        drop(l);
-        if given.lock().unwrap().insert(port) {
-            return port;
+/// TCP ports on which process `pid` listens (IPv4 and IPv6), found by matching the socket
+/// inodes of its open descriptors against the kernel's socket tables. This is how a test learns
+/// the port of a server that bound port 0 and does not print it.
+pub fn listening_tcp_ports(pid: u32) -> Vec<u16> {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    let inodes: std::collections::HashSet<String> = fds
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter_map(|l| l.to_str().and_then(|s| s.strip_prefix("socket:[")).and_then(|s| s.strip_suffix(']')).map(str::to_string))
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                if let Some(port) = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                    ports.push(port);
+                }
+            }
         }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// A 127.0.0.1 address nothing listens on, held for as long as the value lives: the port is
+/// bound (so no other test can take it) but never listened on, so connections are refused.
+pub struct RefusingAddr {
+    _socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+impl RefusingAddr {
+    pub fn new() -> RefusingAddr {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind 127.0.0.1:0");
+        let addr = socket.local_addr().expect("local_addr");
+        RefusingAddr { _socket: socket, addr }
     }
 }
 
