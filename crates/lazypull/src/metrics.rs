@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use snapshotter::Snapshotter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::mount::MountStatus;
 
@@ -79,7 +79,12 @@ pub fn render(snap: &Snapshotter, layer_state: &Path) -> String {
 /// Serves `GET /metrics` on `addr` until the runtime stops.
 pub async fn serve(addr: String, snap: Arc<Snapshotter>, layer_state: PathBuf) {
     let listener = match tokio::net::TcpListener::bind(&addr).await {
-        Ok(l) => l,
+        Ok(l) => {
+            if let Ok(local) = l.local_addr() {
+                info!(address = %local, "serving Prometheus metrics on /metrics");
+            }
+            l
+        }
         Err(e) => {
             warn!(%addr, error = %e, "metrics endpoint not started");
             return;
