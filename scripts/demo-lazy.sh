@@ -32,16 +32,33 @@ trap cleanup EXIT
 rm -rf "$run" "$work/registry" "$work/snapshotter" "$work/containerd"
 mkdir -p "$run"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Servers bind port 0 themselves; their port is read back from the kernel: the TCP socket in
+# LISTEN state (0A) owned by the process (no probe-then-bind race with other programs).
+listen_port() {
+  local inode hex
+  for inode in $(find "/proc/$1/fd" -lname 'socket:*' -printf '%l\n' 2>/dev/null | tr -dc '0-9\n'); do
+    hex=$(awk -v i="$inode" '$4 == "0A" && $10 == i { split($2, a, ":"); print a[2]; exit }' "/proc/$1/net/tcp")
+    if [ -n "$hex" ]; then printf '%d\n' "0x$hex"; return 0; fi
+  done
+  return 1
+}
+# Waits (up to 20 s) for a command to succeed; fails naming what was awaited.
+wait_for() {
+  local what=$1; shift
+  for _ in $(seq 1 200); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "demo: timed out waiting for $what" >&2; return 1
+}
 ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 
 # --- registry ------------------------------------------------------------------------------------
-port=$(free_port)
-printf 'version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\nlog:\n  level: error\n' \
-  "$work/registry" "$port" > "$work/registry.yml"
+printf 'version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:0\nlog:\n  level: error\n' \
+  "$work/registry" > "$work/registry.yml"
 docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+registry_pid=$!
+wait_for "the registry to listen" listen_port "$registry_pid"
+port=$(listen_port "$registry_pid")
+wait_for "the registry to answer GET /v2/" curl -fs "http://127.0.0.1:$port/v2/"
 ref="127.0.0.1:$port/demo/sample:esgz"
 
 # --- the sample image ---------------------------------------------------------------------------
@@ -83,12 +100,13 @@ image_bytes=$(curl -fs -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
   "http://127.0.0.1:$port/v2/demo/sample/manifests/esgz" | jq '[.layers[].size] | add')
 
 # --- lazypull snapshotter and containerd ---------------------------------------------------------
-mport=$(free_port)
-printf 'background_delay_secs = 30.0\nmetrics_address = "127.0.0.1:%s"\n' "$mport" > "$work/snapshotter.toml"
+printf 'background_delay_secs = 30.0\nmetrics_address = "127.0.0.1:0"\n' > "$work/snapshotter.toml"
 LAZYPULL_LOG=info "$bin" snapshotter --config "$work/snapshotter.toml" --root "$work/snapshotter" \
   --address "$run/lp.sock" > "$work/snapshotter.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do [ -S "$run/lp.sock" ] && break; sleep 0.1; done
+snap_pid=$!
+wait_for "the snapshotter's metrics endpoint" listen_port "$snap_pid"
+mport=$(listen_port "$snap_pid")
 {
   echo 'version = 2'
   echo "root = \"$work/containerd\""
@@ -106,8 +124,10 @@ for _ in $(seq 1 100); do [ -S "$run/lp.sock" ] && break; sleep 0.1; done
 } > "$work/containerd.toml"
 containerd --config "$work/containerd.toml" > "$work/containerd.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do ctr -a "$run/c.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
 c() { ctr -a "$run/c.sock" "$@"; }
+wait_for "containerd to answer" c version
+# Ready means: a call through containerd reaches the snapshotter.
+wait_for "the lazypull snapshotter to answer through containerd" c snapshot --snapshotter lazypull ls
 
 # --- the two starts ------------------------------------------------------------------------------
 sync; echo 3 > /proc/sys/vm/drop_caches
@@ -123,8 +143,16 @@ t0=$(date +%s%N)
 lazy_pull=$(ms_since "$t0")
 t0=$(date +%s%N); out=$(c -n demo-lazy run --rm --snapshotter lazypull "$ref" demo-lazy /bin/cat /etc/hello.txt); lazy_run=$(ms_since "$t0")
 echo "  container says: $out"
-sleep 1.5  # layer daemons rewrite their status every second
-lazy_bytes=$(curl -fs "http://127.0.0.1:$mport/metrics" | awk '/^lazypull_fetched_bytes_total/ {s += $2} END {printf "%d", s}')
+# Layer daemons rewrite their status (which /metrics reads) every 250 ms: wait until two
+# readings half a second apart agree.
+fetched() { curl -fs "http://127.0.0.1:$mport/metrics" | awk '/^lazypull_fetched_bytes_total/ {s += $2} END {printf "%d", s}'; }
+lazy_bytes=$(fetched)
+for _ in $(seq 1 20); do
+  sleep 0.5
+  now=$(fetched)
+  if [ "$now" -gt 0 ] && [ "$now" = "$lazy_bytes" ]; then break; fi
+  lazy_bytes=$now
+done
 
 mb() { awk -v b="$1" 'BEGIN {printf "%.1f", b / 1e6}'; }
 echo
