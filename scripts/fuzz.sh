@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make fuzz: runs each cargo-fuzz target for FUZZ_SECONDS (default 120) from a seed corpus of
-# real tars and blobs. Works on the stable toolchain (no sanitizer; libFuzzer's coverage
+# make fuzz: runs each cargo-fuzz target (FUZZ_TARGETS, default all three) for FUZZ_SECONDS
+# (default 120) from a seed corpus of real tars and blobs (and, for layer_read, the hostile
+# blobs of the estargz tests). Works on the stable toolchain (no sanitizer; libFuzzer's coverage
 # instrumentation only). Crashes land in fuzz/artifacts/<target>/ and fail the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,7 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cargo build --release --locked -p lazypull 2>&1 | tail -1
 bin=target/release/lazypull
 seeds=fuzz/seeds
-rm -rf "$seeds" && mkdir -p "$seeds/convert" "$seeds/toc_parse"
+rm -rf "$seeds" && mkdir -p "$seeds/convert" "$seeds/toc_parse" "$seeds/layer_read"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/t/dir/sub"
 printf 'hello\n' > "$tmp/t/dir/a"; head -c 300 /dev/urandom > "$tmp/t/dir/sub/b"
@@ -23,8 +24,12 @@ for f in gnu pax; do
   $bin layer convert --zstd --chunk-size 128 "$seeds/convert/$f.tar" "$seeds/toc_parse/$f.zst" >/dev/null
 done
 
+# layer_read: the real blobs plus every hostile blob the tests build (issue 16's cases).
+cp "$seeds/toc_parse/"* "$seeds/layer_read/"
+LAZYPULL_FUZZ_SEEDS="$PWD/$seeds/layer_read" cargo test --locked -p lazypull-estargz --test hostile_names --test hostile_numbers >/dev/null 2>&1
+
 status=0
-for target in toc_parse convert; do
+for target in ${FUZZ_TARGETS:-toc_parse convert layer_read}; do
   echo "== fuzzing $target for ${secs}s"
   mkdir -p "fuzz/corpus/$target"
   start=$(date +%s)

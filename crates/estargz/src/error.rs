@@ -26,6 +26,14 @@ pub enum Error {
     InvalidFooter(String),
     #[error("invalid TOC: {0}")]
     InvalidToc(String),
+    /// A numeric TOC field out of range: `field` is its JSON key, `entry` the entry's name.
+    #[error("invalid TOC: entry {entry:?}: {field} {value} {reason}")]
+    TocField {
+        entry: String,
+        field: &'static str,
+        value: u64,
+        reason: String,
+    },
     #[error("TOC digest mismatch: expected {expected}, got {actual}")]
     TocDigestMismatch { expected: String, actual: String },
     #[error("chunk digest mismatch for {path} at file offset {chunk_offset} (blob offset {blob_offset}): expected {expected}, got {actual}")]

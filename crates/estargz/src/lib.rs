@@ -18,6 +18,7 @@ pub mod compression;
 pub mod digest;
 pub mod error;
 pub mod footer;
+pub mod limits;
 pub mod path;
 pub mod reader;
 pub mod tar;

@@ -3,8 +3,62 @@
 //! Tar and TOC names come in many spellings (`./etc/`, `etc`, `etc/`). Both sides reduce them to
 //! one canonical relative form, and both refuse names that could escape the layer root: a layer
 //! is untrusted input, and a `../` that survives into a mount or an extraction is a host write.
+//!
+//! The rules are containerd's unpacker's, applied once, when the tree is built (and by the
+//! writer, so a converted layer never carries such a name further): after the harmless spellings
+//! (`./`, `//`, a trailing `/`) are folded away, every component is non-empty, not `.` or `..`,
+//! free of NUL and at most [`MAX_NAME_LEN`] bytes, and a path has at most [`MAX_PATH_DEPTH`]
+//! components. A whiteout `.wh.X` must hide a valid name `X`: `.wh...` (X = `..`) would make an
+//! overlay-style extraction remove the *parent* of the directory it extracts into. `.wh..wh..opq`
+//! is the opaque-directory marker. The same checks are exported for the layers above
+//! ([`component_problem`], [`whiteout`]), which re-apply them as a second line of defense.
 
 use crate::error::{Error, Result};
+use crate::limits::{MAX_NAME_LEN, MAX_PATH_DEPTH};
+
+/// Prefix of overlay whiteout names in a layer tar.
+pub const WHITEOUT_PREFIX: &str = ".wh.";
+/// Name of the opaque-directory marker in a layer tar.
+pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// What a (valid) name means to an overlay filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whiteout<'a> {
+    /// An ordinary name.
+    No,
+    /// `.wh..wh..opq`: the directory holding it is opaque.
+    Opaque,
+    /// `.wh.X`: hides the name `X` of the lower layers.
+    Hides(&'a str),
+}
+
+/// Why `comp` is not an acceptable path component, if it is not.
+pub fn component_problem(comp: &str) -> Option<&'static str> {
+    match comp {
+        "" => Some("empty path component"),
+        "." => Some("current directory (.) component"),
+        ".." => Some("parent directory (..) component"),
+        c if c.contains('\0') => Some("contains a NUL byte"),
+        c if c.contains('/') => Some("component contains a slash"),
+        c if c.len() > MAX_NAME_LEN => Some("component longer than 255 bytes"),
+        _ => None,
+    }
+}
+
+/// Classifies a single component `name`; an error if it is a whiteout of an invalid name
+/// (`.wh.`, `.wh..`, `.wh...`, or a hidden name that is itself unacceptable).
+pub fn whiteout(name: &str) -> std::result::Result<Whiteout<'_>, &'static str> {
+    if name == OPAQUE_MARKER {
+        return Ok(Whiteout::Opaque);
+    }
+    match name.strip_prefix(WHITEOUT_PREFIX) {
+        None => Ok(Whiteout::No),
+        Some(hidden) => match component_problem(hidden) {
+            None => Ok(Whiteout::Hides(hidden)),
+            Some(_) => Err("whiteout of an empty, \".\" or \"..\" name"),
+        },
+    }
+}
 
 /// Canonical relative form of a tar/TOC name: no leading `./`, no `.` components, no trailing
 /// slash, no duplicate slashes; the root is `""`. `what` names the field for the error.
@@ -22,11 +76,18 @@ pub fn normalize(name: &str, what: &'static str) -> Result<String> {
         return Err(unsafe_path("absolute path"));
     }
     let mut out = String::with_capacity(name.len());
+    let mut depth = 0usize;
     for comp in name.split('/') {
         match comp {
             "" | "." => {}
-            ".." => return Err(unsafe_path("parent directory (..) component")),
             c => {
+                if let Some(reason) = component_problem(c) {
+                    return Err(unsafe_path(reason));
+                }
+                depth += 1;
+                if depth > MAX_PATH_DEPTH {
+                    return Err(unsafe_path("more than 4096 path components"));
+                }
                 if !out.is_empty() {
                     out.push('/');
                 }
@@ -34,6 +95,7 @@ pub fn normalize(name: &str, what: &'static str) -> Result<String> {
             }
         }
     }
+    whiteout(base(&out)).map_err(unsafe_path)?;
     Ok(out)
 }
 
@@ -64,9 +126,26 @@ mod tests {
         assert!(normalize("../x", "name").is_err());
         assert!(normalize("a/../../x", "name").is_err());
         assert!(normalize("/etc/passwd", "name").is_err());
+        assert!(normalize(&"x".repeat(256), "name").is_err());
+        assert!(normalize(&"x".repeat(255), "name").is_ok());
+        assert!(normalize(&"a/".repeat(MAX_PATH_DEPTH + 1), "name").is_err());
+        assert!(normalize(&"a/".repeat(MAX_PATH_DEPTH), "name").is_ok());
         assert_eq!(parent("a/b/c"), Some("a/b"));
         assert_eq!(parent("a"), Some(""));
         assert_eq!(parent(""), None);
         assert_eq!(base("a/b"), "b");
+    }
+
+    #[test]
+    fn whiteouts() {
+        for bad in [".wh.", ".wh..", ".wh...", "sub/.wh..", "sub/.wh...", "a/b/.wh."] {
+            let e = normalize(bad, "name").unwrap_err().to_string();
+            assert!(e.contains("whiteout") && e.contains(bad), "{bad}: {e}");
+        }
+        assert_eq!(whiteout(".wh..wh..opq"), Ok(Whiteout::Opaque));
+        assert_eq!(whiteout(".wh.x"), Ok(Whiteout::Hides("x")));
+        assert_eq!(whiteout(".wh..x"), Ok(Whiteout::Hides(".x")));
+        assert_eq!(whiteout("x"), Ok(Whiteout::No));
+        assert!(normalize("sub/.wh.gone", "name").is_ok());
     }
 }

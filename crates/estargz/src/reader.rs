@@ -11,7 +11,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::compression::{decompress_prefix, Compression};
+use crate::compression::{decompress_prefix, decompress_range, Compression};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::footer::{parse_footer, Footer, FooterKind, MAX_FOOTER_SIZE};
@@ -214,6 +214,7 @@ impl<S: BlobSource> Reader<S> {
 
     /// Fetches, decompresses and (if `verify`) checks one chunk of `node`.
     pub fn read_chunk(&self, node: &Node, chunk: &Chunk, verify: bool) -> Result<Vec<u8>> {
+        chunk.check(&node.path)?;
         let len = chunk.next_offset - chunk.offset;
         let mut compressed = vec![0u8; len as usize];
         read(&self.source, chunk.offset, &mut compressed, &node.path)?;
@@ -231,8 +232,8 @@ impl<S: BlobSource> Reader<S> {
         if offset >= node.size || buf.is_empty() {
             return Ok(0);
         }
-        let end = node.size.min(offset + buf.len() as u64);
-        let first = node.chunks.partition_point(|c| c.chunk_offset + c.size <= offset);
+        let end = node.size.min(offset.saturating_add(buf.len() as u64));
+        let first = node.chunks.partition_point(|c| c.chunk_offset.saturating_add(c.size) <= offset);
         let mut done = 0usize;
         for c in &node.chunks[first..] {
             if c.chunk_offset >= end {
@@ -240,8 +241,10 @@ impl<S: BlobSource> Reader<S> {
             }
             let data = self.read_chunk(node, c, verify)?;
             let from = offset.max(c.chunk_offset);
-            let to = end.min(c.chunk_offset + c.size);
-            let src = &data[(from - c.chunk_offset) as usize..(to - c.chunk_offset) as usize];
+            let to = end.min(c.chunk_offset.saturating_add(c.size));
+            let src = data.get((from - c.chunk_offset) as usize..(to - c.chunk_offset) as usize).ok_or_else(|| {
+                Error::InvalidToc(format!("{:?}: chunk at file offset {} decoded to {} bytes, not {}", node.path, c.chunk_offset, data.len(), c.size))
+            })?;
             buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
             done = (to - offset) as usize;
         }
@@ -251,10 +254,12 @@ impl<S: BlobSource> Reader<S> {
 
 /// Decompresses a chunk from its member bytes (`compressed` = `[offset, next_offset)`) and
 /// checks its digest. Public so the lazy filesystem can decode ranges it fetched itself.
+///
+/// Inflates only the chunk's declared bytes (`innerOffset` skipped, `chunkSize` kept), bounded
+/// by [`Chunk::check`]: what the member's own trailer claims is never trusted.
 pub fn decode_chunk(c: Compression, compressed: &[u8], node: &Node, chunk: &Chunk, verify: bool) -> Result<Vec<u8>> {
-    let want = chunk.inner_offset + chunk.size;
-    let mut data = decompress_prefix(c, compressed, want as usize, chunk.offset, &node.path)?;
-    data.drain(..chunk.inner_offset as usize);
+    chunk.check(&node.path)?;
+    let data = decompress_range(c, compressed, chunk.inner_offset, chunk.size as usize, chunk.offset, &node.path)?;
     if verify {
         let expected = chunk.digest.ok_or_else(|| Error::InvalidToc(format!("{:?}: chunk at {} has no chunkDigest; cannot verify", node.path, chunk.chunk_offset)))?;
         let actual = Digest::of(&data);

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 use crate::error::{Error, IoContext, Result};
+use crate::limits::MAX_FILE_SIZE;
 
 pub const BLOCK: u64 = 512;
 /// Largest PAX or GNU long-name payload we accept (hostile input must not make us allocate).
@@ -236,6 +237,10 @@ pub fn index<R: Read, W: Write>(mut input: R, mut copy: W) -> Result<TarIndex> {
         if !matches!(meta.kind, Some(TarKind::Reg)) {
             size = 0;
         }
+        // Readers refuse larger files, and block arithmetic on a size near 2^64 would wrap.
+        if size > MAX_FILE_SIZE {
+            return Err(invalid(header_pos, &format!("entry {:?}: size {size} exceeds the {MAX_FILE_SIZE}-byte file size limit", meta.name)));
+        }
         let entry = IndexedEntry {
             header_start: pending_start.take().unwrap_or(header_pos),
             data_start: pos,
@@ -451,6 +456,19 @@ mod tests {
         assert_eq!(idx.entries.len(), 1);
         assert_eq!(idx.entries[0].meta.name, "stargz.index.json");
         assert_eq!(idx.entries[0].size, 1234);
+    }
+
+    #[test]
+    fn rejects_sizes_that_would_wrap() {
+        let mut h = ustar_header("big", 0, 0o644);
+        // base-256 size field of 2^64 - 1.
+        h[124..128].copy_from_slice(&[0x80, 0, 0, 0]);
+        h[128..136].fill(0xff);
+        h[148..156].fill(b' ');
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        write_octal(&mut h[148..155], sum);
+        let e = index(&h[..], std::io::sink()).unwrap_err().to_string();
+        assert!(e.contains("\"big\"") && e.contains("size"), "{e}");
     }
 
     #[test]

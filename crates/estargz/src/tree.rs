@@ -4,13 +4,17 @@
 //! may be missing, hardlinks point by name, user names are written only when they change). A
 //! filesystem and an extractor need the opposite: one node per inode, children per directory,
 //! resolved hardlinks, link counts and each chunk's compressed byte range. This module does the
-//! conversion once, rejecting what a mount must never see (unsafe names, chunks that do not tile
-//! the file, offsets outside the blob).
+//! conversion once, rejecting what a mount must never see (unsafe names and whiteouts, see
+//! [`crate::path`]; chunks that do not tile the file or go backwards in the blob; offsets outside
+//! the blob; sizes beyond [`crate::limits`]). Every sum of TOC numbers is checked, so no value a
+//! TOC can hold makes building, reading or fetching wrap, panic or allocate without bound, and
+//! nothing here recurses over a path.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::limits::{MAX_CHUNK_SIZE, MAX_FILE_SIZE, MAX_MEMBER_SIZE};
 use crate::path::{base, normalize, parent};
 use crate::toc::{EntryType, Toc, TocEntry};
 
@@ -59,6 +63,41 @@ pub struct Chunk {
     pub size: u64,
     /// Expected sha256 of the chunk (absent only in legacy, unverifiable blobs).
     pub digest: Option<Digest>,
+}
+
+impl Chunk {
+    /// Checks what decoding this chunk allocates from: a member range of at most
+    /// [`MAX_MEMBER_SIZE`] bytes and `inner_offset + size` of at most [`MAX_CHUNK_SIZE`]. Trees
+    /// built by [`Tree::build`] always pass; decoders call it because the fields are public.
+    pub fn check(&self, path: &str) -> Result<()> {
+        let field = |field, value, reason: String| Error::TocField {
+            entry: path.to_string(),
+            field,
+            value,
+            reason,
+        };
+        match self.next_offset.checked_sub(self.offset) {
+            Some(len) if len > 0 && len <= MAX_MEMBER_SIZE => {}
+            _ => {
+                return Err(field(
+                    "offset",
+                    self.offset,
+                    format!("starts a member ending at {}, not 1..={MAX_MEMBER_SIZE} compressed bytes later", self.next_offset),
+                ))
+            }
+        }
+        if self.size > MAX_CHUNK_SIZE {
+            return Err(field("chunkSize", self.size, format!("exceeds the {MAX_CHUNK_SIZE}-byte chunk limit")));
+        }
+        match self.inner_offset.checked_add(self.size) {
+            Some(end) if end <= MAX_CHUNK_SIZE => Ok(()),
+            _ => Err(field(
+                "innerOffset",
+                self.inner_offset,
+                format!("plus chunk size {} exceeds the {MAX_CHUNK_SIZE}-byte member prefix limit", self.size),
+            )),
+        }
+    }
 }
 
 /// One inode.
@@ -195,6 +234,14 @@ impl Tree {
             n.xattrs = e.xattrs.clone();
             match kind {
                 NodeKind::Reg => {
+                    if e.size > MAX_FILE_SIZE {
+                        return Err(Error::TocField {
+                            entry: e.name.clone(),
+                            field: "size",
+                            value: e.size,
+                            reason: format!("exceeds the {MAX_FILE_SIZE}-byte file size limit"),
+                        });
+                    }
                     n.size = e.size;
                     n.digest = if e.digest.is_empty() { None } else { Some(e.digest.parse()?) };
                     if e.size > 0 {
@@ -236,20 +283,30 @@ impl Tree {
         Ok(t)
     }
 
-    /// Ensures the parent directories of `path` exist; returns the parent's id.
+    /// Ensures the parent directories of `path` exist; returns the parent's id. Iterative: a
+    /// path may have thousands of components.
     fn parent_dir(&mut self, path: &str) -> Result<NodeId> {
         let Some(p) = parent(path) else { return Ok(ROOT) };
-        if let Some(&id) = self.by_path.get(p) {
-            if self.nodes[id].kind != NodeKind::Dir {
-                return Err(bad(format!("{path:?} is inside {p:?}, which is not a directory")));
+        // The deepest ancestor that exists (the root always does), then the missing ones below it.
+        let mut missing = Vec::new();
+        let mut cur = p;
+        let mut id = loop {
+            if let Some(&id) = self.by_path.get(cur) {
+                break id;
             }
-            return Ok(id);
+            missing.push(cur);
+            cur = parent(cur).expect("the root is in by_path, so the walk ends there");
+        };
+        if self.nodes[id].kind != NodeKind::Dir {
+            return Err(bad(format!("{path:?} is inside {cur:?}, which is not a directory")));
         }
-        let pp = self.parent_dir(p)?;
-        let id = self.nodes.len();
-        self.nodes.push(Node::new(p.to_string(), NodeKind::Dir));
-        self.by_path.insert(p.to_string(), id);
-        self.nodes[pp].children.insert(base(p).to_string(), id);
+        for dir in missing.into_iter().rev() {
+            let new = self.nodes.len();
+            self.nodes.push(Node::new(dir.to_string(), NodeKind::Dir));
+            self.by_path.insert(dir.to_string(), new);
+            self.nodes[id].children.insert(base(dir).to_string(), new);
+            id = new;
+        }
         Ok(id)
     }
 
@@ -342,26 +399,39 @@ impl Tree {
 }
 
 fn chunk_of(e: &TocEntry, starts: &[u64], toc_offset: u64) -> Result<Chunk> {
+    let field = |field, value, reason: String| Error::TocField {
+        entry: e.name.clone(),
+        field,
+        value,
+        reason,
+    };
     if e.offset >= toc_offset || e.offset == 0 {
-        return Err(bad(format!("entry {:?}: payload offset {} is outside the blob payload (TOC at {toc_offset})", e.name, e.offset)));
+        return Err(field("offset", e.offset, format!("is outside the blob payload (TOC at {toc_offset})")));
     }
     let next = match starts.binary_search(&e.offset) {
         Ok(i) => starts.get(i + 1),
         Err(i) => starts.get(i),
     };
     let next_offset = *next.ok_or_else(|| bad(format!("entry {:?}: no member end after offset {}", e.name, e.offset)))?;
+    if e.chunk_offset > MAX_FILE_SIZE {
+        return Err(field("chunkOffset", e.chunk_offset, format!("exceeds the {MAX_FILE_SIZE}-byte file size limit")));
+    }
     let digest = if e.chunk_digest.is_empty() { None } else { Some(e.chunk_digest.parse()?) };
-    Ok(Chunk {
+    let c = Chunk {
         offset: e.offset,
         next_offset,
         inner_offset: e.inner_offset,
         chunk_offset: e.chunk_offset,
         size: e.chunk_size,
         digest,
-    })
+    };
+    // chunkSize 0 ("to the end of the file") is resolved and checked again in `finish_chunks`.
+    c.check(&e.name)?;
+    Ok(c)
 }
 
-/// Resolves "to end of file" chunk sizes and checks that the chunks tile the file exactly.
+/// Resolves "to end of file" chunk sizes and checks that the chunks tile the file exactly and
+/// follow each other in the blob.
 fn finish_chunks(n: &mut Node) -> Result<()> {
     if n.kind != NodeKind::Reg || n.chunks.is_empty() {
         return Ok(());
@@ -369,6 +439,7 @@ fn finish_chunks(n: &mut Node) -> Result<()> {
     n.chunks.sort_by_key(|c| c.chunk_offset);
     let count = n.chunks.len();
     let mut pos = 0u64;
+    let mut prev: Option<(u64, u64)> = None;
     for (i, c) in n.chunks.iter_mut().enumerate() {
         if c.chunk_offset != pos {
             return Err(bad(format!("{:?}: chunk at file offset {} leaves a gap or overlap at {pos}", n.path, c.chunk_offset)));
@@ -380,8 +451,27 @@ fn finish_chunks(n: &mut Node) -> Result<()> {
             c.size = n.size.checked_sub(c.chunk_offset).filter(|s| *s > 0).ok_or_else(|| {
                 bad(format!("{:?}: chunk at {} is beyond the file size {}", n.path, c.chunk_offset, n.size))
             })?;
+            c.check(&n.path)?;
         }
-        pos += c.size;
+        // The next chunk of a file comes later in the blob: in a later member, or further into
+        // the same one. (`check` bounded both terms, so the sum cannot wrap.)
+        if let Some((offset, inner_end)) = prev {
+            if c.offset < offset || (c.offset == offset && c.inner_offset < inner_end) {
+                return Err(Error::TocField {
+                    entry: n.path.clone(),
+                    field: "offset",
+                    value: c.offset,
+                    reason: format!("(innerOffset {}) of the chunk at file offset {} overlaps or precedes the file's previous chunk", c.inner_offset, c.chunk_offset),
+                });
+            }
+        }
+        prev = Some((c.offset, c.inner_offset + c.size));
+        pos = pos.checked_add(c.size).filter(|&p| p <= n.size).ok_or_else(|| Error::TocField {
+            entry: n.path.clone(),
+            field: "chunkSize",
+            value: c.size,
+            reason: format!("of the chunk at file offset {} runs past the {}-byte file", c.chunk_offset, n.size),
+        })?;
     }
     if pos != n.size {
         return Err(bad(format!("{:?}: chunks cover {pos} bytes of a {}-byte file", n.path, n.size)));

@@ -11,16 +11,24 @@
 //! wants) and synthetic whiteouts follow the tree's nodes in walk order, so the same TOC always
 //! yields the same numbers — a requirement for NFS-style file handles and for re-serving a layer
 //! after a daemon restart.
+//!
+//! Names were validated when the tree was built ([`estargz::path`]: no `.`/`..`/empty
+//! components, no whiteout of such a name), but [`Tree`]'s fields are public, so the view
+//! re-checks each child name and drops what a directory listing must never show (a second `..`
+//! entry from a `.wh...` whiteout, say) instead of trusting it.
+//!
+//! Chunks are identified by where they are *and* what they must hash to: two TOC entries naming
+//! the same member range with different `chunkDigest`s get two fetcher chunks, each verified
+//! against its own digest. Sharing one reference would serve the second file the first file's
+//! bytes, verified against the wrong promise.
 
 use std::collections::BTreeMap;
 
+use estargz::path::{component_problem, whiteout, Whiteout};
 use estargz::{NodeKind, Tree, ROOT};
 use store::ChunkRef;
 
-/// Prefix of overlay whiteout names in a layer tar.
-pub const WHITEOUT_PREFIX: &str = ".wh.";
-/// Name of the opaque-directory marker in a layer tar.
-pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
+pub use estargz::path::{OPAQUE_MARKER, WHITEOUT_PREFIX};
 /// The xattr overlayfs reads to treat a lower directory as opaque.
 pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// Root entries that are format bookkeeping, not layer content.
@@ -81,13 +89,12 @@ impl LayerView {
         // Chunk list in blob order, deduplicated, so that file chunks can point into it.
         let mut refs: Vec<ChunkRef> = Vec::new();
         for node in &tree.nodes {
-            for c in &node.chunks {
-                refs.push(ChunkRef::of_file_chunk(node, c));
-            }
+            refs.extend(ChunkRef::of_file(node));
         }
-        refs.sort_by_key(|c| (c.offset, c.inner_offset, c.size));
+        // The fetcher keeps its list in the same order (`ChunkRef::key`), so indices agree.
+        refs.sort_by_key(ChunkRef::key);
         refs.dedup();
-        let index_of = |c: &ChunkRef| refs.binary_search_by_key(&(c.offset, c.inner_offset, c.size), |x| (x.offset, x.inner_offset, x.size)).expect("every chunk is listed");
+        let index_of = |c: &ChunkRef| refs.binary_search_by_key(&c.key(), ChunkRef::key).expect("every chunk is listed");
 
         let mut total_file_bytes = 0;
         let mut prefetch_landmark = None;
@@ -104,10 +111,11 @@ impl LayerView {
                 ino.chunks = node
                     .chunks
                     .iter()
-                    .map(|c| FileChunk {
+                    .zip(ChunkRef::of_file(node))
+                    .map(|(c, r)| FileChunk {
                         file_offset: c.chunk_offset,
                         size: c.size,
-                        fetch_index: index_of(&ChunkRef::of_file_chunk(node, c)),
+                        fetch_index: index_of(&r),
                     })
                     .collect();
             }
@@ -124,12 +132,18 @@ impl LayerView {
                         }
                         continue;
                     }
-                    if name == OPAQUE_MARKER {
+                    // Invalid names (and whiteouts of them) are refused by `Tree::build`; a tree
+                    // assembled otherwise gets them dropped, never listed.
+                    let kind = match whiteout(name) {
+                        Ok(k) if component_problem(name).is_none() => k,
+                        _ => continue,
+                    };
+                    if kind == Whiteout::Opaque {
                         ino.xattrs.insert(OPAQUE_XATTR.to_string(), b"y".to_vec());
                         continue;
                     }
-                    if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-                        if hidden.is_empty() || node.children.contains_key(hidden) {
+                    if let Whiteout::Hides(hidden) = kind {
+                        if node.children.contains_key(hidden) {
                             // A whiteout beside a real entry of the same name: the entry wins.
                             continue;
                         }
@@ -326,6 +340,42 @@ mod tests {
         assert!(v.chunk_refs[prio.chunks[0].fetch_index].next_offset <= v.prefetch_landmark.unwrap());
         assert_eq!(v.get(etc).unwrap().parent, 1);
         assert!(v.get(0).is_none() && v.get(v.max_ino() + 1).is_none());
+    }
+
+    #[test]
+    fn chunks_naming_the_same_bytes_with_different_digests_stay_apart() {
+        use tar::EntryType::*;
+        let r = layer(&[("a", Regular, b"first file", ""), ("b", Regular, b"other file", "")]);
+        // A TOC whose `b` points at `a`'s member but promises its own digest: `b` must be
+        // fetched (and fail verification) on its own, never served `a`'s verified bytes.
+        let mut tree = r.tree().clone();
+        let (a, b) = (tree.lookup("a").unwrap(), tree.lookup("b").unwrap());
+        let mut stolen = tree.nodes[a].chunks[0].clone();
+        stolen.digest = tree.nodes[b].chunks[0].digest;
+        tree.nodes[b].chunks = vec![stolen];
+        let v = LayerView::build(&tree);
+        let fa = v.get(v.resolve("a").unwrap()).unwrap().chunks[0].fetch_index;
+        let fb = v.get(v.resolve("b").unwrap()).unwrap().chunks[0].fetch_index;
+        assert_ne!(fa, fb, "two promises, two chunks");
+        assert_eq!(v.chunk_refs[fa].digest, tree.nodes[a].chunks[0].digest);
+        assert_eq!(v.chunk_refs[fb].digest, tree.nodes[b].chunks[0].digest);
+        assert_eq!((v.chunk_refs[fa].offset, v.chunk_refs[fa].size), (v.chunk_refs[fb].offset, v.chunk_refs[fb].size));
+    }
+
+    #[test]
+    fn invalid_names_in_a_tree_are_never_listed() {
+        use tar::EntryType::*;
+        let r = layer(&[("d/", Directory, b"", ""), ("d/.wh.x", Regular, b"", ""), ("d/f", Regular, b"f", "")]);
+        for bad in [".wh...", ".wh..", ".wh.", "..", ".", "", "a/b"] {
+            // `Tree::build` refuses these; a tree assembled otherwise must not reach a listing.
+            let mut tree = r.tree().clone();
+            let d = tree.lookup("d").unwrap();
+            let id = tree.nodes[d].children.remove(".wh.x").unwrap();
+            tree.nodes[d].children.insert(bad.to_string(), id);
+            let v = LayerView::build(&tree);
+            let names: Vec<&str> = v.get(v.resolve("d").unwrap()).unwrap().children.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, ["f"], "{bad:?}");
+        }
     }
 
     #[test]

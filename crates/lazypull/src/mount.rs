@@ -724,9 +724,14 @@ fn alive(pid: u32) -> bool {
 /// `lazypull umount MOUNTPOINT`.
 pub fn umount(mountpoint: &Path, state: &Path) -> Result<()> {
     let (dir, rec) = read_record(state, mountpoint)?;
+    // A FUSE mount whose daemon died answers ENOTCONN; with the recorded daemon dead, that
+    // dead mount at the recorded path is the one it left.
+    let dead_mount = |p: &Path| is_mountpoint(p) && std::fs::symlink_metadata(p).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
     match rec.dev {
         Some(dev) => {
-            lazyfs::detach_if(&rec.mountpoint, dev)?;
+            if !lazyfs::detach_if(&rec.mountpoint, dev)? && !rec.daemon_alive() && dead_mount(&rec.mountpoint) {
+                lazyfs::detach(&rec.mountpoint)?;
+            }
         }
         // A record from before identities were kept.
         None if is_mountpoint(&rec.mountpoint) => lazyfs::detach(&rec.mountpoint)?,
@@ -764,13 +769,17 @@ pub fn status(mountpoint: &Path, state: &Path, json: bool) -> Result<()> {
     let dir = mount_dir(state, mountpoint);
     let p = dir.join("status.json");
     let bytes = std::fs::read(&p).with_context(|| format!("no status for {} ({} missing)", mountpoint.display(), p.display()))?;
+    let st: MountStatus = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display()))?;
+    // A daemon that crashed leaves its files behind: say so instead of showing it as running.
+    let running = std::fs::read(dir.join("record.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()).is_some_and(|r| r.pid == st.pid && r.daemon_alive());
     if json {
-        std::io::stdout().write_all(&bytes)?;
-        println!();
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes)?;
+        v["running"] = running.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let st: MountStatus = serde_json::from_slice(&bytes)?;
-    println!("{} at {} (pid {}, up {:.0} s, cache {:.1} MB)", st.source, st.mountpoint.display(), st.pid, st.mounted_secs, st.cache_disk_bytes as f64 / 1e6);
+    let state = if running { format!("pid {}, up {:.0} s", st.pid, st.mounted_secs) } else { format!("daemon pid {} NOT RUNNING; last status after {:.0} s", st.pid, st.mounted_secs) };
+    println!("{} at {} ({state}, cache {:.1} MB)", st.source, st.mountpoint.display(), st.cache_disk_bytes as f64 / 1e6);
     for l in &st.layers {
         let mode = if l.lazy { "lazy" } else { "extracted" };
         println!(

@@ -704,10 +704,18 @@ impl SnapshotterDaemon {
                 let mut c = Command::new("/bin/sh");
                 c.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"", exe]);
                 let fd = listener.as_raw_fd();
-                // SAFETY: between fork and exec only dup2 (async-signal-safe) runs; dup2 onto 3
-                // also clears close-on-exec there.
+                // SAFETY: between fork and exec only dup2/fcntl (async-signal-safe) run. dup2
+                // onto 3 clears close-on-exec there; if the listener already is fd 3, dup2 does
+                // nothing, so the flag is cleared by hand.
                 unsafe {
-                    c.pre_exec(move || if libc::dup2(fd, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+                    c.pre_exec(move || {
+                        let r = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+                        if r < 0 {
+                            Err(std::io::Error::last_os_error())
+                        } else {
+                            Ok(())
+                        }
+                    });
                 }
                 c
             }

@@ -356,6 +356,11 @@ fn read_timed(p: &Path) -> (std::io::Result<Vec<u8>>, Duration) {
     (r, t.elapsed())
 }
 
+fn lazyfs_is_mountpoint(p: &Path) -> bool {
+    let canon = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == canon.to_str())
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -484,6 +489,23 @@ fn registry_image_identity_laziness_integrity_concurrency() {
             assert_eq!(got, std::fs::read(Path::new("/").join(&lib)).unwrap(), "{lib}");
         }
         assert_eq!(m.fresh_status()["layers"][0]["requests"].as_u64().unwrap(), requests, "the libraries were already fetched or in flight");
+
+        // A daemon that dies leaves its record: `status` says it is not running, and `umount`
+        // cleans up without signalling whatever process may have its pid now.
+        let st = m.status();
+        assert_eq!(st["running"], true, "{st}");
+        let pid = st["pid"].as_i64().unwrap() as i32;
+        // SAFETY: the daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while m.status()["running"] == true {
+            assert!(Instant::now() < deadline, "status still reports the killed daemon as running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = lazypull(&["status", m.mountpoint.to_str().unwrap(), "--state-dir", m.state.to_str().unwrap()]);
+        assert!(text.contains("NOT RUNNING"), "{text}");
+        lazypull(&["umount", m.mountpoint.to_str().unwrap(), "--state-dir", m.state.to_str().unwrap()]);
+        assert!(!lazyfs_is_mountpoint(&m.mountpoint), "the dead daemon's mount is still attached");
     }
 
     // --- Identity and concurrency on the whole image (overlayfs over two FUSE layers), cold.

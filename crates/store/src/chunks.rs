@@ -74,7 +74,8 @@ enum DiskKey {
 /// Where a chunk of a multi-chunk file lives: inside the file's object, at its file offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileSlot {
-    /// sha256 of the whole file (the TOC's `digest`).
+    /// The object's key: [`crate::fetcher::object_key`], a digest of the file's size and
+    /// verified chunk list (never the TOC's unverified whole-file digest).
     pub file: Digest,
     pub file_size: u64,
     /// Offset of the chunk in the file.

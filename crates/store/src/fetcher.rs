@@ -18,13 +18,17 @@
 //!   neither cached nor returned.
 //! - **Background fill yields.** The background pass (see [`fill`]) waits for a quiet link
 //!   and keeps each of its requests short, so on-demand reads never queue behind it.
+//! - **Every claim is released.** Chunk references come from an untrusted TOC; decoding
+//!   re-checks their bounds ([`estargz::Chunk::check`]) and uses checked arithmetic, and should a
+//!   worker panic anyway, its claims are failed with an [`Error::Fetch`] naming the panic and leave the in-flight
+//!   table, so no reader waits out `wait_timeout` for a fetch that is no longer running.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use estargz::compression::decompress_prefix;
 use estargz::{Compression, Digest};
 use tracing::{debug, warn};
 
@@ -33,7 +37,9 @@ use crate::error::{Error, Result};
 use crate::source::RangeSource;
 
 mod ahead;
+mod decode;
 mod fill;
+mod release;
 
 /// One chunk of the layer: its digest and where its compressed bytes are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,27 +60,47 @@ pub struct ChunkRef {
 }
 
 impl ChunkRef {
-    /// The reference of chunk `c` of file `node`. Chunks of multi-chunk files with a whole-file
-    /// digest are stored inside that file's object, so that a fully fetched file can be passed
-    /// through to the kernel as one backing file.
-    pub fn of_file_chunk(node: &estargz::Node, c: &estargz::Chunk) -> ChunkRef {
-        let slot = match (node.chunks.len() > 1, node.digest) {
-            (true, Some(file)) => Some(crate::chunks::FileSlot {
-                file,
-                file_size: node.size,
-                offset: c.chunk_offset,
-            }),
-            _ => None,
-        };
-        ChunkRef {
-            digest: c.digest,
-            offset: c.offset,
-            next_offset: c.next_offset,
-            inner_offset: c.inner_offset,
-            size: c.size,
-            slot,
-        }
+    /// Identity of a chunk in a layer, and the order of [`LayerFetcher::chunks`]: blob position
+    /// first, then the digest, because two TOC entries may name the same bytes and promise
+    /// different contents — each must be verified against its own promise.
+    pub fn key(&self) -> (u64, u64, u64, Option<Digest>) {
+        (self.offset, self.inner_offset, self.size, self.digest)
     }
+
+    /// The references of every chunk of file `node`, in file order.
+    ///
+    /// Chunks of multi-chunk files are stored inside one object per file, so that a fully
+    /// fetched file can be passed through to the kernel as one backing file. The object is
+    /// keyed by [`object_key`] — a digest of the file's size and chunk list (offset, size and
+    /// digest of every chunk) — and not by the TOC's whole-file `digest`, which nothing
+    /// verifies: a hostile layer could otherwise claim a victim's whole-file digest with other
+    /// bytes and have the victim read them through the shared store. Every chunk written into
+    /// an object was verified against its digest in the list the key commits to, so a complete
+    /// object holds exactly the bytes any layer with the same key expects.
+    pub fn of_file(node: &estargz::Node) -> Vec<ChunkRef> {
+        let key = if node.chunks.len() > 1 { object_key(node) } else { None };
+        node.chunks
+            .iter()
+            .map(|c| ChunkRef {
+                digest: c.digest,
+                offset: c.offset,
+                next_offset: c.next_offset,
+                inner_offset: c.inner_offset,
+                size: c.size,
+                slot: key.map(|file| crate::chunks::FileSlot { file, file_size: node.size, offset: c.chunk_offset }),
+            })
+            .collect()
+    }
+}
+
+/// The store object of a multi-chunk file: sha256 of its size and of every chunk's offset,
+/// size and digest; `None` if a chunk has no digest (then nothing could verify the object).
+pub fn object_key(node: &estargz::Node) -> Option<Digest> {
+    let mut list = format!("lazypull file object v1\nsize {}\n", node.size);
+    for c in &node.chunks {
+        list.push_str(&format!("{} {} {}\n", c.chunk_offset, c.size, c.digest?));
+    }
+    Some(Digest::of(list.as_bytes()))
 }
 
 /// Knobs of the scheduler.
@@ -261,7 +287,7 @@ struct Claim {
 impl LayerFetcher {
     /// `chunks` in any order; they are kept sorted by blob position (duplicates removed).
     pub fn new(blob: impl Into<String>, compression: Compression, mut chunks: Vec<ChunkRef>, source: Arc<dyn RangeSource>, store: Arc<ChunkStore>, config: FetchConfig) -> LayerFetcher {
-        chunks.sort_by_key(|c| (c.offset, c.inner_offset, c.size));
+        chunks.sort_by_key(ChunkRef::key);
         chunks.dedup();
         let total_bytes = member_bytes(&chunks, 0..chunks.len());
         let present = chunks.iter().map(|_| AtomicBool::new(false)).collect();
@@ -306,7 +332,7 @@ impl LayerFetcher {
 
     /// Position of a chunk in [`Self::chunks`].
     pub fn chunk_index(&self, c: &ChunkRef) -> Option<usize> {
-        self.chunks.binary_search_by_key(&(c.offset, c.inner_offset, c.size), |x| (x.offset, x.inner_offset, x.size)).ok()
+        self.chunks.binary_search_by_key(&c.key(), ChunkRef::key).ok()
     }
 
     /// Compressed size of all the layer's chunk members.
@@ -380,7 +406,8 @@ impl LayerFetcher {
             // Chunks sharing a member (innerOffset) count the member once, at its first chunk.
             let first_of_member = i == 0 || self.chunks[i - 1].offset != c.offset;
             if first_of_member {
-                let now = self.stats.present_bytes.fetch_add(c.next_offset - c.offset, Ordering::Relaxed) + (c.next_offset - c.offset);
+                let len = c.next_offset.saturating_sub(c.offset);
+                let now = self.stats.present_bytes.fetch_add(len, Ordering::Relaxed).saturating_add(len);
                 if now >= self.total_bytes {
                     self.stats.complete.store(true, Ordering::Relaxed);
                 }
@@ -569,12 +596,20 @@ impl LayerFetcher {
     ///
     /// With `defer_to`, only the urgent claims are settled before this returns (and only they
     /// are in the result); the rest of the work continues on a helper thread.
-    fn fetch_claims(&self, mut claims: Vec<Claim>, shape: Shape, defer_to: Option<&Arc<LayerFetcher>>) -> HashMap<usize, Result<Arc<Vec<u8>>>> {
+    fn fetch_claims(&self, claims: Vec<Claim>, shape: Shape, defer_to: Option<&Arc<LayerFetcher>>) -> HashMap<usize, Result<Arc<Vec<u8>>>> {
+        let all = claims.clone();
+        match catch_unwind(AssertUnwindSafe(|| self.fetch_claims_inner(claims, shape, defer_to))) {
+            Ok(done) => done,
+            Err(panic) => self.abandon(&all, "fetch", panic.as_ref()).into_iter().collect(),
+        }
+    }
+
+    fn fetch_claims_inner(&self, mut claims: Vec<Claim>, shape: Shape, defer_to: Option<&Arc<LayerFetcher>>) -> HashMap<usize, Result<Arc<Vec<u8>>>> {
         claims.sort_by_key(|c| c.idx);
         let ranges = self.coalesce(&claims, shape.max_range);
         let workers = shape.workers.max(1).min(ranges.len());
         // Contiguous runs of ranges per worker, balanced by bytes.
-        let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        let total: u64 = ranges.iter().map(|r| r.end.saturating_sub(r.start)).fold(0, u64::saturating_add);
         let per_worker = total.div_ceil(workers as u64).max(1);
         let mut batches: Vec<Vec<Span>> = vec![Vec::new()];
         let mut acc = 0;
@@ -583,7 +618,7 @@ impl LayerFetcher {
                 batches.push(Vec::new());
                 acc = 0;
             }
-            acc += r.end - r.start;
+            acc += r.end.saturating_sub(r.start);
             batches.last_mut().expect("non-empty").push(r);
         }
         let claims = &claims;
@@ -605,7 +640,7 @@ impl LayerFetcher {
             let c = &self.chunks[cl.idx];
             if let Some(last) = spans.last_mut() {
                 let same_member = last.start <= c.offset && c.next_offset <= last.end;
-                let adjacent = last.end == c.offset && c.next_offset - last.start <= max_range.max(1);
+                let adjacent = last.end == c.offset && c.next_offset.saturating_sub(last.start) <= max_range.max(1);
                 if same_member || adjacent {
                     last.end = last.end.max(c.next_offset);
                     last.claims.push(ci);
@@ -622,7 +657,7 @@ impl LayerFetcher {
     }
 
     fn fetch_batch(&self, batch: &[Span], claims: &[Claim], defer_to: Option<&Arc<LayerFetcher>>) -> Vec<(usize, Result<Arc<Vec<u8>>>)> {
-        let ranges: Vec<(u64, u64)> = batch.iter().map(|s| (s.start, s.end - s.start)).collect();
+        let ranges: Vec<(u64, u64)> = batch.iter().map(|s| (s.start, s.end.saturating_sub(s.start))).collect();
         let fetched = if self.closed.load(Ordering::SeqCst) {
             Err(Error::Closed { blob: self.blob.clone() })
         } else {
@@ -646,12 +681,12 @@ impl LayerFetcher {
         let mut later = Later::default();
         for (span, bytes) in batch.iter().zip(parts) {
             self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            if bytes.len() as u64 != span.end - span.start {
+            if bytes.len() as u64 != span.end.saturating_sub(span.start) {
                 let e = Error::Fetch {
                     blob: self.blob.clone(),
                     offset: span.start,
                     end: span.end,
-                    reason: format!("got {} bytes, asked for {}", bytes.len(), span.end - span.start),
+                    reason: format!("got {} bytes, asked for {}", bytes.len(), span.end.saturating_sub(span.start)),
                 };
                 out.extend(span.claims.iter().map(|&ci| (claims[ci].idx, self.complete(&claims[ci], Err(e.clone())))));
                 continue;
@@ -680,7 +715,10 @@ impl LayerFetcher {
             Some(me) if !later.is_empty() => {
                 let me = me.clone();
                 run_detached("settle", move || {
-                    me.settle(later);
+                    let claims: Vec<Claim> = later.claims().cloned().collect();
+                    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| me.settle(later))) {
+                        me.abandon(&claims, "settle", panic.as_ref());
+                    }
                 });
             }
             _ => out.extend(self.settle(later)),
@@ -704,26 +742,6 @@ impl LayerFetcher {
         out
     }
 
-    /// Decompresses and verifies one claimed chunk from the bytes of the range holding it.
-    fn decode(&self, cl: &Claim, range: &[u8], range_start: u64) -> Result<Arc<Vec<u8>>> {
-        let c = &self.chunks[cl.idx];
-        let member = &range[(c.offset - range_start) as usize..(c.next_offset - range_start) as usize];
-        let corrupt = |reason: String| Error::Corrupt {
-            digest: cl.digest.to_string(),
-            blob: self.blob.clone(),
-            offset: c.offset,
-            reason,
-        };
-        let want = (c.inner_offset + c.size) as usize;
-        let mut data = decompress_prefix(self.compression, member, want, c.offset, "chunk").map_err(|e| corrupt(e.to_string()))?;
-        data.drain(..c.inner_offset as usize);
-        let actual = Digest::of(&data);
-        if actual != cl.digest {
-            return Err(corrupt(format!("content hashes to {actual}")));
-        }
-        Ok(Arc::new(data))
-    }
-
     /// Stores a result, wakes waiters and releases the claim.
     fn complete(&self, cl: &Claim, res: Result<Arc<Vec<u8>>>) -> Result<Arc<Vec<u8>>> {
         match &res {
@@ -740,7 +758,7 @@ impl LayerFetcher {
                 *self.stats.last_error.lock().unwrap() = Some(e.to_string());
             }
         }
-        self.inflight.lock().unwrap().remove(&cl.digest);
+        self.release(cl);
         cl.flight.publish(res.clone());
         res
     }
@@ -785,6 +803,11 @@ impl Later {
     fn is_empty(&self) -> bool {
         self.store.is_empty() && self.decode.is_empty()
     }
+
+    /// Every claim this work still has to complete.
+    fn claims(&self) -> impl Iterator<Item = &Claim> {
+        self.store.iter().map(|(c, _)| c).chain(self.decode.iter().flat_map(|(_, _, cs)| cs))
+    }
 }
 
 /// A coalesced blob range and the claims (indices into the claim list) it serves.
@@ -800,7 +823,7 @@ fn member_bytes(chunks: &[ChunkRef], range: std::ops::Range<usize>) -> u64 {
     let mut last = None;
     for c in &chunks[range] {
         if last != Some(c.offset) {
-            total += c.next_offset - c.offset;
+            total += c.next_offset.saturating_sub(c.offset);
             last = Some(c.offset);
         }
     }

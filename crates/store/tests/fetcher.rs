@@ -59,6 +59,11 @@ struct Layer {
 
 /// 40 files of 3000..60000 random bytes, two duplicates, one multi-chunk file; 16 KiB chunks.
 fn layer() -> Layer {
+    layer_with_big_seed(7)
+}
+
+/// [`layer`] with `big`'s bytes drawn from `seed`.
+fn layer_with_big_seed(seed: u64) -> Layer {
     let dir = tempfile::tempdir().unwrap();
     let mut b = tar::Builder::new(Vec::new());
     let mut add = |name: &str, data: &[u8]| {
@@ -73,7 +78,7 @@ fn layer() -> Layer {
     }
     add("dup-a", &pseudo(5000, 99));
     add("dup-b", &pseudo(5000, 99));
-    add("big", &pseudo(200_000, 7));
+    add("big", &pseudo(200_000, seed));
     let tar = b.into_inner().unwrap();
     let blob = dir.path().join("layer.stargz");
     let mut out = std::fs::File::create(&blob).unwrap();
@@ -90,7 +95,7 @@ fn layer() -> Layer {
 }
 
 fn refs(r: &Reader<estargz::FileSource>) -> Vec<ChunkRef> {
-    r.tree().nodes.iter().flat_map(|n| n.chunks.iter().map(move |c| ChunkRef::of_file_chunk(n, c))).collect()
+    r.tree().nodes.iter().flat_map(ChunkRef::of_file).collect()
 }
 
 fn fetcher(l: &Layer, store_dir: &std::path::Path, flip_at: Option<u64>, cfg: FetchConfig) -> (Arc<LayerFetcher>, Arc<Counting>) {
@@ -109,7 +114,7 @@ fn fetcher(l: &Layer, store_dir: &std::path::Path, flip_at: Option<u64>, cfg: Fe
 
 fn file_chunks(l: &Layer, f: &LayerFetcher, path: &str) -> Vec<usize> {
     let n = l.reader.lookup(path).unwrap();
-    n.chunks.iter().map(|c| f.chunk_index(&ChunkRef::of_file_chunk(n, c)).unwrap()).collect()
+    ChunkRef::of_file(n).iter().map(|r| f.chunk_index(r).unwrap()).collect()
 }
 
 #[test]
@@ -153,7 +158,7 @@ fn whole_layer_fetch_completes_and_fetches_each_byte_once() {
     assert!(objects >= 1);
     assert_eq!(f.store().usage().disk_chunks, single + objects);
     let big = l.reader.lookup("big").unwrap();
-    let object = f.store().complete_object(&big.digest.unwrap()).expect("big is complete");
+    let object = f.store().complete_object(&store::fetcher::object_key(big).unwrap()).expect("big is complete");
     let mut want = vec![0u8; big.size as usize];
     l.reader.read_file_at(l.reader.tree().lookup("big").unwrap(), 0, &mut want, true).unwrap();
     assert_eq!(std::fs::read(object).unwrap(), want);
@@ -303,4 +308,52 @@ fn readahead_chunks_reach_the_store_after_the_reader_is_served() {
     assert!(f.stats.chunks_fetched.load(Ordering::SeqCst) >= 2, "readahead chunks settled");
     f.get_many(&idxs[1..3], false).unwrap();
     assert_eq!(src.requests.load(Ordering::SeqCst), 1, "the following chunks came with the first miss");
+}
+
+/// Issue 16 (cache poisoning): a hostile layer whose multi-chunk file claims the victim file's
+/// size, chunking and whole-file `digest` — with other bytes and correct chunk digests of its
+/// own — must not make the victim read those bytes through the shared store, in either order,
+/// neither chunk by chunk nor through the complete object that passthrough would hand out.
+#[test]
+fn a_claimed_whole_file_digest_cannot_poison_another_layer() {
+    let victim = layer_with_big_seed(7);
+    let attacker = layer_with_big_seed(8);
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(StoreConfig::new(store_dir.path())).unwrap();
+    let v_big = victim.reader.lookup("big").unwrap().clone();
+    let mut lie = attacker.reader.lookup("big").unwrap().clone();
+    assert_eq!((lie.size, lie.chunks.len()), (v_big.size, v_big.chunks.len()));
+    lie.digest = v_big.digest;
+    // The attacker's chunk list, with the lying node in place of its own `big`.
+    let big_id = attacker.reader.tree().lookup("big").unwrap();
+    let attacker_refs: Vec<ChunkRef> = attacker.reader.tree().nodes.iter().enumerate().flat_map(|(i, n)| if i == big_id { ChunkRef::of_file(&lie) } else { ChunkRef::of_file(n) }).collect();
+    assert_ne!(store::fetcher::object_key(&lie), store::fetcher::object_key(&v_big), "objects are keyed by the verified chunk list");
+    let open = |l: &Layer, refs: Vec<ChunkRef>| {
+        let src = Arc::new(FileRangeSource::open(&l.blob).unwrap());
+        let f = LayerFetcher::new("layer", l.reader.compression(), refs, src, store.clone(), FetchConfig::default());
+        f.scan_store();
+        Arc::new(f)
+    };
+    let mut want = vec![0u8; v_big.size as usize];
+    victim.reader.read_file_at(victim.reader.tree().lookup("big").unwrap(), 0, &mut want, true).unwrap();
+    let read_big = |f: &Arc<LayerFetcher>| -> Vec<u8> { ChunkRef::of_file(&v_big).iter().flat_map(|r| f.get(f.chunk_index(r).unwrap()).unwrap().to_vec()).collect() };
+    // Victim first, then the attacker fills the store, then the victim reads again.
+    let v = open(&victim, refs(&victim.reader));
+    v.fetch_all().unwrap();
+    let a = open(&attacker, attacker_refs.clone());
+    a.fetch_all().unwrap();
+    let v2 = open(&victim, refs(&victim.reader));
+    assert!(read_big(&v2) == want, "victim read the attacker's bytes");
+    let object = store.complete_object(&store::fetcher::object_key(&v_big).unwrap()).expect("victim's object complete");
+    assert!(std::fs::read(object).unwrap() == want, "victim's passthrough object holds other bytes");
+    // Attacker first on a fresh store.
+    let store_dir2 = tempfile::tempdir().unwrap();
+    let store2 = ChunkStore::open(StoreConfig::new(store_dir2.path())).unwrap();
+    let src = Arc::new(FileRangeSource::open(&attacker.blob).unwrap());
+    LayerFetcher::new("attacker", attacker.reader.compression(), attacker_refs, src, store2.clone(), FetchConfig::default()).fetch_all().unwrap();
+    assert!(store2.complete_object(&store::fetcher::object_key(&v_big).unwrap()).is_none(), "the attacker completed the victim's object");
+    let src = Arc::new(FileRangeSource::open(&victim.blob).unwrap());
+    let v3 = Arc::new(LayerFetcher::new("victim", victim.reader.compression(), refs(&victim.reader), src, store2, FetchConfig::default()));
+    v3.scan_store();
+    assert!(read_big(&v3) == want, "victim read the attacker's bytes (attacker first)");
 }

@@ -13,6 +13,14 @@
 //! Whiteouts are kept as regular files by default (what `tar -x` does); with
 //! [`ExtractOptions::overlay_whiteouts`] they become overlayfs whiteouts (0/0 char devices and
 //! `trusted.overlay.opaque`), which is what a snapshot directory needs.
+//!
+//! Defense in depth: the tree's names were validated when it was built ([`estargz::path`]), but
+//! [`estargz::Tree`] has public fields and a mistake there would be a host write or, worse, a
+//! host *removal*: a whiteout `.wh...` hides `..`, and replacing it once meant
+//! `remove_dir_all(DEST/..)`. So every path is re-checked here with the same rules (each
+//! component non-empty, not `.`/`..`, no NUL, at most 255 bytes; a whiteout hides a valid
+//! name), and nothing is ever removed or replaced unless it lies strictly below `dest` and was
+//! reached through real directories only (no symlink followed, as containerd resolves paths).
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -20,9 +28,11 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
-use estargz::{BlobSource, NodeId, NodeKind, Reader};
+use estargz::limits::MAX_PATH_DEPTH;
+use estargz::path::{component_problem, whiteout, Whiteout};
+use estargz::{BlobSource, NodeId, NodeKind, Reader, Tree};
 use nix::sys::stat::{mknod, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
@@ -39,6 +49,16 @@ pub enum Error {
     },
     #[error("refusing to extract {path:?}: its parent {parent} is not a directory (symlink escape?)")]
     UnsafeParent { path: String, parent: PathBuf },
+    /// A name in the tree that no layer may carry; `field` says which (`name`, `whiteout target`).
+    #[error("refusing to extract entry {entry:?}: {field} {reason}")]
+    UnsafeName {
+        entry: String,
+        field: &'static str,
+        reason: &'static str,
+    },
+    /// A removal that would not be strictly below the extraction directory.
+    #[error("refusing to remove {path}: not strictly below the extraction directory {dest}")]
+    OutsideDest { path: PathBuf, dest: PathBuf },
     #[error(transparent)]
     Format(#[from] estargz::Error),
 }
@@ -89,32 +109,43 @@ pub struct ExtractStats {
     pub bytes: u64,
 }
 
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE: &str = ".wh..wh..opq";
-
 /// Extracts the whole layer below `dest` (created if missing).
 pub fn extract<S: BlobSource>(reader: &Reader<S>, dest: &Path, opts: &ExtractOptions) -> Result<ExtractStats> {
+    extract_tree(reader.tree(), |node, c| reader.read_chunk(node, c, opts.verify), dest, opts)
+}
+
+/// Extracts `tree` below `dest`, reading file contents with `read_chunk`. What [`extract`]
+/// does; public so that a tree that did not come from [`Reader::open`] gets the same checks.
+pub fn extract_tree<F>(tree: &Tree, read_chunk: F, dest: &Path, opts: &ExtractOptions) -> Result<ExtractStats>
+where
+    F: Fn(&estargz::Node, &estargz::Chunk) -> estargz::Result<Vec<u8>>,
+{
     fs::create_dir_all(dest).map_err(io("creating", dest))?;
-    let tree = reader.tree();
     let mut first_path: HashMap<NodeId, PathBuf> = HashMap::new();
     let mut dirs: Vec<(PathBuf, NodeId)> = Vec::new();
     let mut stats = ExtractStats::default();
     for (rel, id) in tree.walk() {
         let node = tree.node(id);
-        let target = if rel.is_empty() { dest.to_path_buf() } else { dest.join(&rel) };
+        let target = below(dest, &rel, "name")?;
         if !rel.is_empty() {
             check_parent(dest, &rel, &target)?;
         }
-        let name = Path::new(&rel).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = estargz::path::base(&rel);
+        let whiteout = whiteout(name).map_err(|reason| Error::UnsafeName {
+            entry: rel.clone(),
+            field: "whiteout target",
+            reason,
+        })?;
         if opts.overlay_whiteouts && node.kind != NodeKind::Dir {
-            if name == OPAQUE {
+            if whiteout == Whiteout::Opaque {
                 let parent = target.parent().unwrap_or(dest);
                 set_xattr(parent, "trusted.overlay.opaque", b"y")?;
                 continue;
             }
-            if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-                let wh = target.with_file_name(hidden);
-                remove_existing(&wh)?;
+            if let Whiteout::Hides(hidden) = whiteout {
+                // The entry's parent was checked above; `hidden` is one valid component.
+                let wh = target.parent().unwrap_or(dest).join(hidden);
+                remove_existing(dest, &wh)?;
                 mknod(&wh, SFlag::S_IFCHR, Mode::empty(), 0).map_err(nix_io("creating whiteout", &wh))?;
                 // Owned by root with no permission bits (what overlayfs itself creates), and
                 // the entry's time so that extraction is reproducible.
@@ -126,7 +157,7 @@ pub fn extract<S: BlobSource>(reader: &Reader<S>, dest: &Path, opts: &ExtractOpt
             }
         }
         if let Some(existing) = first_path.get(&id) {
-            remove_existing(&target)?;
+            remove_existing(dest, &target)?;
             fs::hard_link(existing, &target).map_err(io("hardlinking", &target))?;
             stats.entries += 1;
             continue;
@@ -136,7 +167,7 @@ pub fn extract<S: BlobSource>(reader: &Reader<S>, dest: &Path, opts: &ExtractOpt
                 match fs::symlink_metadata(&target) {
                     Ok(m) if m.is_dir() => {}
                     Ok(_) => {
-                        remove_existing(&target)?;
+                        remove_existing(dest, &target)?;
                         fs::create_dir(&target).map_err(io("creating directory", &target))?;
                     }
                     Err(_) => fs::create_dir(&target).map_err(io("creating directory", &target))?,
@@ -144,15 +175,15 @@ pub fn extract<S: BlobSource>(reader: &Reader<S>, dest: &Path, opts: &ExtractOpt
                 dirs.push((target.clone(), id));
             }
             NodeKind::Reg => {
-                remove_existing(&target)?;
-                stats.bytes += write_file(reader, id, &target, opts.verify)?;
+                remove_existing(dest, &target)?;
+                stats.bytes += write_file(node, &read_chunk, &target)?;
             }
             NodeKind::Symlink => {
-                remove_existing(&target)?;
+                remove_existing(dest, &target)?;
                 symlink(&node.link_target, &target).map_err(io("creating symlink", &target))?;
             }
             NodeKind::Char | NodeKind::Block | NodeKind::Fifo => {
-                remove_existing(&target)?;
+                remove_existing(dest, &target)?;
                 let kind = match node.kind {
                     NodeKind::Char => SFlag::S_IFCHR,
                     NodeKind::Block => SFlag::S_IFBLK,
@@ -194,7 +225,44 @@ fn check_parent(dest: &Path, rel: &str, target: &Path) -> Result<()> {
     Ok(())
 }
 
-fn remove_existing(path: &Path) -> Result<()> {
+/// `dest` joined with the tree path `rel` ("" for `dest` itself), every component checked.
+fn below(dest: &Path, rel: &str, field: &'static str) -> Result<PathBuf> {
+    let mut p = dest.to_path_buf();
+    if rel.is_empty() {
+        return Ok(p);
+    }
+    let mut depth = 0;
+    for comp in rel.split('/') {
+        depth += 1;
+        let problem = component_problem(comp).or((depth > MAX_PATH_DEPTH).then_some("more than 4096 path components"));
+        if let Some(reason) = problem {
+            return Err(Error::UnsafeName {
+                entry: rel.to_string(),
+                field,
+                reason,
+            });
+        }
+        p.push(comp);
+    }
+    Ok(p)
+}
+
+/// Removes whatever is at `path` (a directory with its contents; a symlink itself, never what it
+/// points to), which must be strictly below `dest`.
+fn remove_existing(dest: &Path, path: &Path) -> Result<()> {
+    let inside = path.strip_prefix(dest).is_ok_and(|rel| {
+        let mut comps = rel.components().peekable();
+        comps.peek().is_some() && comps.all(|c| matches!(c, Component::Normal(_)))
+    });
+    // Textual check on top of the component checks: `Path::components` folds `.` away, so
+    // `dest/.` and `dest/x/..` must be caught by the raw bytes.
+    let raw_ok = !path.as_os_str().as_bytes().ends_with(b"/.") && !path.as_os_str().as_bytes().ends_with(b"/..");
+    if !inside || !raw_ok {
+        return Err(Error::OutsideDest {
+            path: path.to_path_buf(),
+            dest: dest.to_path_buf(),
+        });
+    }
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(io("replacing", path)),
         Ok(_) => fs::remove_file(path).map_err(io("replacing", path)),
@@ -202,8 +270,10 @@ fn remove_existing(path: &Path) -> Result<()> {
     }
 }
 
-fn write_file<S: BlobSource>(reader: &Reader<S>, id: NodeId, target: &Path, verify: bool) -> Result<u64> {
-    let node = reader.tree().node(id);
+fn write_file<F>(node: &estargz::Node, read_chunk: &F, target: &Path) -> Result<u64>
+where
+    F: Fn(&estargz::Node, &estargz::Chunk) -> estargz::Result<Vec<u8>>,
+{
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -212,7 +282,7 @@ fn write_file<S: BlobSource>(reader: &Reader<S>, id: NodeId, target: &Path, veri
         .open(target)
         .map_err(io("creating", target))?;
     for c in &node.chunks {
-        let data = reader.read_chunk(node, c, verify)?;
+        let data = read_chunk(node, c)?;
         f.write_all(&data).map_err(io("writing", target))?;
     }
     Ok(node.size)

@@ -38,6 +38,7 @@ use crate::compression::{Compression, MemberCompressor};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
 use crate::footer::{estargz_footer, zstd_chunked_footer, ZSTD_SKIPPABLE_MAGIC};
+use crate::limits::MAX_CHUNK_SIZE;
 use crate::tar::{self, IndexedEntry, TarKind, BLOCK};
 use crate::time::format_rfc3339;
 use crate::toc::{EntryType, Toc, TocEntry, DEFAULT_CHUNK_SIZE, LANDMARK_CONTENTS, TOC_TAR_NAME};
@@ -46,7 +47,8 @@ use crate::toc::{EntryType, Toc, TocEntry, DEFAULT_CHUNK_SIZE, LANDMARK_CONTENTS
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     pub compression: Compression,
-    /// Maximum uncompressed bytes per chunk (default 4 MiB).
+    /// Maximum uncompressed bytes per chunk (default 4 MiB, at most
+    /// [`MAX_CHUNK_SIZE`](crate::limits::MAX_CHUNK_SIZE)).
     pub chunk_size: u64,
     /// Compression level; `None` = the codec's default (gzip 9, zstd 3).
     pub level: Option<u32>,
@@ -94,8 +96,11 @@ pub struct BuildResult {
 
 /// Converts a tar stream (optionally gzip- or zstd-compressed; sniffed) into a blob.
 pub fn build<R: Read, W: Write + Send>(input: R, output: W, opts: &BuildOptions) -> Result<BuildResult> {
-    if opts.chunk_size == 0 {
-        return Err(Error::InvalidArgument("chunk size must be at least 1 byte".into()));
+    if opts.chunk_size == 0 || opts.chunk_size > MAX_CHUNK_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "chunk size {} is outside 1..={MAX_CHUNK_SIZE} bytes (readers refuse larger chunks)",
+            opts.chunk_size
+        )));
     }
     let level = opts.level.unwrap_or(opts.compression.default_level());
     MemberCompressor::new(opts.compression, level)?; // validate the level up front

@@ -465,3 +465,50 @@ pub fn reader_matches<S: estargz::BlobSource>(name: &str, r: &estargz::Reader<S>
         }
     }
 }
+
+/// A blob of `items` converted with [`CHUNK`]-byte chunks.
+pub fn small_chunk_blob(items: &[Item]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let opts = estargz::BuildOptions { chunk_size: CHUNK as u64, ..Default::default() };
+    estargz::build(write_tar(items).as_slice(), &mut out, &opts).unwrap();
+    out
+}
+
+/// A copy of an eStargz (gzip) `blob` whose TOC is replaced by `toc` (payload unchanged, fresh
+/// footer). How hostile TOCs are made: the writer refuses to write them.
+pub fn swap_toc(blob: &[u8], toc: &estargz::Toc) -> Vec<u8> {
+    let off = estargz::Reader::open(blob.to_vec()).unwrap().footer().toc_offset;
+    let mut out = blob[..off as usize].to_vec();
+    out.extend(toc_member(toc));
+    out.extend_from_slice(&estargz::footer::estargz_footer(off));
+    // `make fuzz` seeds its layer_read target with every hostile blob the tests make.
+    if let Some(dir) = std::env::var_os("LAZYPULL_FUZZ_SEEDS") {
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(std::path::Path::new(&dir).join(sha256_hex(&out)), &out);
+    }
+    out
+}
+
+/// `toc` as a gzip TOC member (tar entry `stargz.index.json` and end-of-archive marker).
+pub fn toc_member(toc: &estargz::Toc) -> Vec<u8> {
+    let json = toc.to_json();
+    let mut member = estargz::tar::ustar_header("stargz.index.json", json.len() as u64, 0o644).to_vec();
+    member.extend_from_slice(&json);
+    member.resize(member.len().next_multiple_of(512) + 1024, 0);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&member).unwrap();
+    gz.finish().unwrap()
+}
+
+/// A raw ustar archive of regular files `(name, contents)`, names written verbatim (the `tar`
+/// crate refuses to write the hostile ones).
+pub fn raw_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in files {
+        out.extend_from_slice(&estargz::tar::ustar_header(name, data.len() as u64, 0o644));
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}

@@ -174,7 +174,7 @@ impl LayerFetcher {
         let start = self.chunks[next].offset;
         let mut batch = Vec::new();
         let mut i = next;
-        while i < end && (i == next || self.chunks[i].next_offset - start <= budget) {
+        while i < end && (i == next || self.chunks[i].next_offset.saturating_sub(start) <= budget) {
             if !self.present[i].load(Ordering::Relaxed) {
                 batch.push(i);
             }
@@ -200,7 +200,7 @@ impl LayerFetcher {
         let mut members: Vec<(u64, u64)> = claims.iter().map(|c| (self.chunks[c.idx].offset, self.chunks[c.idx].next_offset)).collect();
         members.sort_unstable();
         members.dedup();
-        let bytes = members.iter().map(|(a, b)| b - a).sum();
+        let bytes = members.iter().map(|(a, b)| b.saturating_sub(*a)).fold(0, u64::saturating_add);
         for (_, r) in self.fetch_claims(claims, shape, None) {
             r?;
         }

@@ -1,0 +1,47 @@
+//! Decoding one fetched chunk: bounds, decompression, verification.
+
+use std::sync::Arc;
+
+use estargz::compression::decompress_range;
+use estargz::Digest;
+
+use super::{Claim, LayerFetcher};
+use crate::error::{Error, Result};
+
+impl LayerFetcher {
+    /// Decompresses and verifies one claimed chunk from the bytes of the range holding it.
+    ///
+    /// The reference's numbers come from the TOC: they are bounds-checked here (the member must
+    /// lie in the range, the decoded size within [`estargz::limits::MAX_CHUNK_SIZE`]) so that a
+    /// hostile value is an error for this chunk's readers, not a panic in a fetch thread.
+    pub(super) fn decode(&self, cl: &Claim, range: &[u8], range_start: u64) -> Result<Arc<Vec<u8>>> {
+        let c = &self.chunks[cl.idx];
+        let corrupt = |reason: String| Error::Corrupt {
+            digest: cl.digest.to_string(),
+            blob: self.blob.clone(),
+            offset: c.offset,
+            reason,
+        };
+        let as_chunk = estargz::Chunk {
+            offset: c.offset,
+            next_offset: c.next_offset,
+            inner_offset: c.inner_offset,
+            chunk_offset: 0,
+            size: c.size,
+            digest: c.digest,
+        };
+        as_chunk.check("chunk").map_err(|e| corrupt(e.to_string()))?;
+        let member = c
+            .offset
+            .checked_sub(range_start)
+            .zip(c.next_offset.checked_sub(range_start))
+            .and_then(|(from, to)| range.get(usize::try_from(from).ok()?..usize::try_from(to).ok()?))
+            .ok_or_else(|| corrupt(format!("member {}..{} is not inside the fetched range starting at {range_start}", c.offset, c.next_offset)))?;
+        let data = decompress_range(self.compression, member, c.inner_offset, c.size as usize, c.offset, "chunk").map_err(|e| corrupt(e.to_string()))?;
+        let actual = Digest::of(&data);
+        if actual != cl.digest {
+            return Err(corrupt(format!("content hashes to {actual}")));
+        }
+        Ok(Arc::new(data))
+    }
+}
