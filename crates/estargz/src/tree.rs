@@ -163,8 +163,18 @@ fn bad(msg: String) -> Error {
     Error::InvalidToc(msg)
 }
 
+/// The id the kernel shows for ids it cannot represent (`overflowuid`/`overflowgid`).
+pub const OVERFLOW_ID: u32 = 65534;
+
+/// A uid/gid of the TOC. 4294967295 is `(uid_t)-1`, which chown(2) takes as "leave unchanged"
+/// (an extraction would stay root-owned) and stat(2) of a FUSE file shows as 65534: it is
+/// mapped to 65534 here, once, so that every consumer (mount, extraction) agrees.
 fn id32(v: i64, what: &str, name: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| bad(format!("entry {name:?}: {what} {v} out of range")))
+    match u32::try_from(v) {
+        Ok(u32::MAX) => Ok(OVERFLOW_ID),
+        Ok(id) => Ok(id),
+        Err(_) => Err(bad(format!("entry {name:?}: {what} {v} out of range"))),
+    }
 }
 
 impl Tree {

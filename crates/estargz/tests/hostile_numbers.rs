@@ -107,3 +107,24 @@ fn decoders_refuse_out_of_range_chunks_without_panicking() {
     }
     assert_eq!(r.read_chunk(&node, &good, true).unwrap(), b"hello");
 }
+
+/// Issue 16 (part 6): uid/gid 4294967295 is `(uid_t)-1`, "unchanged" to chown(2): an
+/// extraction stayed root-owned while the mount showed 65534. The tree maps it to 65534 once.
+#[test]
+fn the_minus_one_id_is_the_overflow_id_everywhere() {
+    let blob = sample();
+    let mut toc: Toc = Reader::open(blob.clone()).unwrap().toc().clone();
+    for e in toc.entries.iter_mut().filter(|e| e.name == "etc/motd") {
+        e.uid = u32::MAX as i64;
+        e.gid = u32::MAX as i64;
+    }
+    let r = Reader::open(swap_toc(&blob, &toc)).unwrap();
+    let n = r.lookup("etc/motd").unwrap();
+    assert_eq!((n.uid, n.gid), (estargz::tree::OVERFLOW_ID, estargz::tree::OVERFLOW_ID));
+    // Anything past u32 is refused, naming the entry.
+    for e in toc.entries.iter_mut().filter(|e| e.name == "etc/motd") {
+        e.uid = 1 << 32;
+    }
+    let msg = Reader::open(swap_toc(&blob, &toc)).map(drop).unwrap_err().to_string();
+    assert!(msg.contains("etc/motd") && msg.contains("uid"), "{msg}");
+}

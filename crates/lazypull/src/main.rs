@@ -70,7 +70,39 @@ fn main() {
         Command::Status { mountpoint, state_dir, json } => mount::status(&mountpoint, &state_dir, json),
     };
     if let Err(e) = result {
-        eprintln!("lazypull: error: {e:#}");
+        eprintln!("lazypull: error: {}", error_chain(&e));
         std::process::exit(1);
+    }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text the message already
+/// holds (library errors often carry their source in their own message too).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("inner problem")]
+        struct Inner;
+        #[derive(Debug, thiserror::Error)]
+        #[error("layer x: {0}")]
+        struct Outer(#[source] Inner);
+        let e = anyhow::Error::new(Outer(Inner)).context("mounting");
+        assert_eq!(super::error_chain(&e), "mounting: layer x: inner problem");
     }
 }

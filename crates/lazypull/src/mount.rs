@@ -227,6 +227,7 @@ fn daemonize(serve: &ServeArgs, mountpoint: &Path) -> Result<()> {
     let log_path = dir.join("daemon.log");
     // Appended to: after a restart an old daemon on its way out and the new one share the path.
     let log = std::fs::File::options().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     args.push("--foreground".into());
     let mut cmd = Command::new(std::env::current_exe()?);
@@ -254,9 +255,16 @@ fn daemonize(serve: &ServeArgs, mountpoint: &Path) -> Result<()> {
         println!("{line}");
     }
     let status = child.wait()?;
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-    bail!("mount daemon exited ({status}) before the mount was ready; its log ({}):\n{}", log_path.display(), tail.join("\n"))
+    // This daemon's part of the log only (the file is shared across restarts).
+    let log = std::fs::read(&log_path).unwrap_or_default();
+    let ours = String::from_utf8_lossy(log.get(log_start as usize..).unwrap_or_default()).into_owned();
+    let tail: Vec<&str> = ours.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+    // The daemon's own last line is the reason; say it once, not as "error: … error: …".
+    let reason = tail.iter().rev().find_map(|l| l.strip_prefix("lazypull: error: ")).map(str::to_string);
+    match reason {
+        Some(r) if tail.len() == 1 => bail!("{r} (mount daemon exited with {status}; log: {})", log_path.display()),
+        _ => bail!("mount daemon exited ({status}) before the mount was ready; its log ({}):\n{}", log_path.display(), tail.join("\n")),
+    }
 }
 
 fn open_store(serve: &ServeArgs) -> Result<Arc<ChunkStore>> {

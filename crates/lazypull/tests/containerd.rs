@@ -892,6 +892,57 @@ fn crash_and_restart(ctd: &Containerd, snap: SnapshotterDaemon, start: impl FnOn
     (snap, RestartReport { calls: calls.len(), failed, first_ok, to_container })
 }
 
+/// Copies image `src` to `dst` with every layer's TOC made hostile (payloads unchanged, TOC
+/// digest annotations and DiffIDs updated, so the only thing wrong is the TOC's content): the
+/// bottom layer's first regular file claims 2^62 bytes, the next layer's first nested entry is
+/// renamed to a whiteout of `..`. Returns, per layer, (entry, what the refusal must name).
+async fn make_hostile(src: &Store, dst: &Store) -> Vec<(String, String)> {
+    use std::io::Read as _;
+    let (mbytes, kind, _) = src.root().await.unwrap();
+    let registry::ManifestKind::Image(m) = kind else { panic!("expected an image manifest") };
+    let mut mv: serde_json::Value = serde_json::from_slice(&mbytes).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&src.blob_bytes(&m.config.digest).await.unwrap()).unwrap();
+    let mut reasons = Vec::new();
+    for (i, l) in m.layers.iter().enumerate() {
+        let blob = src.blob_bytes(&l.digest).await.unwrap().to_vec();
+        let r = estargz::Reader::open(blob.clone()).unwrap();
+        let mut toc = r.toc().clone();
+        if i == 0 {
+            let e = toc.entries.iter_mut().find(|e| e.kind == estargz::toc::EntryType::Reg && e.size > 0).unwrap();
+            e.size = 1 << 62;
+            reasons.push((e.name.clone(), "size".to_string()));
+        } else {
+            let e = toc.entries.iter_mut().find(|e| e.name.trim_end_matches('/').contains('/') && e.kind != estargz::toc::EntryType::Chunk).unwrap();
+            let parent = e.name.trim_end_matches('/').rsplit_once('/').unwrap().0.to_string();
+            e.name = format!("{parent}/.wh..");
+            reasons.push((e.name.clone(), "..".to_string()));
+        }
+        let off = r.footer().toc_offset as usize;
+        let json = toc.to_json();
+        let mut member = estargz::tar::ustar_header("stargz.index.json", json.len() as u64, 0o644).to_vec();
+        member.extend_from_slice(&json);
+        member.resize(member.len().next_multiple_of(512) + 1024, 0);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&member).unwrap();
+        let mut new = blob[..off].to_vec();
+        new.extend(gz.finish().unwrap());
+        new.extend_from_slice(&estargz::footer::estargz_footer(off as u64));
+        let mut plain = Vec::new();
+        flate2::read::MultiGzDecoder::new(new.as_slice()).read_to_end(&mut plain).unwrap();
+        let digest = dst.put_blob_bytes(&Bytes::from(new.clone()), None).await.unwrap();
+        mv["layers"][i]["digest"] = digest.into();
+        mv["layers"][i]["size"] = new.len().into();
+        mv["layers"][i]["annotations"][estargz::toc::TOC_DIGEST_ANNOTATION] = estargz::Toc::digest_of(&json).to_string().into();
+        cfg["rootfs"]["diff_ids"][i] = format!("sha256:{}", sha_hex(&plain)).into();
+    }
+    let cfg_bytes = Bytes::from(serde_json::to_vec(&cfg).unwrap());
+    mv["config"]["digest"] = dst.put_blob_bytes(&cfg_bytes, None).await.unwrap().into();
+    mv["config"]["size"] = cfg_bytes.len().into();
+    let media = mv["mediaType"].as_str().unwrap_or(manifest::OCI_MANIFEST).to_string();
+    dst.put_manifest(Bytes::from(serde_json::to_vec(&mv).unwrap()), &media, true).await.unwrap();
+    reasons
+}
+
 /// Process ids of the layer daemons (`lazypull mount --layer-digest …`) serving below `state`.
 fn layer_daemons(state: &Path) -> Vec<i32> {
     let state = state.to_str().unwrap();
@@ -1182,6 +1233,25 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     assert!(log.contains("falling back") && log.contains("not eStargz"), "fallback reason not logged:\n{log}");
     let m = snap.metrics();
     assert!(m.contains("lazypull_fallbacks_total{reason=\"not eStargz\"} 2"), "{m}");
+
+    // Hostile layers through the snapshotter (issue 16): eStargz TOCs that fail validation — a
+    // 2^62-byte file size and a whiteout hiding `..` — are refused by the remote-snapshot path
+    // with the entry and field named, both layers fall back to containerd's own unpacker (the
+    // payload tars are benign), the image runs, and the other images' layers are untouched.
+    let hostile = reference("hostile");
+    let hostile_reasons = rt.block_on(make_hostile(&store("esgz"), &store("hostile")));
+    let out = rpull(&hostile);
+    assert!(out.contains(&format!("0 of {} layers remote", layers.len())), "hostile layers must not be mounted lazily: {out}");
+    let log = snap.log();
+    for (entry, needle) in &hostile_reasons {
+        let line = log.lines().find(|l| l.contains("falling back") && l.contains(entry.as_str()) && l.contains(needle.as_str()));
+        let line = line.unwrap_or_else(|| panic!("no fallback naming {entry:?} and {needle:?}:\n{log}"));
+        eprintln!("hostile layer refused: {}", &line[line.find("reason=").unwrap_or(0)..]);
+    }
+    let id = format!("lp-snap-hostile-{}", std::process::id());
+    let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &hostile, &id, "/bin/cat", "/etc/hello.txt"], Duration::from_secs(60));
+    assert_eq!(out, HELLO);
+    ctd.ctr_ok(&["image", "rm", "--sync", &hostile], Duration::from_secs(60));
 
     // Removing the images frees every snapshot and unmounts the lazy layers.
     ctd.ctr_ok(&["image", "rm", "--sync", &esgz, &plain], Duration::from_secs(60));
