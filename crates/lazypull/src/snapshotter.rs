@@ -74,43 +74,15 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
         Some(p) => toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?).with_context(|| format!("parsing {}", p.display()))?,
         None => FileConfig::default(),
     };
-    let root = args.root.or(file.root).unwrap_or_else(|| PathBuf::from("/var/lib/lazypull/snapshotter"));
-    let address = args.address.or(file.address).unwrap_or_else(|| PathBuf::from("/run/lazypull/lazypull.sock"));
+    let root = args.root.or(file.root.clone()).unwrap_or_else(|| PathBuf::from("/var/lib/lazypull/snapshotter"));
+    let address = args.address.or(file.address.clone()).unwrap_or_else(|| PathBuf::from("/run/lazypull/lazypull.sock"));
     // The socket first, before any thread exists (activation edits the environment) and before
     // the slow recovery below.
     let (sock, origin) = listener::listen(&address).with_context(|| format!("listening on {}", address.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let mut store_cfg = StoreConfig::new(root.join("cache"));
-    store_cfg.disk_limit = file.cache_size.unwrap_or(0);
-    store_cfg.memory_limit = file.memory_cache_mib.unwrap_or(256) << 20;
+    let (store_cfg, cfg, daemon_args) = settings(&file, &root, args.registry.to_args());
     let store = ChunkStore::open(store_cfg)?;
-    let mut cfg = RemoteConfig {
-        fetch_timeout: Duration::from_secs(file.fetch_timeout_secs.unwrap_or(30)),
-        background: file.background_fetch.unwrap_or(true),
-        background_delay: Duration::from_secs_f64(file.background_delay_secs.unwrap_or(5.0).max(0.0)),
-        prefetch: file.prefetch.unwrap_or(true),
-        threads: file.fuse_threads.unwrap_or(8),
-        small_layer_prefetch: file.small_layer_prefetch_bytes.unwrap_or(lazyfs::SMALL_LAYER_BYTES),
-        ..RemoteConfig::default()
-    };
-    cfg.fs.passthrough = file.passthrough.unwrap_or(true);
-    cfg.fetch.parallel = file.parallel_fetches.unwrap_or(4);
-    if let Some(r) = file.readahead_bytes {
-        cfg.fetch.readahead = r;
-    }
-    cfg.fetch.wait_timeout = cfg.fetch_timeout * 2;
     let daemons = file.layer_daemons.unwrap_or(true);
-    let daemon_args = DaemonArgs {
-        state: root.join("layers"),
-        fetch_timeout: cfg.fetch_timeout.as_secs().max(1),
-        background: cfg.background,
-        background_delay: cfg.background_delay.as_secs_f64(),
-        passthrough: cfg.fs.passthrough,
-        parallel: cfg.fetch.parallel,
-        readahead: cfg.fetch.readahead,
-        small_layer_prefetch: cfg.small_layer_prefetch,
-        registry: args.registry.to_args(),
-    };
     let tails = store::TailCache::new(crate::mount::tails_dir(&daemon_args.state));
     let resolver = Arc::new(RegistryRemote::new(args.registry.client()?, rt.handle().clone(), store, cfg).with_tail_cache(tails));
     let remote: Arc<dyn Remote> = if daemons { Arc::new(DaemonRemote { resolver, args: daemon_args }) } else { resolver };
@@ -151,9 +123,55 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
     Ok(())
 }
 
-/// How layer daemons are started.
+/// The serving settings of the config file, for both modes: the in-process store and
+/// [`RemoteConfig`], and the layer daemons' [`DaemonArgs`] (a test checks they agree on every key).
+fn settings(file: &FileConfig, root: &std::path::Path, registry: Vec<std::ffi::OsString>) -> (StoreConfig, RemoteConfig, DaemonArgs) {
+    let mut store_cfg = StoreConfig::new(root.join("cache"));
+    store_cfg.disk_limit = file.cache_size.unwrap_or(0);
+    let memory_cache_mib = file.memory_cache_mib.unwrap_or(256);
+    store_cfg.memory_limit = memory_cache_mib << 20;
+    let mut cfg = RemoteConfig {
+        fetch_timeout: Duration::from_secs(file.fetch_timeout_secs.unwrap_or(30)),
+        background: file.background_fetch.unwrap_or(true),
+        background_delay: Duration::from_secs_f64(file.background_delay_secs.unwrap_or(5.0).max(0.0)),
+        prefetch: file.prefetch.unwrap_or(true),
+        threads: file.fuse_threads.unwrap_or(8),
+        small_layer_prefetch: file.small_layer_prefetch_bytes.unwrap_or(lazyfs::SMALL_LAYER_BYTES),
+        ..RemoteConfig::default()
+    };
+    cfg.fs.passthrough = file.passthrough.unwrap_or(true);
+    cfg.fetch.parallel = file.parallel_fetches.unwrap_or(4);
+    if let Some(r) = file.readahead_bytes {
+        cfg.fetch.readahead = r;
+    }
+    cfg.fetch.wait_timeout = cfg.fetch_timeout * 2;
+    let daemon_args = DaemonArgs {
+        state: root.join("layers"),
+        cache_size: store_cfg.disk_limit,
+        memory_cache_mib,
+        threads: cfg.threads,
+        prefetch: cfg.prefetch,
+        fetch_timeout: cfg.fetch_timeout.as_secs().max(1),
+        background: cfg.background,
+        background_delay: cfg.background_delay.as_secs_f64(),
+        passthrough: cfg.fs.passthrough,
+        parallel: cfg.fetch.parallel,
+        readahead: cfg.fetch.readahead,
+        small_layer_prefetch: cfg.small_layer_prefetch,
+        registry,
+    };
+    (store_cfg, cfg, daemon_args)
+}
+
+/// How layer daemons are started: every setting of the config file that concerns serving a
+/// layer is passed on (see `daemon_command`), so both modes honour the same keys.
 struct DaemonArgs {
     state: PathBuf,
+    /// Disk limit of the layer daemons' chunk store (`cache_size`).
+    cache_size: u64,
+    memory_cache_mib: u64,
+    threads: usize,
+    prefetch: bool,
     fetch_timeout: u64,
     background: bool,
     background_delay: f64,
@@ -162,6 +180,42 @@ struct DaemonArgs {
     readahead: u64,
     small_layer_prefetch: u64,
     registry: Vec<std::ffi::OsString>,
+}
+
+impl DaemonArgs {
+    /// The arguments of the `lazypull mount --layer-digest` daemon serving `layer` at `dir`.
+    fn daemon_command(&self, layer: &snapshotter::meta::RemoteLayer, dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        let mut push = |k: &str, v: String| {
+            a.push(k.into());
+            a.push(v.into());
+        };
+        push("--layer-digest", layer.digest.clone());
+        push("--layer-size", layer.size.to_string());
+        push("--toc-digest", layer.toc_digest.clone());
+        push("--cache-size", self.cache_size.to_string());
+        push("--memory-cache", self.memory_cache_mib.to_string());
+        push("--threads", self.threads.to_string());
+        push("--fetch-timeout", self.fetch_timeout.to_string());
+        push("--background-delay", self.background_delay.to_string());
+        push("--parallel", self.parallel.to_string());
+        push("--readahead", self.readahead.to_string());
+        push("--prefetch-small-layers", self.small_layer_prefetch.to_string());
+        let mut out: Vec<std::ffi::OsString> = vec!["mount".into(), layer.image_ref.clone().into(), dir.into()];
+        out.extend(a);
+        // Container rootfs layers: setuid binaries must work; the snapshotter's root is
+        // root-only (0700), so no other user reaches these mounts.
+        out.push("--allow-setuid".into());
+        out.push("--state-dir".into());
+        out.push(self.state.clone().into());
+        for (off, flag) in [(!self.background, "--no-background"), (!self.passthrough, "--no-passthrough"), (!self.prefetch, "--no-prefetch")] {
+            if off {
+                out.push(flag.into());
+            }
+        }
+        out.extend(self.registry.iter().cloned());
+        out
+    }
 }
 
 /// Serves each remote layer with a `lazypull mount --layer-digest` daemon.
@@ -178,29 +232,7 @@ impl Remote for DaemonRemote {
     fn mount(&self, layer: &snapshotter::meta::RemoteLayer, dir: &std::path::Path) -> std::result::Result<(), String> {
         let exe = std::env::current_exe().map_err(|e| format!("finding our executable: {e}"))?;
         let mut cmd = std::process::Command::new(exe);
-        cmd.arg("mount")
-            .arg(&layer.image_ref)
-            .arg(dir)
-            .args(["--layer-digest", &layer.digest])
-            .args(["--layer-size", &layer.size.to_string()])
-            .args(["--toc-digest", &layer.toc_digest])
-            // Container rootfs layers: setuid binaries must work; the snapshotter's root is
-            // root-only (0700), so no other user reaches these mounts.
-            .arg("--allow-setuid")
-            .arg("--state-dir")
-            .arg(&self.args.state)
-            .args(["--fetch-timeout", &self.args.fetch_timeout.to_string()])
-            .args(["--background-delay", &self.args.background_delay.to_string()])
-            .args(["--parallel", &self.args.parallel.to_string()])
-            .args(["--readahead", &self.args.readahead.to_string()])
-            .args(["--prefetch-small-layers", &self.args.small_layer_prefetch.to_string()])
-            .args(&self.args.registry);
-        if !self.args.background {
-            cmd.arg("--no-background");
-        }
-        if !self.args.passthrough {
-            cmd.arg("--no-passthrough");
-        }
+        cmd.args(self.args.daemon_command(layer, dir));
         let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| format!("starting the layer daemon: {e}"))?;
         if !out.status.success() {
             return Err(format!("layer daemon: {}", String::from_utf8_lossy(&out.stderr).trim()));
@@ -257,5 +289,58 @@ impl Remote for DaemonRemote {
         if !res.as_ref().is_ok_and(|o| o.status.success()) && lazyfs::is_mountpoint(dir) {
             let _ = lazyfs::detach(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+    use std::path::Path;
+
+    /// Every key of `contrib/snapshotter.toml`, set to a value that is not its default, reaches
+    /// the in-process settings and the layer daemons' command line alike: the daemon's command
+    /// line is parsed back with the real CLI and compared field by field.
+    #[test]
+    fn layer_daemons_get_every_serving_setting() {
+        let toml = r#"
+            root = "/r"
+            address = "/a.sock"
+            cache_size = 123456789
+            memory_cache_mib = 7
+            fetch_timeout_secs = 11
+            background_fetch = false
+            background_delay_secs = 2.5
+            prefetch = false
+            passthrough = false
+            fuse_threads = 3
+            parallel_fetches = 5
+            readahead_bytes = 4096
+            small_layer_prefetch_bytes = 999
+            layer_daemons = false
+            metrics_address = "127.0.0.1:0"
+        "#;
+        // The test covers the shipped file: a key added there must be added here.
+        let shipped = include_str!("../../../contrib/snapshotter.toml");
+        for line in shipped.lines() {
+            let key = line.trim_start_matches('#').trim().split(['=', ' ']).next().unwrap_or("");
+            if !key.is_empty() && line.contains('=') && line.trim_start_matches('#').trim_start().starts_with(key) && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                assert!(toml.contains(&format!("{key} =")), "contrib/snapshotter.toml key {key} is not covered by this test");
+            }
+        }
+        let file: FileConfig = toml::from_str(toml).unwrap();
+        let (store_cfg, cfg, daemon) = settings(&file, Path::new("/r"), vec![]);
+        assert_eq!((store_cfg.disk_limit, store_cfg.memory_limit), (123456789, 7 << 20));
+        assert_eq!((cfg.fetch_timeout, cfg.background, cfg.prefetch, cfg.threads, cfg.small_layer_prefetch), (Duration::from_secs(11), false, false, 3, 999));
+        assert_eq!((cfg.fs.passthrough, cfg.fetch.parallel, cfg.fetch.readahead), (false, 5, 4096));
+        let layer = snapshotter::meta::RemoteLayer { image_ref: "reg/x:1".into(), digest: "sha256:aa".into(), size: 10, toc_digest: "sha256:bb".into() };
+        let mut argv = vec![std::ffi::OsString::from("lazypull")];
+        argv.extend(daemon.daemon_command(&layer, Path::new("/r/snapshots/1/fs")));
+        let crate::Cli { command: crate::Command::Mount(m) } = crate::Cli::try_parse_from(argv).unwrap() else { panic!("not a mount command") };
+        let s = &m.serve;
+        assert_eq!((s.cache_size, s.memory_cache, s.threads, s.fetch_timeout), (123456789, 7, 3, 11));
+        assert_eq!((s.no_background, s.background_delay, s.no_prefetch, s.no_passthrough), (true, 2.5, true, true));
+        assert_eq!((s.parallel, s.readahead, s.prefetch_small_layers, s.allow_setuid), (5, 4096, 999, true));
+        assert_eq!((m.layer_digest.as_deref(), m.layer_size, m.toc_digest.as_deref()), (Some("sha256:aa"), Some(10), Some("sha256:bb")));
     }
 }
