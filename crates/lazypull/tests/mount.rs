@@ -250,6 +250,80 @@ fn corpus_layers_mount_identical_to_their_extraction() {
     assert!(checked >= 5, "only {checked} corpora");
 }
 
+/// Issue 16 (parts 3 and 4) on a real mount: a layer mount a user asks for is `nosuid,nodev`
+/// (a setuid-root file and a 0666 char device from the image give nobody anything), unless
+/// `--allow-setuid`; and a hostile chunk (its compressed bytes damaged) fails its reads with EIO
+/// at once while the daemon survives and serves the honest files.
+#[test]
+fn user_mounts_ignore_setuid_and_devices_and_survive_hostile_chunks() {
+    if !prerequisites() {
+        return;
+    }
+    use corpus::Item;
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = pseudo(200_000, 3);
+    let items = vec![
+        Item::dir("bin"),
+        Item::file("bin/su", b"#!/bin/sh\nid -u\n".to_vec()).mode(0o4755),
+        Item::dir("dev"),
+        Item::device("dev/mem2", b'3', 1, 1).mode(0o666),
+        Item::dir("etc"),
+        Item::file("etc/ok", b"honest\n".to_vec()),
+        Item::dir("data"),
+        Item::file("data/bad", bad.clone()),
+    ];
+    let tar_path = tmp.path().join("layer.tar");
+    std::fs::write(&tar_path, corpus::write_tar(&items)).unwrap();
+    let blob = tmp.path().join("layer.stargz");
+    lazypull(&["layer", "convert", tar_path.to_str().unwrap(), blob.to_str().unwrap(), "--chunk-size", "65536"]);
+    // Damage the middle chunk of data/bad: a byte inside its gzip member.
+    let reader = estargz::Reader::open(estargz::FileSource::open(&blob).unwrap()).unwrap();
+    let node = reader.lookup("data/bad").unwrap();
+    let victim = &node.chunks[1];
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[(victim.offset + (victim.next_offset - victim.offset) / 2) as usize] ^= 0x5a;
+    let hostile = tmp.path().join("hostile.stargz");
+    std::fs::write(&hostile, &bytes).unwrap();
+
+    let options = |mnt: &Path| -> String {
+        let canon = std::fs::canonicalize(mnt).unwrap();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = info.lines().find(|l| l.split(' ').nth(4) == canon.to_str()).unwrap_or_else(|| panic!("{} not mounted", mnt.display()));
+        line.split(' ').nth(5).unwrap().to_string()
+    };
+    let m = Mounted::layer(&hostile, &tmp.path().join("mnt"), &tmp.path().join("state"));
+    let opts = options(&m.mountpoint);
+    assert!(opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"), "user mount options: {opts}");
+    // The image's metadata is shown as it is, but it grants nothing.
+    assert_eq!(std::fs::metadata(m.mountpoint.join("bin/su")).unwrap().mode() & 0o7777, 0o4755);
+    let dev = std::fs::OpenOptions::new().read(true).open(m.mountpoint.join("dev/mem2"));
+    assert_eq!(dev.map(drop).unwrap_err().raw_os_error(), Some(libc::EACCES), "a device node of the image must not open on a nodev mount");
+    // Hostile chunk: EIO, quickly, every time; honest files keep reading; the daemon lives.
+    for _ in 0..3 {
+        let t = Instant::now();
+        let err = std::fs::read(m.mountpoint.join("data/bad")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(10), "a hostile read took {:?}", t.elapsed());
+        assert_eq!(std::fs::read(m.mountpoint.join("etc/ok")).unwrap(), b"honest\n");
+    }
+    let mut head = vec![0u8; 4096];
+    std::fs::File::open(m.mountpoint.join("data/bad")).unwrap().read_exact(&mut head).unwrap();
+    assert!(head == bad[..4096], "the intact first chunk of the damaged file still reads");
+    let st = m.fresh_status();
+    assert_eq!(st["running"], true, "{st}");
+    assert!(st["layers"][0]["errors"].as_u64().unwrap() >= 1, "{st}");
+    drop(m);
+
+    // --allow-setuid: the image's privileges are honoured (for mounts no untrusted user reaches).
+    let mnt = tmp.path().join("mnt-suid");
+    std::fs::create_dir_all(&mnt).unwrap();
+    lazypull(&["layer", "mount", blob.to_str().unwrap(), mnt.to_str().unwrap(), "--state-dir", tmp.path().join("state").to_str().unwrap(), "--allow-setuid"]);
+    let m = Mounted { mountpoint: mnt.clone(), state: tmp.path().join("state") };
+    let opts = options(&mnt);
+    assert!(!opts.split(',').any(|o| o == "nosuid" || o == "nodev"), "--allow-setuid mount options: {opts}");
+    drop(m);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The registry image
 
