@@ -111,12 +111,9 @@ impl ChunkStore {
         for d in [&chunks_dir, &objects_dir, &tmp_dir] {
             fs::create_dir_all(d).map_err(|e| Error::io(d, "creating directory", e))?;
         }
-        // Leftovers of writes interrupted by a crash; nothing refers to them.
-        if let Ok(rd) = fs::read_dir(&tmp_dir) {
-            for e in rd.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
+        // Leftovers of writes interrupted by a crash. Several processes (one daemon per layer)
+        // share the directory, so only files of dead writers, or too old to be in flight, go.
+        clean_tmp(&tmp_dir, TMP_MAX_AGE);
         let mut found: Vec<(std::time::SystemTime, DiskKey, u64)> = Vec::new();
         let mut objects = std::collections::HashMap::new();
         for (dir, is_object) in [(&chunks_dir, false), (&objects_dir, true)] {
@@ -165,13 +162,46 @@ impl ChunkStore {
         self.chunks_dir.join(&hex[..2]).join(hex)
     }
 
+    /// Whether chunk `d` is on disk, stored by us or by another process sharing the directory
+    /// (adopted into our index then): a chunk one layer daemon fetched is found by every other
+    /// one without a restart.
+    fn indexed_or_adopted(&self, d: &Digest) -> bool {
+        if self.disk.lock().unwrap().get(&DiskKey::Chunk(*d)).is_some() {
+            return true;
+        }
+        match fs::metadata(self.path(d)) {
+            Ok(m) if m.is_file() => {
+                self.disk.lock().unwrap().insert(DiskKey::Chunk(*d), m.len(), ());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Re-reads the index of object `file` from disk when another process may have added
+    /// chunks to it since we loaded it.
+    fn reload_object(&self, file: &Digest) {
+        let path = self.object_path(file);
+        let Ok(md) = fs::metadata(&path) else { return };
+        let state = load_object_index(&path, md.len());
+        let new = {
+            let mut objs = self.objects.lock().unwrap();
+            let new = !objs.contains_key(file);
+            objs.insert(*file, state);
+            new
+        };
+        if new {
+            self.disk.lock().unwrap().insert(DiskKey::Object(*file), md.len(), ());
+        }
+    }
+
     /// The verified bytes of chunk `d`, from memory or disk.
     pub fn get(&self, d: &Digest) -> Option<Arc<Vec<u8>>> {
         if let Some(v) = self.memory.lock().unwrap().get(d) {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Some(v);
         }
-        if self.disk.lock().unwrap().get(&DiskKey::Chunk(*d)).is_none() {
+        if !self.indexed_or_adopted(d) {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -203,12 +233,12 @@ impl ChunkStore {
 
     /// Whether `d` is stored (memory or disk), without touching the LRU order.
     pub fn contains(&self, d: &Digest) -> bool {
-        self.memory.lock().unwrap().contains(d) || self.disk.lock().unwrap().contains(&DiskKey::Chunk(*d))
+        self.memory.lock().unwrap().contains(d) || self.disk.lock().unwrap().contains(&DiskKey::Chunk(*d)) || self.indexed_or_adopted(d)
     }
 
     /// Whether chunk `d` is on disk as a chunk file.
     pub fn on_disk(&self, d: &Digest) -> bool {
-        self.disk.lock().unwrap().contains(&DiskKey::Chunk(*d))
+        self.disk.lock().unwrap().contains(&DiskKey::Chunk(*d)) || self.indexed_or_adopted(d)
     }
 
     /// Path of the on-disk copy of `d`, if any (for FUSE passthrough of single-chunk files).
@@ -220,7 +250,7 @@ impl ChunkStore {
     /// disk write fails (the error is returned so it can be reported).
     pub fn put(&self, d: &Digest, data: &Arc<Vec<u8>>) -> Result<()> {
         self.remember(d, data);
-        if self.disk.lock().unwrap().contains(&DiskKey::Chunk(*d)) {
+        if self.disk.lock().unwrap().contains(&DiskKey::Chunk(*d)) || self.indexed_or_adopted(d) {
             return Ok(());
         }
         let path = self.path(d);
@@ -254,8 +284,12 @@ impl ChunkStore {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Some(v);
         }
-        let present = self.objects.lock().unwrap().get(&slot.file).and_then(|o| o.present.get(&slot.offset).copied());
-        if present != Some((len, *d)) {
+        let present = || self.objects.lock().unwrap().get(&slot.file).and_then(|o| o.present.get(&slot.offset).copied());
+        if present() != Some((len, *d)) {
+            // Perhaps written by another process since we looked.
+            self.reload_object(&slot.file);
+        }
+        if present() != Some((len, *d)) {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -281,7 +315,12 @@ impl ChunkStore {
 
     /// Whether the chunk at `slot` is stored (memory or object).
     pub fn contains_slot(&self, d: &Digest, slot: &FileSlot) -> bool {
-        self.memory.lock().unwrap().contains(d) || self.objects.lock().unwrap().get(&slot.file).is_some_and(|o| o.present.get(&slot.offset).is_some_and(|p| p.1 == *d))
+        let present = || self.objects.lock().unwrap().get(&slot.file).is_some_and(|o| o.present.get(&slot.offset).is_some_and(|p| p.1 == *d));
+        if self.memory.lock().unwrap().contains(d) || present() {
+            return true;
+        }
+        self.reload_object(&slot.file);
+        present()
     }
 
     /// Stores a verified chunk of a multi-chunk file into the file's object (a sparse file of
@@ -439,6 +478,25 @@ fn index_path(object: &Path) -> PathBuf {
 
 /// Reads an object's chunk index (lines `offset length chunkhex`); damaged lines are skipped
 /// (and their chunks, if wrong, fail verification on read and are refetched).
+/// Temporary files older than this are taken for leftovers even if their writer's pid is alive
+/// (pids are reused); no chunk write takes anywhere near this long.
+const TMP_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes leftovers in `tmp`: files named `<pid>-…` whose process is gone, and any file
+/// older than `max_age`. Files of live writers stay (another daemon's write in flight).
+fn clean_tmp(tmp: &Path, max_age: std::time::Duration) {
+    let Ok(rd) = fs::read_dir(tmp) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let writer: Option<i32> = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse().ok());
+        let writer_alive = writer.is_some_and(|pid| pid > 0 && Path::new(&format!("/proc/{pid}")).exists());
+        let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_none_or(|age| age > max_age);
+        if !writer_alive || old {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 fn load_object_index(object: &Path, size: u64) -> ObjectState {
     let mut st = ObjectState {
         size,
@@ -530,6 +588,48 @@ mod tests {
         assert_eq!((n, bytes), (1, 100));
         assert!(s.on_disk(&a) && !s.contains(&b));
         assert!(!dir.path().join("chunks/sha256").join(&b.hex()[..2]).join(b.hex()).exists());
+    }
+
+    #[test]
+    fn a_chunk_stored_by_another_process_is_found_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ChunkStore::open(StoreConfig::new(dir.path())).unwrap();
+        let b = ChunkStore::open(StoreConfig::new(dir.path())).unwrap();
+        let (d, data) = chunk(7, 5000);
+        a.put(&d, &data).unwrap();
+        assert!(b.contains(&d) && b.on_disk(&d));
+        assert_eq!(b.get(&d).unwrap(), data);
+        // Objects too: a slot written by one store is found by the other.
+        let (c, cdata) = chunk(8, 1000);
+        let slot = FileSlot { file: Digest::of(b"object"), file_size: 3000, offset: 1000 };
+        a.put_slot(&c, &slot, &cdata).unwrap();
+        assert!(b.contains_slot(&c, &slot));
+        let mut cfg = StoreConfig::new(dir.path());
+        cfg.memory_limit = 0;
+        let fresh_b = ChunkStore::open(cfg).unwrap();
+        let (e, edata) = chunk(9, 1000);
+        let slot2 = FileSlot { offset: 2000, ..slot };
+        a.put_slot(&e, &slot2, &edata).unwrap();
+        assert_eq!(fresh_b.get_slot(&e, &slot2, 1000).unwrap(), edata);
+    }
+
+    #[test]
+    fn tmp_files_of_live_writers_survive_another_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        let ours = tmp.join(format!("{}-0-abcdef", std::process::id()));
+        let dead = tmp.join("999999999-0-abcdef");
+        let stale = tmp.join(format!("{}-1-abcdef", std::process::id()));
+        for p in [&ours, &dead, &stale] {
+            fs::write(p, b"in flight").unwrap();
+        }
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
+        fs::File::options().write(true).open(&stale).unwrap().set_modified(old).unwrap();
+        ChunkStore::open(StoreConfig::new(dir.path())).unwrap();
+        assert!(ours.exists(), "a live writer's file was deleted by another process opening the store");
+        assert!(!dead.exists(), "a dead writer's leftover stayed");
+        assert!(!stale.exists(), "a leftover older than the age limit stayed");
     }
 
     #[test]
