@@ -76,9 +76,9 @@ pub struct Report {
     pub bytes_out: u64,
 }
 
-/// Whether a layer descriptor is already lazily pullable.
+/// Whether a layer descriptor is already lazily pullable (the decision every caller shares).
 pub fn is_lazy_layer(d: &Descriptor) -> bool {
-    d.annotations.contains_key(TOC_DIGEST_ANNOTATION) || d.annotations.contains_key(ZSTD_MANIFEST_CHECKSUM_ANNOTATION)
+    layer::detect(&d.media_type, &d.annotations).is_ok()
 }
 
 /// Converts the image at `src` and stores it at `dst`.
@@ -202,7 +202,11 @@ async fn convert_layer(src: &Store, dst: &Store, index: usize, d: Descriptor, op
     let keep = |reason: &str| {
         progress(Event::LayerKept { digest: d.digest.clone(), reason: reason.to_string() });
     };
-    let already = is_lazy_layer(&d) && (opts.compression == Compression::Gzip) == d.annotations.contains_key(TOC_DIGEST_ANNOTATION);
+    let wanted = match opts.compression {
+        Compression::Gzip => layer::Format::Estargz,
+        Compression::Zstd => layer::Format::ZstdChunked,
+    };
+    let already = layer::detect(&d.media_type, &d.annotations).is_ok_and(|l| l.format == wanted);
     let foreign = d.media_type == manifest::DOCKER_FOREIGN_LAYER || !d.urls.is_empty();
     let tmp = tempfile::tempdir().map_err(|e| Error::Io { context: "creating a temporary directory".into(), source: e })?;
     let input = tmp.path().join("in");
@@ -262,6 +266,9 @@ async fn convert_layer(src: &Store, dst: &Store, index: usize, d: Descriptor, op
             let (sum, pos) = res.zstd_manifest.clone().expect("zstd build reports its manifest");
             annotations.insert(ZSTD_MANIFEST_CHECKSUM_ANNOTATION.into(), sum.to_string());
             annotations.insert(ZSTD_MANIFEST_POSITION_ANNOTATION.into(), pos);
+            // Also the stargz TOC digest, as ctr-remote writes it: the Go stargz-snapshotter
+            // keys on it, and with it a layer is checked by its uncompressed TOC.
+            annotations.insert(TOC_DIGEST_ANNOTATION.into(), res.toc_digest.to_string());
             manifest::OCI_LAYER_ZSTD
         }
     };

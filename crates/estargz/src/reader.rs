@@ -102,6 +102,8 @@ pub struct Reader<S> {
     toc: Toc,
     toc_json_len: u64,
     toc_digest: Digest,
+    /// sha256 of the TOC as stored (compressed) in the blob: zstd:chunked's manifest checksum.
+    compressed_toc_digest: Digest,
     tree: Tree,
     open_reads: u32,
     bytes_read: AtomicU64,
@@ -158,6 +160,7 @@ impl<S: BlobSource> Reader<S> {
             compression,
             toc_json_len: json.len() as u64,
             toc_digest: Digest::of(&json),
+            compressed_toc_digest: Digest::of(toc_bytes),
             toc,
             tree,
             open_reads,
@@ -177,6 +180,12 @@ impl<S: BlobSource> Reader<S> {
     /// sha256 of the uncompressed TOC JSON.
     pub fn toc_digest(&self) -> Digest {
         self.toc_digest
+    }
+
+    /// sha256 of the compressed TOC as stored in the blob (what zstd:chunked's
+    /// `manifest-checksum` annotation names).
+    pub fn compressed_toc_digest(&self) -> Digest {
+        self.compressed_toc_digest
     }
     pub fn toc_json_len(&self) -> u64 {
         self.toc_json_len

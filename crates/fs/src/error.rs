@@ -12,6 +12,9 @@ pub enum Error {
         #[source]
         source: estargz::Error,
     },
+    /// The layer's index does not match the digest its descriptor names.
+    #[error("layer {blob}: {reason}")]
+    IndexCheck { blob: String, reason: String },
     #[error(transparent)]
     Store(#[from] store::Error),
     #[error("mount at {path}: {reason}")]

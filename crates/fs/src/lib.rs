@@ -15,6 +15,7 @@ pub mod view;
 use std::sync::Arc;
 
 use estargz::{Digest, OpenOptions, Reader};
+pub use layer::IndexCheck;
 use store::{BlobSourceAdapter, ChunkStore, FetchConfig, LayerFetcher, RangeSource, TailCache, TailSource};
 
 pub use error::{Error, Result};
@@ -57,20 +58,20 @@ pub struct OpenedLayer {
 const TAIL_SIZE: u64 = 64 << 10;
 
 /// Opens a layer blob through `source`: footer and TOC (≤ 2 reads), TOC digest check against
-/// `expected_toc` when given, inode table, fetcher over `store`.
-pub fn open_layer(source: Arc<dyn RangeSource>, expected_toc: Option<&Digest>, store: Arc<ChunkStore>, config: FetchConfig) -> Result<OpenedLayer> {
-    let reader = read_toc(source.clone(), expected_toc)?;
+/// `expected` when given (the layer descriptor's [`IndexCheck`]), inode table, fetcher over `store`.
+pub fn open_layer(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>, store: Arc<ChunkStore>, config: FetchConfig) -> Result<OpenedLayer> {
+    let reader = read_toc(source.clone(), expected)?;
     Ok(finish_open(&reader, source, store, config))
 }
 
 /// [`open_layer`] with the footer and TOC taken from `tails` when it holds them for this blob
 /// (no network round trip), and saved there when they had to be read from `source`. A cached
 /// tail that fails the TOC digest check is dropped and read again from `source`.
-pub fn open_layer_cached(source: Arc<dyn RangeSource>, expected_toc: Option<&Digest>, store: Arc<ChunkStore>, config: FetchConfig, tails: &TailCache) -> Result<OpenedLayer> {
+pub fn open_layer_cached(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>, store: Arc<ChunkStore>, config: FetchConfig, tails: &TailCache) -> Result<OpenedLayer> {
     let blob = source.name().to_string();
     if let Some(cached) = tails.load(&blob) {
         let via = Arc::new(TailSource::new(source.clone(), Some(cached)));
-        match read_toc(via, expected_toc) {
+        match read_toc(via, expected) {
             Ok(reader) => return Ok(finish_open(&reader, source, store, config)),
             Err(e) => {
                 tracing::warn!(%blob, error = %e, "cached TOC unusable; reading it from the registry");
@@ -78,20 +79,20 @@ pub fn open_layer_cached(source: Arc<dyn RangeSource>, expected_toc: Option<&Dig
             }
         }
     }
-    let reader = read_toc_into(source.clone(), expected_toc, tails)?;
+    let reader = read_toc_into(source.clone(), expected, tails)?;
     Ok(finish_open(&reader, source, store, config))
 }
 
 /// Reads the footer and TOC of a layer from `source`, checks them, and keeps them in `tails`,
 /// so that a later [`open_layer_cached`] of the same blob needs no network.
-pub fn cache_toc(source: Arc<dyn RangeSource>, expected_toc: Option<&Digest>, tails: &TailCache) -> Result<()> {
-    read_toc_into(source, expected_toc, tails).map(drop)
+pub fn cache_toc(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>, tails: &TailCache) -> Result<()> {
+    read_toc_into(source, expected, tails).map(drop)
 }
 
-fn read_toc_into(source: Arc<dyn RangeSource>, expected_toc: Option<&Digest>, tails: &TailCache) -> Result<Reader<BlobSourceAdapter>> {
+fn read_toc_into(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>, tails: &TailCache) -> Result<Reader<BlobSourceAdapter>> {
     let blob = source.name().to_string();
     let via = Arc::new(TailSource::new(source, None));
-    let reader = read_toc(via.clone(), expected_toc)?;
+    let reader = read_toc(via.clone(), expected)?;
     // Everything opening read: the TOC and the fixed-size tail read first.
     let start = reader.footer().toc_offset.min(via.size().saturating_sub(TAIL_SIZE));
     if let Some(bytes) = via.passed_tail(start) {
@@ -103,7 +104,7 @@ fn read_toc_into(source: Arc<dyn RangeSource>, expected_toc: Option<&Digest>, ta
 }
 
 /// Reads and checks the footer and TOC through `source`.
-fn read_toc(source: Arc<dyn RangeSource>, expected_toc: Option<&Digest>) -> Result<Reader<BlobSourceAdapter>> {
+fn read_toc(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>) -> Result<Reader<BlobSourceAdapter>> {
     let blob = source.name().to_string();
     let format = |e: estargz::Error| Error::Format { blob: blob.clone(), source: e };
     let opts = OpenOptions {
@@ -111,8 +112,8 @@ fn read_toc(source: Arc<dyn RangeSource>, expected_toc: Option<&Digest>) -> Resu
         ..OpenOptions::default()
     };
     let reader = Reader::open_with(BlobSourceAdapter(source), &opts).map_err(format)?;
-    if let Some(want) = expected_toc {
-        reader.verify_toc(want).map_err(format)?;
+    if let Some(check) = expected {
+        check.verify(&reader.toc_digest(), &reader.compressed_toc_digest()).map_err(|reason| Error::IndexCheck { blob: blob.clone(), reason })?;
     }
     Ok(reader)
 }

@@ -250,14 +250,12 @@ async fn inspect(store: &Store, platform: Option<&str>) -> Result<()> {
     let lazy = m.layers.iter().filter(|l| convert::is_lazy_layer(l)).count();
     println!("layers:   {} ({} lazily pullable)", m.layers.len(), lazy);
     for (i, l) in m.layers.iter().enumerate() {
-        let verdict = if let Some(t) = l.annotations.get(estargz::toc::TOC_DIGEST_ANNOTATION) {
-            format!("lazy: eStargz, toc {}", short(t))
-        } else if l.annotations.contains_key(estargz::toc::ZSTD_MANIFEST_CHECKSUM_ANNOTATION) {
-            "lazy: zstd:chunked".to_string()
-        } else if manifest::is_gzip_layer(&l.media_type) {
-            format!("not lazy: no {} annotation (plain gzip layer; convert it with `lazypull image convert`)", estargz::toc::TOC_DIGEST_ANNOTATION)
-        } else {
-            format!("not lazy: media type {} is not eStargz", l.media_type)
+        let verdict = match layer::detect(&l.media_type, &l.annotations) {
+            Ok(found) => match found.check {
+                layer::IndexCheck::TocDigest(t) => format!("lazy: {}, toc {}", found.format, short(&t.to_string())),
+                layer::IndexCheck::ZstdManifestChecksum(t) => format!("lazy: {}, manifest checksum {}", found.format, short(&t.to_string())),
+            },
+            Err(reason) => format!("not lazy: {reason}"),
         };
         println!("  {i:>2} {} {:>12} {verdict}", l.digest, l.size);
     }

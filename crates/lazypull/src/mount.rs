@@ -104,13 +104,14 @@ pub struct MountArgs {
     /// Mount only the layer with this blob digest.
     #[arg(long, value_name = "DIGEST")]
     pub layer_digest: Option<String>,
-    /// With `--layer-digest` and `--toc-digest`: the blob's size, so that the image manifest
+    /// With `--layer-digest` and `--index-check`: the blob's size, so that the image manifest
     /// need not be fetched (the snapshotter knows both).
-    #[arg(long, value_name = "BYTES", requires_all = ["layer_digest", "toc_digest"])]
+    #[arg(long, value_name = "BYTES", requires_all = ["layer_digest", "index_check"])]
     pub layer_size: Option<u64>,
-    /// The layer's TOC digest (with `--layer-size`).
-    #[arg(long, value_name = "DIGEST", requires = "layer_size")]
-    pub toc_digest: Option<String>,
+    /// What authenticates the layer's index (with `--layer-size`): its TOC digest
+    /// (`sha256:…`) or `zstd-manifest-checksum:sha256:…`.
+    #[arg(long, alias = "toc-digest", value_name = "CHECK", requires = "layer_size")]
+    pub index_check: Option<String>,
     /// Platform to pick from a multi-platform image (default: this host's).
     #[arg(long)]
     pub platform: Option<String>,
@@ -567,7 +568,7 @@ pub fn layer_mount(args: LayerMountArgs) -> Result<()> {
     }
     let store = open_store(&args.serve)?;
     let source: Arc<dyn RangeSource> = Arc::new(FileRangeSource::open(&args.blob)?);
-    let expected = args.toc_digest.as_deref().map(str::parse::<Digest>).transpose()?;
+    let expected = args.toc_digest.as_deref().map(|d| d.parse::<Digest>().map(lazyfs::IndexCheck::TocDigest)).transpose()?;
     let size = source.size();
     let opened = lazyfs::open_layer(source, expected.as_ref(), store.clone(), fetch_config(&args.serve))?;
     let name = args.blob.display().to_string();
@@ -597,11 +598,15 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
     let client = args.registry.client()?;
     let location = convert::parse_location(&args.reference, &client)?;
     let convert::Store::Registry { reference, .. } = &location else { bail!("mount needs a registry reference, not an OCI layout") };
-    let manifest = match (&args.layer_digest, args.layer_size, &args.toc_digest) {
+    let manifest = match (&args.layer_digest, args.layer_size, &args.index_check) {
         // Everything needed is known: a one-layer manifest, no round trip to the registry.
-        (Some(digest), Some(size), Some(toc)) => {
+        (Some(digest), Some(size), Some(check)) => {
             let mut layer = registry::Descriptor::new(registry::manifest::OCI_LAYER_GZIP, digest.clone(), size);
-            layer.annotations.insert(estargz::toc::TOC_DIGEST_ANNOTATION.to_string(), toc.clone());
+            let (key, value) = match layer::IndexCheck::parse(check)? {
+                layer::IndexCheck::TocDigest(d) => (estargz::toc::TOC_DIGEST_ANNOTATION, d),
+                layer::IndexCheck::ZstdManifestChecksum(d) => (estargz::toc::ZSTD_MANIFEST_CHECKSUM_ANNOTATION, d),
+            };
+            layer.annotations.insert(key.to_string(), value.to_string());
             registry::Manifest {
                 schema_version: 2,
                 media_type: None,
@@ -636,14 +641,9 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
     let mut lowers = Vec::new();
     for &i in &indices {
         let d = &manifest.layers[i];
-        let toc = d.annotations.get(estargz::toc::TOC_DIGEST_ANNOTATION);
-        let reason = match toc {
-            None => Some(format!("no {} annotation (not eStargz)", estargz::toc::TOC_DIGEST_ANNOTATION)),
-            Some(_) => None,
-        };
-        let lazy = match (toc, reason) {
-            (Some(toc), None) => {
-                let want: Digest = toc.parse().with_context(|| format!("layer {i}: bad TOC digest annotation"))?;
+        // The one decision every caller shares (layer crate): lazy, and checked how, or why not.
+        let lazy = match layer::detect(&d.media_type, &d.annotations) {
+            Ok(found) => {
                 let source: Arc<dyn RangeSource> = Arc::new(RegistryRangeSource::new(
                     client.clone(),
                     reference.clone(),
@@ -653,12 +653,9 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
                     Duration::from_secs(args.serve.fetch_timeout.max(1)),
                 ));
                 let tails = store::TailCache::new(tails_dir(&args.serve.state_dir));
-                match lazyfs::open_layer_cached(source, Some(&want), store.clone(), fetch_config(&args.serve), &tails) {
-                    Ok(o) => Ok(o),
-                    Err(e) => Err(format!("cannot open its TOC: {e}")),
-                }
+                lazyfs::open_layer_cached(source, Some(&found.check), store.clone(), fetch_config(&args.serve), &tails).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
             }
-            (_, reason) => Err(reason.unwrap_or_default()),
+            Err(reason) => Err(reason),
         };
         match lazy {
             Ok(opened) => {
@@ -685,7 +682,7 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
                     fetcher: None,
                     prefetch_end: None,
                     fs_stats: None,
-                    fallback_reason: Some(reason),
+                    fallback_reason: Some(reason.to_string()),
                 });
                 lowers.push(at);
             }

@@ -192,7 +192,7 @@ impl DaemonArgs {
         };
         push("--layer-digest", layer.digest.clone());
         push("--layer-size", layer.size.to_string());
-        push("--toc-digest", layer.toc_digest.clone());
+        push("--index-check", layer.index_check.clone());
         push("--cache-size", self.cache_size.to_string());
         push("--memory-cache", self.memory_cache_mib.to_string());
         push("--threads", self.threads.to_string());
@@ -225,17 +225,25 @@ struct DaemonRemote {
 }
 
 impl Remote for DaemonRemote {
-    fn resolve(&self, labels: &std::collections::BTreeMap<String, String>) -> std::result::Result<Option<snapshotter::meta::RemoteLayer>, String> {
+    fn resolve(&self, labels: &std::collections::BTreeMap<String, String>) -> std::result::Result<Option<snapshotter::meta::RemoteLayer>, layer::NotLazy> {
         self.resolver.resolve(labels)
     }
 
-    fn mount(&self, layer: &snapshotter::meta::RemoteLayer, dir: &std::path::Path) -> std::result::Result<(), String> {
-        let exe = std::env::current_exe().map_err(|e| format!("finding our executable: {e}"))?;
+    fn mount(&self, layer: &snapshotter::meta::RemoteLayer, dir: &std::path::Path) -> std::result::Result<(), layer::NotLazy> {
+        use layer::NotLazy;
+        let exe = std::env::current_exe().map_err(|e| NotLazy::MountFailed(format!("finding our executable: {e}")))?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(self.args.daemon_command(layer, dir));
-        let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| format!("starting the layer daemon: {e}"))?;
+        let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| NotLazy::MountFailed(format!("starting the layer daemon: {e}")))?;
         if !out.status.success() {
-            return Err(format!("layer daemon: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            // The daemon's own words (it names the entry and field of a refused index).
+            let said = String::from_utf8_lossy(&out.stderr);
+            let said = said.trim().trim_start_matches("lazypull: error: ").to_string();
+            // `… cannot be mounted lazily: index unusable: WHY (…)` → IndexUnusable(WHY (…)).
+            return Err(match said.split_once("index unusable: ") {
+                Some((_, why)) => NotLazy::IndexUnusable(why.to_string()),
+                None => NotLazy::MountFailed(said),
+            });
         }
         Ok(())
     }
@@ -333,7 +341,7 @@ mod tests {
         assert_eq!((store_cfg.disk_limit, store_cfg.memory_limit), (123456789, 7 << 20));
         assert_eq!((cfg.fetch_timeout, cfg.background, cfg.prefetch, cfg.threads, cfg.small_layer_prefetch), (Duration::from_secs(11), false, false, 3, 999));
         assert_eq!((cfg.fs.passthrough, cfg.fetch.parallel, cfg.fetch.readahead), (false, 5, 4096));
-        let layer = snapshotter::meta::RemoteLayer { image_ref: "reg/x:1".into(), digest: "sha256:aa".into(), size: 10, toc_digest: "sha256:bb".into() };
+        let layer = snapshotter::meta::RemoteLayer { image_ref: "reg/x:1".into(), digest: "sha256:aa".into(), size: 10, index_check: "sha256:bb".into() };
         let mut argv = vec![std::ffi::OsString::from("lazypull")];
         argv.extend(daemon.daemon_command(&layer, Path::new("/r/snapshots/1/fs")));
         let crate::Cli { command: crate::Command::Mount(m) } = crate::Cli::try_parse_from(argv).unwrap() else { panic!("not a mount command") };
@@ -341,6 +349,6 @@ mod tests {
         assert_eq!((s.cache_size, s.memory_cache, s.threads, s.fetch_timeout), (123456789, 7, 3, 11));
         assert_eq!((s.no_background, s.background_delay, s.no_prefetch, s.no_passthrough), (true, 2.5, true, true));
         assert_eq!((s.parallel, s.readahead, s.prefetch_small_layers, s.allow_setuid), (5, 4096, 999, true));
-        assert_eq!((m.layer_digest.as_deref(), m.layer_size, m.toc_digest.as_deref()), (Some("sha256:aa"), Some(10), Some("sha256:bb")));
+        assert_eq!((m.layer_digest.as_deref(), m.layer_size, m.index_check.as_deref()), (Some("sha256:aa"), Some(10), Some("sha256:bb")));
     }
 }

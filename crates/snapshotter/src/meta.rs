@@ -29,7 +29,10 @@ pub struct RemoteLayer {
     pub image_ref: String,
     pub digest: String,
     pub size: u64,
-    pub toc_digest: String,
+    /// What authenticates the layer's index ([`layer::IndexCheck`] as text: a TOC digest, or
+    /// a zstd:chunked manifest checksum); records of older versions call it `toc_digest`.
+    #[serde(alias = "toc_digest")]
+    pub index_check: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use estargz::Digest;
 use lazyfs::{FsOptions, LayerFs, MountedLayer};
 use registry::manifest::{self, ManifestKind, Platform};
 use registry::{Client, Reference};
 use store::{ChunkStore, FetchConfig, LayerFetcher, RangeSource, RegistryRangeSource, TailCache};
 
 use crate::meta::RemoteLayer;
+use crate::snapshots::NotLazy;
 use crate::snapshots::Remote;
 
 pub const STARGZ_REF_LABEL: &str = "containerd.io/snapshot/remote/stargz.reference";
@@ -144,7 +144,8 @@ impl RegistryRemote {
             let mut tasks = Vec::new();
             for d in &todo {
                 let Some(layer) = manifest.layers.iter().find(|l| &l.digest == d) else { continue };
-                let Some(toc) = layer.annotations.get(estargz::toc::TOC_DIGEST_ANNOTATION).and_then(|t| t.parse::<Digest>().ok()) else { continue };
+                let Ok(found) = layer::detect(&layer.media_type, &layer.annotations) else { continue };
+                let toc = found.check;
                 let source: Arc<dyn RangeSource> = Arc::new(RegistryRangeSource::new(client.clone(), reference.clone(), d.clone(), layer.size, runtime.clone(), timeout));
                 let tails = tails.clone();
                 let digest = d.clone();
@@ -161,45 +162,35 @@ impl RegistryRemote {
         });
     }
 
-    /// The remote layer the labels name: from the labels alone when they carry the TOC digest
-    /// and the blob size, else with the size (and maybe the TOC digest) from the image manifest.
-    fn layer_of(&self, image: &str, digest: &str, labels: &BTreeMap<String, String>) -> Result<RemoteLayer, String> {
-        let labelled_toc = labels.get(estargz::toc::TOC_DIGEST_ANNOTATION);
+    /// The remote layer the labels name: from the labels alone when they carry what
+    /// authenticates its index and the blob size, else with the manifest's descriptor (size,
+    /// media type, annotations; labels win). Whether it is lazy is [`layer::detect`]'s answer.
+    fn layer_of(&self, image: &str, digest: &str, labels: &BTreeMap<String, String>) -> Result<RemoteLayer, NotLazy> {
         let labelled_size = labels.get(LAYER_SIZE_LABEL).and_then(|s| s.parse::<u64>().ok());
-        if let (Some(toc), Some(size)) = (labelled_toc, labelled_size) {
-            return Ok(RemoteLayer {
-                image_ref: image.to_string(),
-                digest: digest.to_string(),
-                size,
-                toc_digest: toc.clone(),
-            });
+        let remote = |size: u64, check: layer::IndexCheck| RemoteLayer { image_ref: image.to_string(), digest: digest.to_string(), size, index_check: check.to_string() };
+        if let (Ok(found), Some(size)) = (layer::detect("", labels), labelled_size) {
+            return Ok(remote(size, found.check));
         }
         let m = self.manifest(image)?;
-        let d = m.layers.iter().find(|l| l.digest == digest).ok_or_else(|| format!("not in manifest: layer {digest} is not in {image}"))?;
-        let toc = labels
-            .get(estargz::toc::TOC_DIGEST_ANNOTATION)
-            .or_else(|| d.annotations.get(estargz::toc::TOC_DIGEST_ANNOTATION))
-            .ok_or_else(|| format!("not eStargz: layer {digest} has no {} annotation", estargz::toc::TOC_DIGEST_ANNOTATION))?;
-        Ok(RemoteLayer {
-            image_ref: image.to_string(),
-            digest: digest.to_string(),
-            size: d.size,
-            toc_digest: toc.clone(),
-        })
+        let d = m.layers.iter().find(|l| l.digest == digest).ok_or_else(|| NotLazy::NotInManifest { image: image.to_string(), digest: digest.to_string() })?;
+        let mut annotations = d.annotations.clone();
+        annotations.extend(labels.iter().filter(|(k, _)| k.starts_with("containerd.io/snapshot/stargz/") || k.starts_with("io.containers.zstd-chunked.")).map(|(k, v)| (k.clone(), v.clone())));
+        let found = layer::detect(&d.media_type, &annotations)?;
+        Ok(remote(d.size, found.check))
     }
 
-    fn manifest(&self, image: &str) -> Result<Arc<registry::Manifest>, String> {
+    fn manifest(&self, image: &str) -> Result<Arc<registry::Manifest>, NotLazy> {
         if let Some(m) = self.manifests.lock().unwrap().get(image) {
             return Ok(m.clone());
         }
-        let r = Reference::parse(image).map_err(|e| format!("bad image reference {image:?}: {e}"))?;
+        let r = Reference::parse(image).map_err(|e| NotLazy::BadAnnotation { key: "image reference".into(), value: format!("{image}: {e}") })?;
         let timeout = self.config.fetch_timeout;
         let client = self.client.clone();
         let m = self
             .runtime
             .block_on(async move { tokio::time::timeout(timeout, fetch_manifest(&client, &r)).await })
-            .map_err(|_| format!("registry unreachable: no manifest for {image} within {timeout:?}"))?
-            .map_err(|e| format!("registry: {e}"))?;
+            .map_err(|_| NotLazy::RegistryUnreachable(format!("no manifest for {image} within {timeout:?}")))?
+            .map_err(|e| NotLazy::Registry(e.to_string()))?;
         let m = Arc::new(m);
         self.manifests.lock().unwrap().insert(image.to_string(), m.clone());
         Ok(m)
@@ -212,7 +203,7 @@ impl RegistryRemote {
 }
 
 impl Remote for RegistryRemote {
-    fn resolve(&self, labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>, String> {
+    fn resolve(&self, labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>, NotLazy> {
         let image = labels.get(STARGZ_REF_LABEL).or_else(|| labels.get(CRI_REF_LABEL));
         let digest = labels.get(STARGZ_DIGEST_LABEL).or_else(|| labels.get(CRI_DIGEST_LABEL));
         let (Some(image), Some(digest)) = (image, digest) else { return Ok(None) };
@@ -222,9 +213,9 @@ impl Remote for RegistryRemote {
         layer.map(Some)
     }
 
-    fn mount(&self, layer: &RemoteLayer, dir: &Path) -> Result<(), String> {
-        let reference = Reference::parse(&layer.image_ref).map_err(|e| format!("bad image reference: {e}"))?;
-        let want: Digest = layer.toc_digest.parse().map_err(|e| format!("bad TOC digest: {e}"))?;
+    fn mount(&self, layer: &RemoteLayer, dir: &Path) -> Result<(), NotLazy> {
+        let reference = Reference::parse(&layer.image_ref).map_err(|e| NotLazy::BadAnnotation { key: "image reference".into(), value: format!("{}: {e}", layer.image_ref) })?;
+        let want = layer::IndexCheck::parse(&layer.index_check)?;
         let source: Arc<dyn RangeSource> = Arc::new(RegistryRangeSource::new(
             self.client.clone(),
             reference,
@@ -237,15 +228,15 @@ impl Remote for RegistryRemote {
             Some(tails) => lazyfs::open_layer_cached(source, Some(&want), self.store.clone(), self.config.fetch.clone(), tails),
             None => lazyfs::open_layer(source, Some(&want), self.store.clone(), self.config.fetch.clone()),
         }
-        .map_err(|e| format!("TOC: {e}"))?;
+        .map_err(|e| NotLazy::IndexUnusable(e.to_string()))?;
         let fetcher = opened.fetcher.clone();
         let landmark = if self.config.prefetch { lazyfs::prefetch_end(&opened.view, &fetcher, self.config.small_layer_prefetch) } else { None };
         let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), self.config.fs.clone());
-        let mount = lazyfs::mount_layer(fs, dir, &format!("lazypull:{}", layer.digest), self.config.threads, lazyfs::Privileges::Honour).map_err(|e| format!("mount: {e}"))?;
+        let mount = lazyfs::mount_layer(fs, dir, &format!("lazypull:{}", layer.digest), self.config.threads, lazyfs::Privileges::Honour).map_err(|e| NotLazy::MountFailed(e.to_string()))?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         fetcher
             .spawn_fill(landmark, self.config.background, self.config.background_delay, stop.clone())
-            .map_err(|e| format!("spawning the fill thread: {e}"))?;
+            .map_err(|e| NotLazy::MountFailed(format!("spawning the fill thread: {e}")))?;
         let replaced = self.mounts.lock().unwrap().insert(dir.to_path_buf(), Mounted { _mount: mount, fetcher, stop });
         if let Some(old) = replaced {
             // A dead mount replaced by a new one: its session may take a while to end (its

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::filter::Filters;
 use crate::meta::{now, Kind, Meta, Record, RemoteLayer};
+pub use layer::NotLazy;
 
 /// Label naming the snapshot a layer is to be committed as.
 pub const TARGET_REF_LABEL: &str = "containerd.io/snapshot.ref";
@@ -51,9 +52,9 @@ pub struct Info {
 pub trait Remote: Send + Sync {
     /// The remote layer the labels describe: `Ok(None)` when they name no image layer (a plain
     /// prepare), `Err(reason)` when they do but the layer cannot be mounted lazily.
-    fn resolve(&self, labels: &BTreeMap<String, String>) -> std::result::Result<Option<RemoteLayer>, String>;
+    fn resolve(&self, labels: &BTreeMap<String, String>) -> std::result::Result<Option<RemoteLayer>, NotLazy>;
     /// Mounts the layer read-only at `dir`.
-    fn mount(&self, layer: &RemoteLayer, dir: &Path) -> std::result::Result<(), String>;
+    fn mount(&self, layer: &RemoteLayer, dir: &Path) -> std::result::Result<(), NotLazy>;
     /// Unmounts what `mount` mounted at `dir`.
     fn unmount(&self, dir: &Path);
     /// Whether the layer mounted at `dir` is served right now: a mount point whose file system
@@ -71,7 +72,8 @@ pub trait Remote: Send + Sync {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub remote_snapshots: std::sync::atomic::AtomicU64,
-    pub fallbacks: Mutex<BTreeMap<String, u64>>,
+    /// Fallbacks by [`NotLazy::label`] (a fixed set of labels).
+    pub fallbacks: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 pub struct Snapshotter {
@@ -135,10 +137,9 @@ impl Snapshotter {
         }
     }
 
-    fn fallback(&self, reason: &str, key: &str) {
-        warn!(key, reason, "layer is not mounted lazily; falling back to a normal snapshot");
-        let bucket = reason.split(':').next().unwrap_or(reason).to_string();
-        *self.stats.fallbacks.lock().unwrap().entry(bucket).or_default() += 1;
+    fn fallback(&self, reason: &NotLazy, key: &str) {
+        warn!(key, reason = %reason, label = reason.label(), "layer is not mounted lazily; falling back to a normal snapshot");
+        *self.stats.fallbacks.lock().unwrap().entry(reason.label()).or_default() += 1;
     }
 
     /// `Prepare` (active, writable) or `View` (read-only).
@@ -188,14 +189,15 @@ impl Snapshotter {
         self.mounts_of(key, &rec)
     }
 
-    fn create_remote(&self, target: &str, parent: &str, labels: &BTreeMap<String, String>, layer: RemoteLayer, remote: &dyn Remote) -> std::result::Result<(), String> {
-        let tx = self.meta.write().map_err(|e| e.to_string())?;
-        if !parent.is_empty() && tx.get(parent).map_err(|e| e.to_string())?.is_none() {
-            return Err(format!("parent {parent} does not exist"));
+    fn create_remote(&self, target: &str, parent: &str, labels: &BTreeMap<String, String>, layer: RemoteLayer, remote: &dyn Remote) -> std::result::Result<(), NotLazy> {
+        let failed = |e: String| NotLazy::MountFailed(e);
+        let tx = self.meta.write().map_err(|e| failed(e.to_string()))?;
+        if !parent.is_empty() && tx.get(parent).map_err(|e| failed(e.to_string()))?.is_none() {
+            return Err(failed(format!("parent {parent} does not exist")));
         }
-        let id = tx.next_id().map_err(|e| e.to_string())?;
+        let id = tx.next_id().map_err(|e| failed(e.to_string()))?;
         let dir = self.dir(id);
-        std::fs::create_dir_all(dir.join("fs")).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir.join("fs")).map_err(|e| failed(format!("creating {}: {e}", dir.display())))?;
         if let Err(reason) = remote.mount(&layer, &dir.join("fs")) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(reason);
@@ -206,7 +208,7 @@ impl Snapshotter {
         if let Err(e) = tx.put(target, &rec).and_then(|_| tx.commit()) {
             remote.unmount(&dir.join("fs"));
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.to_string());
+            return Err(failed(e.to_string()));
         }
         self.stats.remote_snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         info!(name = target, image = %layer.image_ref, layer = %layer.digest, "remote snapshot mounted lazily");

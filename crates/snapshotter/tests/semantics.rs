@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use snapshotter::snapshots::NotLazy;
 use snapshotter::meta::{Kind, RemoteLayer};
 use snapshotter::snapshots::{Mount, Remote, Snapshotter, TARGET_REF_LABEL};
 use snapshotter::Error;
@@ -171,22 +172,26 @@ struct FakeRemote {
 }
 
 impl Remote for FakeRemote {
-    fn resolve(&self, l: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>, String> {
+    fn resolve(&self, l: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>, NotLazy> {
         let Some(d) = l.get("containerd.io/snapshot/cri.layer-digest") else { return Ok(None) };
         if d == "plain" {
-            return Err("not eStargz: no TOC digest".into());
+            return Err(NotLazy::NoIndex { media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into() });
         }
         Ok(Some(RemoteLayer {
             image_ref: "reg/img:1".into(),
             digest: d.clone(),
             size: 1,
-            toc_digest: "sha256:00".into(),
+            index_check: "sha256:00".into(),
         }))
     }
-    fn mount(&self, layer: &RemoteLayer, dir: &Path) -> Result<(), String> {
-        std::fs::write(dir.join("marker"), &layer.digest).map_err(|e| e.to_string())?;
+    fn mount(&self, layer: &RemoteLayer, dir: &Path) -> Result<(), NotLazy> {
+        std::fs::write(dir.join("marker"), &layer.digest).map_err(|e| NotLazy::MountFailed(e.to_string()))?;
         self.mounted.lock().unwrap().push(layer.digest.clone());
         Ok(())
+    }
+    /// "Served" while the marker exists (removing it plays a dead layer daemon).
+    fn is_live(&self, dir: &Path) -> bool {
+        dir.join("marker").exists()
     }
     fn unmount(&self, _dir: &Path) {
         self.unmounts.fetch_add(1, Ordering::SeqCst);
@@ -217,7 +222,16 @@ fn remote_snapshots_answer_already_exists_and_fall_back_with_a_reason() {
     let l2 = labels(&[(TARGET_REF_LABEL, "sha256:chain2"), ("containerd.io/snapshot/cri.layer-digest", "plain")]);
     let m = s.prepare("default/3/extract-3", "sha256:chain1", l2, Kind::Active).expect("falls back to a normal snapshot");
     assert_eq!(m[0].kind, "overlay");
-    assert_eq!(s.stats.fallbacks.lock().unwrap().get("not eStargz"), Some(&1));
+    assert_eq!(s.stats.fallbacks.lock().unwrap().get("no_lazy_index"), Some(&1));
+    assert_eq!(remote.mounted.lock().unwrap().len(), 1, "a live remote parent is not mounted again");
+    // Its daemon dies (the mount goes away): the next Prepare/View on top mounts it again
+    // instead of handing containerd an empty lower directory.
+    let fs = s.remote_snapshots().unwrap().into_iter().find(|r| r.0 == "sha256:chain1").unwrap().1;
+    std::fs::remove_file(fs.join("marker")).unwrap();
+    s.prepare("default/4/view", "sha256:chain1", BTreeMap::new(), Kind::View).unwrap();
+    assert!(fs.join("marker").exists(), "the dead remote parent was not mounted again");
+    assert_eq!(remote.mounted.lock().unwrap().len(), 2);
+    s.remove("default/4/view").unwrap();
     s.commit("sha256:chain2", "default/3/extract-3", BTreeMap::new()).unwrap();
     assert_eq!(s.remote_snapshots().unwrap().len(), 1);
     s.remove("sha256:chain2").unwrap();
