@@ -2,8 +2,17 @@
 //! whole-second UTC timestamps, and a 40-line civil-calendar conversion is easier to audit than a
 //! dependency.
 
-/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+/// Earliest and latest instants with a four-digit year (0000-01-01T00:00:00Z,
+/// 9999-12-31T23:59:59Z): all RFC 3339 — and Go's `time.RFC3339` parser, which the ecosystem's
+/// readers use — can express.
+pub const MIN_RFC3339_SECS: i64 = -62_167_219_200;
+pub const MAX_RFC3339_SECS: i64 = 253_402_300_799;
+
+/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`. A time outside the four-digit
+/// years (a tar header can hold one) is clamped into them, so that what is written always
+/// parses again (found by `make fuzz`: year 58888 made a blob we could not open).
 pub fn format_rfc3339(secs: i64) -> String {
+    let secs = secs.clamp(MIN_RFC3339_SECS, MAX_RFC3339_SECS);
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
@@ -96,6 +105,12 @@ mod tests {
         assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(format_rfc3339(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(format_rfc3339(MAX_RFC3339_SECS), "9999-12-31T23:59:59Z");
+        assert_eq!(format_rfc3339(MIN_RFC3339_SECS), "0000-01-01T00:00:00Z");
+        // The fuzz finding: a far-future tar mtime is clamped and still parses.
+        assert_eq!(format_rfc3339(1_796_000_000_000), "9999-12-31T23:59:59Z");
+        assert_eq!(parse_rfc3339(&format_rfc3339(i64::MAX)), Some(MAX_RFC3339_SECS));
+        assert_eq!(parse_rfc3339(&format_rfc3339(i64::MIN)), Some(MIN_RFC3339_SECS));
         for t in [0, 1, 951_782_400, 1_700_000_000, 4_102_444_800, -86_401] {
             assert_eq!(parse_rfc3339(&format_rfc3339(t)), Some(t));
         }

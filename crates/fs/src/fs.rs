@@ -239,7 +239,14 @@ pub(crate) fn read_chunks(fetcher: &Arc<LayerFetcher>, i: &Inode, offset: u64, s
     for (c, data) in touched.iter().zip(datas) {
         let from = offset.max(c.file_offset) - c.file_offset;
         let to = end.min(c.file_offset + c.size) - c.file_offset;
-        out.extend_from_slice(&data[from as usize..to as usize]);
+        // The fetcher hands out chunks of their declared size; never trust that with a panic.
+        let part = data.get(from as usize..to as usize).ok_or_else(|| store::Error::Corrupt {
+            digest: fetcher.chunks()[c.fetch_index].digest.map(|d| d.to_string()).unwrap_or_default(),
+            blob: i.path.clone(),
+            offset: c.file_offset,
+            reason: format!("chunk holds {} bytes, the file needs {from}..{to} of it", data.len()),
+        })?;
+        out.extend_from_slice(part);
     }
     Ok(out)
 }

@@ -361,10 +361,13 @@ impl LayerFetcher {
 
     fn store_get(&self, idx: usize, d: &Digest) -> Option<Arc<Vec<u8>>> {
         let c = &self.chunks[idx];
-        match &c.slot {
+        let data = match &c.slot {
             Some(slot) => self.store.get_slot(d, slot, c.size),
             None => self.store.get(d),
-        }
+        }?;
+        // Content with this digest but another length than this entry declares (two TOC
+        // entries disagreeing about one digest): not this chunk; decoding it will say why.
+        (data.len() as u64 == c.size).then_some(data)
     }
 
     fn store_contains(&self, idx: usize, d: &Digest) -> bool {

@@ -357,3 +357,27 @@ fn a_claimed_whole_file_digest_cannot_poison_another_layer() {
     v3.scan_store();
     assert!(read_big(&v3) == want, "victim read the attacker's bytes (attacker first)");
 }
+
+/// Found by `make fuzz` (layer_read): a TOC chunk whose `chunkDigest` names its real content but
+/// whose declared size is larger decoded "successfully" to fewer bytes, and the filesystem
+/// panicked slicing it. Now the chunk is an error naming both sizes.
+#[test]
+fn a_chunk_declared_longer_than_its_content_is_an_error() {
+    let l = layer();
+    let mut all = refs(&l.reader);
+    let n = l.reader.lookup("f03").unwrap();
+    let want = ChunkRef::of_file(n)[0].clone();
+    let at = all.iter().position(|r| *r == want).unwrap();
+    all[at].size += 1;
+    let lying = all[at].clone();
+    let store = tempfile::tempdir().unwrap();
+    let src = Arc::new(FileRangeSource::open(&l.blob).unwrap());
+    let f = Arc::new(LayerFetcher::new("layer", l.reader.compression(), all, src, ChunkStore::open(StoreConfig::new(store.path())).unwrap(), FetchConfig::default()));
+    let idx = f.chunk_index(&lying).unwrap();
+    match f.get(idx) {
+        // Either the member ends early ("decoded to N bytes, the TOC declares M") or the extra
+        // byte breaks the digest; both are this chunk's error, never a short chunk.
+        Err(Error::Corrupt { reason, .. }) => assert!(reason.contains("declares") || reason.contains("hashes to"), "{reason}"),
+        other => panic!("expected a corrupt-chunk error, got {:?}", other.map(|d| d.len())),
+    }
+}

@@ -38,6 +38,9 @@ impl LayerFetcher {
             .and_then(|(from, to)| range.get(usize::try_from(from).ok()?..usize::try_from(to).ok()?))
             .ok_or_else(|| corrupt(format!("member {}..{} is not inside the fetched range starting at {range_start}", c.offset, c.next_offset)))?;
         let data = decompress_range(self.compression, member, c.inner_offset, c.size as usize, c.offset, "chunk").map_err(|e| corrupt(e.to_string()))?;
+        if data.len() as u64 != c.size {
+            return Err(corrupt(format!("decoded to {} bytes, the TOC declares {}", data.len(), c.size)));
+        }
         let actual = Digest::of(&data);
         if actual != cl.digest {
             return Err(corrupt(format!("content hashes to {actual}")));
