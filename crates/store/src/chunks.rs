@@ -99,6 +99,8 @@ pub struct ChunkStore {
     objects: Mutex<std::collections::HashMap<Digest, ObjectState>>,
     memory: Mutex<Lru<Digest, Arc<Vec<u8>>>>,
     tmp_seq: AtomicU64,
+    /// Bytes this process stored since it last re-read the directory (see `evict_disk`).
+    written_since_scan: AtomicU64,
     pub stats: StoreStats,
 }
 
@@ -114,30 +116,7 @@ impl ChunkStore {
         // Leftovers of writes interrupted by a crash. Several processes (one daemon per layer)
         // share the directory, so only files of dead writers, or too old to be in flight, go.
         clean_tmp(&tmp_dir, TMP_MAX_AGE);
-        let mut found: Vec<(std::time::SystemTime, DiskKey, u64)> = Vec::new();
-        let mut objects = std::collections::HashMap::new();
-        for (dir, is_object) in [(&chunks_dir, false), (&objects_dir, true)] {
-            for shard in fs::read_dir(dir).map_err(|e| Error::io(dir, "listing", e))?.flatten() {
-                let Ok(rd) = fs::read_dir(shard.path()) else { continue };
-                for e in rd.flatten() {
-                    let name = e.file_name();
-                    let Some(d) = name.to_str().and_then(|n| format!("sha256:{n}").parse::<Digest>().ok()) else { continue };
-                    let Ok(md) = e.metadata() else { continue };
-                    let key = if is_object {
-                        objects.insert(d, load_object_index(&e.path(), md.len()));
-                        DiskKey::Object(d)
-                    } else {
-                        DiskKey::Chunk(d)
-                    };
-                    found.push((md.modified().unwrap_or(std::time::UNIX_EPOCH), key, md.len()));
-                }
-            }
-        }
-        found.sort_by_key(|f| f.0);
-        let mut disk = Lru::new();
-        for (rank, (_, d, len)) in found.into_iter().enumerate() {
-            disk.insert_aged(d, len, (), rank as u64 + 1);
-        }
+        let (disk, objects) = scan(&chunks_dir, &objects_dir)?;
         let store = ChunkStore {
             config,
             chunks_dir,
@@ -147,6 +126,7 @@ impl ChunkStore {
             objects: Mutex::new(objects),
             memory: Mutex::new(Lru::new()),
             tmp_seq: AtomicU64::new(0),
+            written_since_scan: AtomicU64::new(0),
             stats: StoreStats::default(),
         };
         store.evict_disk();
@@ -209,6 +189,7 @@ impl ChunkStore {
         match fs::read(&path) {
             Ok(data) if Digest::of(&data) == *d => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                touch(&path);
                 let data = Arc::new(data);
                 self.remember(d, &data);
                 Some(data)
@@ -269,6 +250,7 @@ impl ChunkStore {
             return Err(Error::io(&path, format!("storing chunk {d}"), e));
         }
         self.disk.lock().unwrap().insert(DiskKey::Chunk(*d), data.len() as u64, ());
+        self.written_since_scan.fetch_add(data.len() as u64, Ordering::Relaxed);
         self.evict_disk();
         Ok(())
     }
@@ -299,6 +281,7 @@ impl ChunkStore {
         let ok = fs::File::open(&path).and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, slot.offset)).is_ok();
         if ok && Digest::of(&buf) == *d {
             self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+            touch(&path);
             let data = Arc::new(buf);
             self.remember(d, &data);
             return Some(data);
@@ -363,10 +346,11 @@ impl ChunkStore {
                 o.covered += data.len() as u64;
             }
         }
+        self.written_since_scan.fetch_add(data.len() as u64, Ordering::Relaxed);
         if created {
             self.disk.lock().unwrap().insert(DiskKey::Object(slot.file), slot.file_size, ());
-            self.evict_disk();
         }
+        self.evict_disk();
         Ok(())
     }
 
@@ -415,10 +399,29 @@ impl ChunkStore {
         }
     }
 
+    /// Keeps the store within `disk_limit` for the whole node. Every layer daemon stores into
+    /// the same directory, so our index alone undercounts: after writing 1/64 of the limit we
+    /// re-read the directory (everyone's files, ordered by modification time, which disk hits
+    /// refresh — the node-wide LRU order) and evict the oldest until the total fits. Evicting a
+    /// file another daemon still indexes only costs that daemon a refetch on its next read
+    /// (its lookup finds the file gone); open files, like passthrough backing files, stay
+    /// readable after unlink.
     fn evict_disk(&self) {
         let limit = self.config.disk_limit;
         if limit == 0 {
             return;
+        }
+        let rescan_every = (limit / 64).max(256 << 10);
+        if self.written_since_scan.load(Ordering::Relaxed) >= rescan_every {
+            self.written_since_scan.store(0, Ordering::Relaxed);
+            if let Ok((disk, objects)) = scan(&self.chunks_dir, &self.objects_dir) {
+                *self.disk.lock().unwrap() = disk;
+                let mut mine = self.objects.lock().unwrap();
+                // Keep our own view of objects we know (it may be ahead of their index files).
+                for (k, v) in objects {
+                    mine.entry(k).or_insert(v);
+                }
+            }
         }
         loop {
             let victim = {
@@ -478,6 +481,46 @@ fn index_path(object: &Path) -> PathBuf {
 
 /// Reads an object's chunk index (lines `offset length chunkhex`); damaged lines are skipped
 /// (and their chunks, if wrong, fail verification on read and are refetched).
+/// Marks a stored file as just used for every process: modification time is the node-wide LRU
+/// order (see `evict_disk`). Best effort.
+fn touch(path: &Path) {
+    if let Ok(f) = fs::File::open(path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+type DiskIndex = (Lru<DiskKey, ()>, std::collections::HashMap<Digest, ObjectState>);
+
+/// Everything stored under the two directories, by anyone: the disk LRU ordered by modification
+/// time (oldest first) and the objects' chunk indexes.
+fn scan(chunks_dir: &Path, objects_dir: &Path) -> Result<DiskIndex> {
+    let mut found: Vec<(std::time::SystemTime, DiskKey, u64)> = Vec::new();
+    let mut objects = std::collections::HashMap::new();
+    for (dir, is_object) in [(chunks_dir, false), (objects_dir, true)] {
+        for shard in fs::read_dir(dir).map_err(|e| Error::io(dir, "listing", e))?.flatten() {
+            let Ok(rd) = fs::read_dir(shard.path()) else { continue };
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let Some(d) = name.to_str().and_then(|n| format!("sha256:{n}").parse::<Digest>().ok()) else { continue };
+                let Ok(md) = e.metadata() else { continue };
+                let key = if is_object {
+                    objects.insert(d, load_object_index(&e.path(), md.len()));
+                    DiskKey::Object(d)
+                } else {
+                    DiskKey::Chunk(d)
+                };
+                found.push((md.modified().unwrap_or(std::time::UNIX_EPOCH), key, md.len()));
+            }
+        }
+    }
+    found.sort_by_key(|f| f.0);
+    let mut disk = Lru::new();
+    for (rank, (_, d, len)) in found.into_iter().enumerate() {
+        disk.insert_aged(d, len, (), rank as u64 + 1);
+    }
+    Ok((disk, objects))
+}
+
 /// Temporary files older than this are taken for leftovers even if their writer's pid is alive
 /// (pids are reused); no chunk write takes anywhere near this long.
 const TMP_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -611,6 +654,53 @@ mod tests {
         let slot2 = FileSlot { offset: 2000, ..slot };
         a.put_slot(&e, &slot2, &edata).unwrap();
         assert_eq!(fresh_b.get_slot(&e, &slot2, 1000).unwrap(), edata);
+    }
+
+    /// The disk bound holds for the node, not per process: four stores on one directory (as
+    /// four layer daemons), each writing four times the limit, interleaved.
+    #[test]
+    fn the_disk_limit_holds_across_processes_sharing_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 4u64 << 20;
+        let open = || {
+            let mut cfg = StoreConfig::new(dir.path());
+            cfg.disk_limit = limit;
+            cfg.memory_limit = 0;
+            ChunkStore::open(cfg).unwrap()
+        };
+        let stores = [open(), open(), open(), open()];
+        let on_disk = || -> u64 {
+            let mut total = 0;
+            for shard in fs::read_dir(dir.path().join("chunks/sha256")).unwrap().flatten() {
+                for e in fs::read_dir(shard.path()).unwrap().flatten() {
+                    total += e.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+            total
+        };
+        let mut peak = 0;
+        let mut written = Vec::new();
+        for i in 0..256u32 {
+            let data: Vec<u8> = (0..64 << 10).map(|j: u32| (j.wrapping_mul(2654435761).wrapping_add(i.wrapping_mul(40503)) >> 13) as u8).collect();
+            let (d, data) = (Digest::of(&data), Arc::new(data));
+            stores[i as usize % 4].put(&d, &data).unwrap();
+            written.push((d, data));
+            peak = peak.max(on_disk());
+        }
+        // Each process may overshoot by what it wrote since its last look at the directory.
+        let slack = 4 * (256 << 10) + (64 << 10);
+        assert!(peak <= limit + slack, "peak {peak} bytes on disk for a {limit}-byte limit");
+        // Whatever a store still answers is right; evicted chunks are misses, never wrong bytes.
+        let mut hits = 0;
+        for (d, data) in &written {
+            for s in &stores {
+                if let Some(got) = s.get(d) {
+                    assert_eq!(&got, data);
+                    hits += 1;
+                }
+            }
+        }
+        assert!(hits > 0);
     }
 
     #[test]
