@@ -27,14 +27,20 @@ use tracing::{info, warn};
 
 use crate::image::RegistryArgs;
 
+/// Default bound of `lazypull mount`'s chunk cache: without one, `/var/lib/lazypull` kept every
+/// chunk forever.
+pub const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
+
 /// Options shared by every lazy mount.
 #[derive(Args, Clone)]
 pub struct ServeArgs {
     /// State directory: chunk cache, extracted fallback layers, mount records.
     #[arg(long, default_value = "/var/lib/lazypull", value_name = "DIR")]
     pub state_dir: PathBuf,
-    /// Disk cache limit in bytes (0: unlimited); least recently used chunks are evicted.
-    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    /// Disk cache limit in bytes for the whole state directory (every mount's daemons
+    /// together; 0: unlimited); least recently used chunks are evicted and fetched again when
+    /// read. Default 10 GiB.
+    #[arg(long, default_value_t = DEFAULT_CACHE_BYTES, value_name = "BYTES")]
     pub cache_size: u64,
     /// In-memory chunk cache in MiB.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
