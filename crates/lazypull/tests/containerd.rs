@@ -423,6 +423,22 @@ disabled_plugins = [{cri}"io.containerd.internal.v1.opt", "io.containerd.snapsho
         run_timeout(&mut cmd, timeout, self.root.path())
     }
 
+    /// Runs SCRIPT in a container of `image` and returns its report. The report goes to a file
+    /// in a bind-mounted host directory, not through ctr's stdout: under load `ctr run` was
+    /// seen to exit 0 with the tail of a long output missing.
+    fn run_report(&self, snapshotter: &str, image: &str, id: &str, timeout: Duration) -> Report {
+        let out = self.root.path().join(format!("out-{id}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let mount = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
+        let script = format!("( {SCRIPT} ) > /out/report");
+        self.containers.borrow_mut().push(id.to_string());
+        self.ctr_ok(&["run", "--rm", "--snapshotter", snapshotter, "--mount", &mount, image, id, "/bin/sh", "-c", &script], timeout);
+        self.containers.borrow_mut().retain(|c| c != id);
+        let text = std::fs::read_to_string(out.join("report")).unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        parse_report(&text)
+    }
+
     fn ctr_ok(&self, args: &[&str], timeout: Duration) -> String {
         let (ok, out, err) = self.ctr(args, timeout);
         assert!(ok, "ctr {args:?} failed:\nstdout: {out}\nstderr: {err}\ncontainerd log:\n{}", self.log_tail());
@@ -478,7 +494,7 @@ impl Drop for Containerd {
 /// the container's fresh upper directory, so it is left out.
 const SCRIPT: &str = r#"cat /etc/hello.txt
 echo ---LISTING---
-find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run \) -prune -o -print | sort | while IFS= read -r p; do
+find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /out \) -prune -o -print | sort | while IFS= read -r p; do
   if [ "$p" = / ]; then stat -c '%n|%F|%a|%u:%g' "$p"
   elif [ -L "$p" ]; then stat -c '%n|%F|%a|%u:%g|%h|%s|%Y|%N' "$p"
   elif [ -d "$p" ]; then stat -c '%n|%F|%a|%u:%g|%h|%Y' "$p"
@@ -571,9 +587,8 @@ fn converted_images_run_in_containerd_with_identical_filesystems() {
         let id = format!("lp-{}-{tag}", std::process::id());
         ctd.containers.borrow_mut().push(id.clone());
         let t = Instant::now();
-        let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "overlayfs", &image, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(60));
+        let report = ctd.run_report("overlayfs", &image, &id, Duration::from_secs(60));
         ctd.containers.borrow_mut().retain(|c| c != &id);
-        let report = parse_report(&out);
         eprintln!("{tag}: pulled+unpacked in {pulled:.2?}, ran in {:.2?}, {} paths", t.elapsed(), report.listing.len());
         reports.push(report);
     }
@@ -1087,7 +1102,7 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     let esgz = reference("esgz");
     ctd.ctr_ok(&["image", "pull", "--plain-http", &esgz], Duration::from_secs(60));
     let id = format!("lp-snap-ref-{}", std::process::id());
-    let want = parse_report(&ctd.ctr_ok(&["run", "--rm", "--snapshotter", "overlayfs", &esgz, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(60)));
+    let want = ctd.run_report("overlayfs", &esgz, &id, Duration::from_secs(60));
     ctd.ctr_ok(&["image", "rm", "--sync", &esgz], Duration::from_secs(30));
 
     // Lazily: rpull, then a container that only echoes.
@@ -1140,7 +1155,7 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     // The whole filesystem through the lazy layers equals the overlayfs one (the eStargz
     // metadata files, which a plain extraction materializes, are hidden by the mount).
     let id = format!("lp-snap-run-{}", std::process::id());
-    let got = parse_report(&ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &esgz, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(120)));
+    let got = ctd.run_report("lazypull", &esgz, &id, Duration::from_secs(120));
     let (_, want_listing): (Vec<String>, Vec<String>) = want.listing.iter().cloned().partition(|l| ESTARGZ_METADATA.contains(&path_of(l)));
     assert_eq!(got.hello, HELLO);
     assert!(got.listing == want_listing, "lazy rootfs differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want_listing, &got.listing));
@@ -1197,7 +1212,7 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
         let snap2 = start_activated();
         let remounted = snap_log_count(&snap_state, "remote snapshot mounted again") - before;
         let id = format!("lp-snap-reboot-{}-{still_exiting}", std::process::id());
-        let got = parse_report(&ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &esgz, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(120)));
+        let got = ctd.run_report("lazypull", &esgz, &id, Duration::from_secs(120));
         assert!(got.listing == want_listing, "after a reboot (old daemons still exiting: {still_exiting}) the rootfs differs (- overlayfs, + lazypull):\n{}\nsnapshotter log:\n{}", diff(&want_listing, &got.listing), snap2.log());
         eprintln!("reboot (old daemons still exiting: {still_exiting}): {remounted} layers mounted again at start, {} FUSE mounts, rootfs identical", snap2.fuse_mounts());
         assert!(remounted >= layers.len(), "not every layer was mounted again:\n{}", snap2.log());
@@ -1218,7 +1233,7 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     assert!(out.contains(&format!("{n} of {n} layers remote", n = layers.len())), "{out}");
     assert_eq!(snap.log().matches("remote snapshot mounted lazily").count() - mounted_before, layers.len(), "ctr-remote's layers were not mounted lazily:\n{}", snap.log());
     let id = format!("lp-snap-ref-run-{}", std::process::id());
-    let got = parse_report(&ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &by_ref, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(120)));
+    let got = ctd.run_report("lazypull", &by_ref, &id, Duration::from_secs(120));
     assert!(got.listing == want_listing, "ctr-remote image through lazypull differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want_listing, &got.listing));
     ctd.ctr_ok(&["image", "rm", "--sync", &by_ref], Duration::from_secs(60));
 
@@ -1242,7 +1257,7 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
         let out = rpull(&image);
         assert!(out.contains(&format!("{n} of {n} layers remote", n = layers.len())), "{tag}: {out}\n{}", snap.log());
         let id = format!("lp-snap-{tag}-{}", std::process::id());
-        let got = parse_report(&ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &image, &id, "/bin/sh", "-c", SCRIPT], Duration::from_secs(120)));
+        let got = ctd.run_report("lazypull", &image, &id, Duration::from_secs(120));
         assert!(got.listing == want_listing, "{tag} through lazypull differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want_listing, &got.listing));
         ctd.ctr_ok(&["image", "rm", "--sync", &image], Duration::from_secs(60));
         eprintln!("{tag}: every layer remote, rootfs identical to overlayfs");
