@@ -101,3 +101,14 @@ fn very_deep_paths_are_rejected_without_overflowing_the_stack() {
         .unwrap();
     assert!(r > MAX_PATH_DEPTH, "{r} nodes");
 }
+
+/// Found by `make fuzz` (convert): a non-directory entry naming the root (`./` as a FIFO or a
+/// file) was written into a TOC that no reader opens. The writer refuses it, naming the entry.
+#[test]
+fn a_root_entry_that_is_not_a_directory_is_refused_at_conversion() {
+    for name in ["./", ".", "/"] {
+        let tarball = raw_tar(&[("ok", b"x"), (name, b"")]);
+        let err = build(tarball.as_slice(), Vec::new(), &BuildOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("names the layer root") && err.contains(&format!("{name:?}")), "{name}: {err}");
+    }
+}

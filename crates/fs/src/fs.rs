@@ -126,6 +126,9 @@ pub struct LayerFs {
     streams: Mutex<HashMap<u64, Stream>>,
     /// What the library prefetch ([`crate::deps`]) shares with its helper threads.
     deps: deps::Context,
+    /// Backing files (device, inode, change time) whose every chunk this layer has hashed (see
+    /// [`LayerFs::backing_file`]); the change time tells a reused inode number apart.
+    verified_backing: Mutex<std::collections::HashSet<(u64, u64, i64, i64)>>,
     pub stats: Arc<FsStats>,
 }
 
@@ -146,6 +149,7 @@ impl LayerFs {
                 examined: Arc::default(),
                 stats: stats.clone(),
             },
+            verified_backing: Mutex::new(std::collections::HashSet::new()),
             stats,
         }
     }
@@ -216,12 +220,42 @@ impl LayerFs {
     fn backing_file(&self, i: &Inode) -> Option<std::fs::File> {
         let first = i.chunks.first()?;
         let c = &self.fetcher.chunks()[first.fetch_index];
-        let path = match (&c.slot, i.chunks.len()) {
-            (None, 1) => self.fetcher.store().disk_path(&c.digest?)?,
-            (Some(slot), _) => self.fetcher.store().complete_object(&slot.file)?,
-            _ => return None,
-        };
-        std::fs::File::open(path).ok()
+        match (&c.slot, i.chunks.len()) {
+            // A chunk file is written whole and renamed into place under its digest.
+            (None, 1) => std::fs::File::open(self.fetcher.store().disk_path(&c.digest?)?).ok(),
+            // An object is assembled in place by any daemon and may be evicted and begun again
+            // by another while our index still calls it complete; the kernel reads a
+            // passthrough file without us. So the opened file itself is hashed, chunk by chunk
+            // against this layer's digests, once per file (device, inode).
+            (Some(slot), _) => {
+                let f = std::fs::File::open(self.fetcher.store().complete_object(&slot.file)?).ok()?;
+                self.verify_backing(i, &f).then_some(f)
+            }
+            _ => None,
+        }
+    }
+
+    fn verify_backing(&self, i: &Inode, f: &std::fs::File) -> bool {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let Ok(md) = f.metadata() else { return false };
+        let id = (md.dev(), md.ino(), md.ctime(), md.ctime_nsec());
+        if self.verified_backing.lock().unwrap().contains(&id) {
+            return true;
+        }
+        if md.len() != i.size {
+            return false;
+        }
+        let mut buf = Vec::new();
+        for c in &i.chunks {
+            let Some(want) = self.fetcher.chunks()[c.fetch_index].digest else { return false };
+            buf.resize(c.size as usize, 0);
+            if f.read_exact_at(&mut buf, c.file_offset).is_err() || estargz::Digest::of(&buf) != want {
+                tracing::warn!(path = %i.path, offset = c.file_offset, "store object does not hold this layer's bytes; not passing it through");
+                return false;
+            }
+        }
+        self.verified_backing.lock().unwrap().insert(id);
+        true
     }
 }
 

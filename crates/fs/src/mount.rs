@@ -198,7 +198,12 @@ pub fn detach(path: &Path) -> Result<()> {
 
 /// Whether `path` is a mount point (per /proc/self/mountinfo).
 pub fn is_mountpoint(path: &Path) -> bool {
-    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    // The parent, not the path itself: canonicalizing a dead FUSE mount's root fails (ENOTCONN),
+    // and a dead mount is exactly what callers look for.
+    let canon = match (path.parent().filter(|p| !p.as_os_str().is_empty()), path.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent).map(|p| p.join(name)).unwrap_or_else(|_| path.to_path_buf()),
+        _ => std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+    };
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape_mountinfo(m) == canon.as_os_str().to_string_lossy()))
 }

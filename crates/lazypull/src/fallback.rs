@@ -67,5 +67,11 @@ pub fn mount_overlay(lowers: &[PathBuf], at: &Path, privileges: lazyfs::Privileg
     }
     nix::mount::mount(Some("overlay"), at, Some("overlay"), flags, Some(data.as_str()))
         .with_context(|| format!("mounting overlayfs at {} ({} layers)", at.display(), lowers.len()))?;
-    Ok(std::os::unix::fs::MetadataExt::dev(&std::fs::symlink_metadata(at)?))
+    match std::fs::symlink_metadata(at) {
+        Ok(m) => Ok(std::os::unix::fs::MetadataExt::dev(&m)),
+        Err(e) => {
+            let _ = lazyfs::detach(at);
+            Err(e).with_context(|| format!("stat of the new overlay at {}", at.display()))
+        }
+    }
 }

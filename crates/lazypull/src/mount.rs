@@ -233,6 +233,10 @@ fn daemonize(serve: &ServeArgs, mountpoint: &Path) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("daemon.log");
     // Appended to: after a restart an old daemon on its way out and the new one share the path.
+    // Kept small: the log of the previous daemons at this path is rotated once it passes 8 MiB.
+    if std::fs::metadata(&log_path).is_ok_and(|m| m.len() > 8 << 20) {
+        let _ = std::fs::rename(&log_path, log_path.with_extension("log.1"));
+    }
     let log = std::fs::File::options().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
@@ -366,6 +370,9 @@ struct Served {
     /// Device number of our overlay at `mountpoint` (image mounts); its identity, so that only
     /// our own overlay is ever unmounted.
     overlay: Option<u64>,
+    /// An open descriptor of our overlay's root: it pins the overlay's superblock, so its device
+    /// number cannot be handed to another mount while we live (which makes `overlay` an identity).
+    _overlay_pin: Option<std::fs::File>,
     store: Arc<ChunkStore>,
     stop: Arc<AtomicBool>,
     started: Instant,
@@ -425,7 +432,8 @@ impl Served {
 
     /// Whether `record.json` is this process's (not a newer daemon's at the same path).
     fn owns_record(&self) -> bool {
-        std::fs::read(self.dir.join("record.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()).is_some_and(|r| r.pid == std::process::id())
+        let me = std::process::id();
+        std::fs::read(self.dir.join("record.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()).is_some_and(|r| r.pid == me && (r.start_ticks.is_none() || r.start_ticks == start_ticks(me)))
     }
 }
 
@@ -519,7 +527,10 @@ fn run_served(served: Served, serve: &ServeArgs, ready_line: String) -> Result<(
         dev: served.overlay.or_else(|| served.mounts.iter().find(|m| m.mountpoint() == served.mountpoint).map(|m| m.dev())),
         start_ticks: start_ticks(std::process::id()),
     };
-    std::fs::write(served.dir.join("record.json"), serde_json::to_vec_pretty(&record)?)?;
+    // Atomically: `status`, `umount` and an old daemon on its way out read it concurrently.
+    let tmp = served.dir.join(format!("record.json.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&record)?)?;
+    std::fs::rename(&tmp, served.dir.join("record.json"))?;
     served.write_status();
     served.start_fill(serve);
     let term = Arc::new(AtomicBool::new(false));
@@ -586,6 +597,7 @@ pub fn layer_mount(args: LayerMountArgs) -> Result<()> {
         layers: vec![layer],
         mounts: vec![mounted],
         overlay: None,
+        _overlay_pin: None,
         store,
         stop: Arc::new(AtomicBool::new(false)),
         started: Instant::now(),
@@ -695,6 +707,10 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
         }
     }
     let overlay = if single { None } else { Some(crate::fallback::mount_overlay(&lowers, &args.mountpoint, args.serve.privileges())?) };
+    let overlay_pin = match overlay {
+        Some(_) => Some(std::fs::File::open(&args.mountpoint).with_context(|| format!("opening the overlay at {}", args.mountpoint.display()))?),
+        None => None,
+    };
     let served = Served {
         source: args.reference.clone(),
         mountpoint: args.mountpoint.clone(),
@@ -702,6 +718,7 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
         layers,
         mounts,
         overlay,
+        _overlay_pin: overlay_pin,
         store,
         stop: Arc::new(AtomicBool::new(false)),
         started,
@@ -759,6 +776,10 @@ pub fn umount(mountpoint: &Path, state: &Path) -> Result<()> {
             warn!(pid = rec.pid, "daemon did not exit; killing it");
             // SAFETY: as above.
             unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGKILL) };
+            let t = Instant::now();
+            while rec.daemon_alive() && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     } else {
         // The daemon died without cleaning up: its record is stale.

@@ -231,6 +231,11 @@ impl Remote for DaemonRemote {
 
     fn mount(&self, layer: &snapshotter::meta::RemoteLayer, dir: &std::path::Path) -> std::result::Result<(), layer::NotLazy> {
         use layer::NotLazy;
+        // Labels come from containerd's callers: a value that looks like an option must not
+        // become one on the daemon's command line.
+        if layer.image_ref.starts_with('-') || layer.digest.starts_with('-') {
+            return Err(NotLazy::BadAnnotation { key: "image reference".into(), value: layer.image_ref.clone() });
+        }
         let exe = std::env::current_exe().map_err(|e| NotLazy::MountFailed(format!("finding our executable: {e}")))?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(self.args.daemon_command(layer, dir));

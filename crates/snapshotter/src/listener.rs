@@ -37,6 +37,8 @@ pub enum ListenError {
     Activation(String),
     #[error("binding {path}: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
+    #[error("{0} is served by another process (another snapshotter is running?)")]
+    InUse(PathBuf),
 }
 
 /// The listening socket: the activated one if the supervisor passed one, otherwise a fresh
@@ -53,6 +55,11 @@ pub fn listen(path: &Path) -> Result<(UnixListener, Origin), ListenError> {
     let bind_err = |source| ListenError::Bind { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    // A socket file that still answers belongs to a running snapshotter: taking it over would
+    // silently cut containerd off from it (and two would share one root).
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(ListenError::InUse(path.to_path_buf()));
     }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(bind_err(e)),
@@ -134,5 +141,8 @@ mod tests {
         let (second, _) = listen(&path).unwrap();
         std::os::unix::net::UnixStream::connect(&path).unwrap();
         assert!(second.accept().is_ok());
+        // While it listens, a second process refuses to take the socket over.
+        let e = listen(&path).unwrap_err();
+        assert!(matches!(e, ListenError::InUse(_)), "{e}");
     }
 }

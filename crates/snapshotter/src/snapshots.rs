@@ -61,11 +61,24 @@ pub trait Remote: Send + Sync {
     /// answers (a FUSE mount whose daemon died fails with ENOTCONN; a detached one is no mount
     /// point any more and would leave containerd an empty lower directory).
     fn is_live(&self, dir: &Path) -> bool {
-        lazyfs::is_mountpoint(dir) && std::fs::read_dir(dir).is_ok()
+        lazyfs::is_mountpoint(dir) && answers_within(dir, std::time::Duration::from_secs(2))
     }
     /// Frees cached data of layers no longer in `live` (called after a remote snapshot is
     /// removed, e.g. because its image was).
     fn collect_garbage(&self, _live: &[RemoteLayer]) {}
+}
+
+/// Whether listing `dir` succeeds within `limit`. A daemon that is alive but stuck must not hang
+/// the caller (Prepare holds the snapshotter's lock): past the limit it counts as alive — it is
+/// not dead, and mounting a second daemon over it would not help — and the listing thread is
+/// left to finish on its own.
+pub fn answers_within(dir: &Path, limit: std::time::Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read_dir(&dir).is_ok());
+    });
+    rx.recv_timeout(limit).unwrap_or(true)
 }
 
 /// Counters exported as metrics.
@@ -159,6 +172,11 @@ impl Snapshotter {
                     },
                 }
             }
+        }
+        // Remote parents must be served before the snapshot is recorded: a Prepare that fails
+        // with Unavailable must leave nothing behind for containerd's retry to trip over.
+        if !parent.is_empty() {
+            self.lowers(parent)?;
         }
         let tx = self.meta.write()?;
         if tx.get(key)?.is_some() {

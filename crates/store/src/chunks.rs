@@ -86,6 +86,9 @@ pub struct FileSlot {
 #[derive(Debug, Default)]
 struct ObjectState {
     size: u64,
+    /// Length of the object's index file when it was read: a reload is only worth it when the
+    /// file has grown (another process added chunks) or changed.
+    index_len: u64,
     present: std::collections::HashMap<u64, (u64, Digest)>,
     covered: u64,
 }
@@ -163,6 +166,10 @@ impl ChunkStore {
     fn reload_object(&self, file: &Digest) {
         let path = self.object_path(file);
         let Ok(md) = fs::metadata(&path) else { return };
+        let index_len = fs::metadata(index_path(&path)).map(|m| m.len()).unwrap_or(0);
+        if self.objects.lock().unwrap().get(file).is_some_and(|o| o.index_len == index_len) {
+            return; // nothing new since we read it
+        }
         let state = load_object_index(&path, md.len());
         let new = {
             let mut objs = self.objects.lock().unwrap();
@@ -289,8 +296,8 @@ impl ChunkStore {
         warn!(chunk = %d, file = %slot.file, offset = slot.offset, "chunk in file object missing or damaged; refetching it");
         self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
         if let Some(o) = self.objects.lock().unwrap().get_mut(&slot.file) {
-            if o.present.remove(&slot.offset).is_some() {
-                o.covered -= len;
+            if let Some((l, _)) = o.present.remove(&slot.offset) {
+                o.covered = o.covered.saturating_sub(l);
             }
         }
         None
@@ -314,16 +321,11 @@ impl ChunkStore {
             return Ok(());
         }
         let path = self.object_path(&slot.file);
-        let created = {
-            let mut objs = self.objects.lock().unwrap();
-            let new = !objs.contains_key(&slot.file);
-            objs.entry(slot.file).or_insert_with(|| ObjectState {
-                size: slot.file_size,
-                ..Default::default()
-            });
-            new
-        };
-        let write = || -> std::io::Result<()> {
+        self.objects.lock().unwrap().entry(slot.file).or_insert_with(|| ObjectState {
+            size: slot.file_size,
+            ..Default::default()
+        });
+        let write = || -> std::io::Result<u64> {
             if let Some(p) = path.parent() {
                 fs::create_dir_all(p)?;
             }
@@ -333,23 +335,27 @@ impl ChunkStore {
             }
             std::os::unix::fs::FileExt::write_all_at(&f, data, slot.offset)?;
             let mut idx = fs::OpenOptions::new().create(true).append(true).open(index_path(&path))?;
-            idx.write_all(format!("{} {} {}\n", slot.offset, data.len(), d.hex()).as_bytes())
+            let line = format!("{} {} {}\n", slot.offset, data.len(), d.hex());
+            idx.write_all(line.as_bytes()).map(|()| line.len() as u64)
         };
-        if let Err(e) = write() {
-            return Err(Error::io(&path, format!("storing chunk {d} at offset {}", slot.offset), e));
-        }
-        {
+        let line_len = match write() {
+            Ok(n) => n,
+            Err(e) => return Err(Error::io(&path, format!("storing chunk {d} at offset {}", slot.offset), e)),
+        };
+        let covered = {
             let mut objs = self.objects.lock().unwrap();
             let o = objs.entry(slot.file).or_default();
             o.size = slot.file_size;
+            o.index_len += line_len;
             if o.present.insert(slot.offset, (data.len() as u64, *d)).is_none() {
                 o.covered += data.len() as u64;
             }
-        }
+            o.covered
+        };
         self.written_since_scan.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if created {
-            self.disk.lock().unwrap().insert(DiskKey::Object(slot.file), slot.file_size, ());
-        }
+        // An object counts what it holds (it is a sparse file of the file's size): a big,
+        // barely fetched file must not evict the rest of the node's cache.
+        self.disk.lock().unwrap().insert(DiskKey::Object(slot.file), covered, ());
         self.evict_disk();
         Ok(())
     }
@@ -503,13 +509,14 @@ fn scan(chunks_dir: &Path, objects_dir: &Path) -> Result<DiskIndex> {
                 let name = e.file_name();
                 let Some(d) = name.to_str().and_then(|n| format!("sha256:{n}").parse::<Digest>().ok()) else { continue };
                 let Ok(md) = e.metadata() else { continue };
-                let key = if is_object {
+                let (key, bytes) = if is_object {
                     objects.insert(d, load_object_index(&e.path(), md.len()));
-                    DiskKey::Object(d)
+                    // Sparse: what it holds on disk, not its length.
+                    (DiskKey::Object(d), std::os::unix::fs::MetadataExt::blocks(&md) * 512)
                 } else {
-                    DiskKey::Chunk(d)
+                    (DiskKey::Chunk(d), md.len())
                 };
-                found.push((md.modified().unwrap_or(std::time::UNIX_EPOCH), key, md.len()));
+                found.push((md.modified().unwrap_or(std::time::UNIX_EPOCH), key, bytes));
             }
         }
     }
@@ -546,11 +553,14 @@ fn load_object_index(object: &Path, size: u64) -> ObjectState {
         ..Default::default()
     };
     let Ok(text) = fs::read_to_string(index_path(object)) else { return st };
+    st.index_len = text.len() as u64;
     for line in text.lines() {
         let mut it = line.split(' ');
         let (Some(o), Some(l), Some(h)) = (it.next(), it.next(), it.next()) else { continue };
         let (Ok(o), Ok(l), Ok(d)) = (o.parse::<u64>(), l.parse::<u64>(), format!("sha256:{h}").parse::<Digest>()) else { continue };
-        if o.checked_add(l).is_some_and(|e| e <= size) && st.present.insert(o, (l, d)).is_none() {
+        // The first record of an offset wins (a damaged index may repeat one).
+        if o.checked_add(l).is_some_and(|e| e <= size) && !st.present.contains_key(&o) {
+            st.present.insert(o, (l, d));
             st.covered += l;
         }
     }

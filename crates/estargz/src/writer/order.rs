@@ -36,6 +36,11 @@ pub fn order(entries: &[IndexedEntry], prioritized: &[String]) -> Result<Ordered
     let mut last: HashMap<String, usize> = HashMap::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let n = normalize(&e.meta.name, "tar entry name")?;
+        // `.`, `./` and the like name the layer root, which readers require to be a directory
+        // (found by `make fuzz`: a FIFO named `./` made a blob nobody could open).
+        if n.is_empty() && e.meta.kind() != TarKind::Dir {
+            return Err(Error::InvalidArgument(format!("tar entry {:?} names the layer root but is not a directory", e.meta.name)));
+        }
         if e.meta.kind() == TarKind::Hardlink {
             normalize(&e.meta.link_name, "hardlink target")?;
         }
