@@ -112,3 +112,12 @@ fn a_root_entry_that_is_not_a_directory_is_refused_at_conversion() {
         assert!(err.contains("names the layer root") && err.contains(&format!("{name:?}")), "{name}: {err}");
     }
 }
+
+/// Found by `make fuzz` (convert): `dir` as a file and then `dir/sub` made a TOC no reader
+/// opens. The writer refuses it, naming both entries.
+#[test]
+fn an_entry_inside_a_non_directory_is_refused_at_conversion() {
+    let tarball = raw_tar(&[("dir", b"a file"), ("dir/sub", b"x")]);
+    let err = build(tarball.as_slice(), Vec::new(), &BuildOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("\"dir/sub\" is inside \"dir\""), "{err}");
+}

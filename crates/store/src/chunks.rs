@@ -220,6 +220,16 @@ impl ChunkStore {
     }
 
     /// Whether `d` is stored (memory or disk), without touching the LRU order.
+    /// Whether chunk `d` is stored with exactly `len` bytes. A TOC entry may name a digest
+    /// with the wrong size; for it the stored chunk is not its chunk (and must be fetched —
+    /// and fail verification — rather than be taken as present).
+    pub fn contains_len(&self, d: &Digest, len: u64) -> bool {
+        if let Some(v) = self.memory.lock().unwrap().size_of(d) {
+            return v == len;
+        }
+        self.contains(d) && self.disk.lock().unwrap().size_of(&DiskKey::Chunk(*d)).is_some_and(|s| s == len)
+    }
+
     pub fn contains(&self, d: &Digest) -> bool {
         self.memory.lock().unwrap().contains(d) || self.disk.lock().unwrap().contains(&DiskKey::Chunk(*d)) || self.indexed_or_adopted(d)
     }
@@ -304,9 +314,12 @@ impl ChunkStore {
     }
 
     /// Whether the chunk at `slot` is stored (memory or object).
-    pub fn contains_slot(&self, d: &Digest, slot: &FileSlot) -> bool {
-        let present = || self.objects.lock().unwrap().get(&slot.file).is_some_and(|o| o.present.get(&slot.offset).is_some_and(|p| p.1 == *d));
-        if self.memory.lock().unwrap().contains(d) || present() {
+    pub fn contains_slot(&self, d: &Digest, slot: &FileSlot, len: u64) -> bool {
+        if self.memory.lock().unwrap().size_of(d).is_some_and(|s| s == len) {
+            return true;
+        }
+        let present = || self.objects.lock().unwrap().get(&slot.file).is_some_and(|o| o.present.get(&slot.offset) == Some(&(len, *d)));
+        if present() {
             return true;
         }
         self.reload_object(&slot.file);
@@ -656,7 +669,7 @@ mod tests {
         let (c, cdata) = chunk(8, 1000);
         let slot = FileSlot { file: Digest::of(b"object"), file_size: 3000, offset: 1000 };
         a.put_slot(&c, &slot, &cdata).unwrap();
-        assert!(b.contains_slot(&c, &slot));
+        assert!(b.contains_slot(&c, &slot, 1000));
         let mut cfg = StoreConfig::new(dir.path());
         cfg.memory_limit = 0;
         let fresh_b = ChunkStore::open(cfg).unwrap();

@@ -370,10 +370,14 @@ impl LayerFetcher {
         (data.len() as u64 == c.size).then_some(data)
     }
 
+    /// Whether chunk `idx` is stored as this layer declares it (digest *and* size), consistent
+    /// with [`LayerFetcher::store_get`]: otherwise a chunk "present" but never returned would
+    /// send a reader round in circles (found by `make fuzz`: a stack overflow).
     fn store_contains(&self, idx: usize, d: &Digest) -> bool {
-        match &self.chunks[idx].slot {
-            Some(slot) => self.store.contains_slot(d, slot),
-            None => self.store.contains(d),
+        let c = &self.chunks[idx];
+        match &c.slot {
+            Some(slot) => self.store.contains_slot(d, slot, c.size),
+            None => self.store.contains_len(d, c.size),
         }
     }
 

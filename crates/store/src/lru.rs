@@ -49,6 +49,11 @@ impl<K: Hash + Eq + Clone, V: Clone> Lru<K, V> {
         self.entries.contains_key(key)
     }
 
+    /// The size `key` was inserted with, without touching the order.
+    pub(crate) fn size_of(&self, key: &K) -> Option<u64> {
+        self.entries.get(key).map(|e| e.1)
+    }
+
     /// Inserts (or refreshes) an entry of `size` bytes as the most recently used.
     pub(crate) fn insert(&mut self, key: K, size: u64, value: V) {
         self.remove(&key);
