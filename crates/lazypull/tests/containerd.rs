@@ -1138,12 +1138,12 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     // With socket activation no call made during the restart may fail.
     let (snap, r) = crash_and_restart(&ctd, snap, start_activated, &esgz);
     eprintln!(
-        "restart (socket activated): {} ls calls, {} failed; {} failed container starts; kill → first successful call {:.0?}, kill → container output {:.0?}",
+        "restart (socket activated): {} ls calls, {} failed; {} failed container starts; kill → first successful call {} ms, kill → container output {} ms",
         r.calls,
         r.failed.len(),
         r.container_failures.len(),
-        r.first_ok,
-        r.to_container
+        r.first_ok.as_millis(),
+        r.to_container.as_millis()
     );
     assert!(r.failed.is_empty() && r.container_failures.is_empty(), "calls failed during a socket-activated restart: {:?} {:?}", r.failed, r.container_failures);
     let out = ctd.ctr_ok(&["task", "exec", "--exec-id", "sum", &long, "/bin/sha256sum", "/data/big.bin"], Duration::from_secs(60));
@@ -1172,13 +1172,13 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     let bound = || SnapshotterDaemon::start(&snap_state, &sock, &config, SocketMode::Bound);
     let (snap, r) = crash_and_restart(&ctd, snap, bound, &esgz);
     eprintln!(
-        "restart (bound by the snapshotter): {} ls calls, {} failed{}; {} failed container starts; kill → first successful call {:.0?}, kill → container output {:.0?}",
+        "restart (bound by the snapshotter): {} ls calls, {} failed{}; {} failed container starts; kill → first successful call {} ms, kill → container output {} ms",
         r.calls,
         r.failed.len(),
         r.failed.first().map(|f| format!(" (first: {f})")).unwrap_or_default(),
         r.container_failures.len(),
-        r.first_ok,
-        r.to_container
+        r.first_ok.as_millis(),
+        r.to_container.as_millis()
     );
     // Back to a supervisor's socket for the rest (the bound one replaced its file).
     let activated = std::os::unix::net::UnixListener::bind({
