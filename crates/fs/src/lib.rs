@@ -20,7 +20,7 @@ use store::{BlobSourceAdapter, ChunkStore, FetchConfig, LayerFetcher, RangeSourc
 
 pub use error::{Error, Result};
 pub use fs::{FsOptions, FsStats, LayerFs};
-pub use mount::{detach, detach_if, is_mountpoint, mount_layer, MountedLayer, Privileges};
+pub use mount::{carries, detach, detach_if, is_mountpoint, mount_layer, MountedLayer, Privileges};
 pub use view::LayerView;
 
 /// Layers of at most this many compressed bytes are fetched whole right after mount (see

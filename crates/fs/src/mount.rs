@@ -90,7 +90,7 @@ impl MountedLayer {
 
     /// Whether our mount is still attached at the mount point (not detached or replaced).
     pub fn is_attached(&self) -> bool {
-        connection_alive(&self.conn) && std::fs::symlink_metadata(&self.mountpoint).is_ok_and(|m| std::os::unix::fs::MetadataExt::dev(&m) == self.dev) && is_mountpoint(&self.mountpoint)
+        connection_alive(&self.conn) && carries(&self.mountpoint, self.dev)
     }
 }
 
@@ -182,10 +182,18 @@ fn connection_alive(dev_fuse: &std::fs::File) -> bool {
 /// Detaches the mount at `path` only if its root is device `dev` (the identity recorded when
 /// it was mounted); `Ok(false)` if `path` holds something else.
 pub fn detach_if(path: &Path, dev: u64) -> Result<bool> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if std::os::unix::fs::MetadataExt::dev(&m) == dev && is_mountpoint(path) => detach(path).map(|()| true),
-        _ => Ok(false),
+    if carries(path, dev) {
+        detach(path).map(|()| true)
+    } else {
+        Ok(false)
     }
+}
+
+/// Whether `path` is a mount point whose root is device `dev`. An identity only while the
+/// caller keeps that device's superblock alive (a FUSE connection, an open descriptor): a freed
+/// device number goes to the next mount.
+pub fn carries(path: &Path, dev: u64) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::MetadataExt::dev(&m) == dev) && is_mountpoint(path)
 }
 
 /// Detaches whatever is mounted at `path` (`umount2(MNT_DETACH)`).

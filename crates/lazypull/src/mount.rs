@@ -549,7 +549,7 @@ fn run_served(served: Served, serve: &ServeArgs, ready_line: String) -> Result<(
         // and nothing (no container's overlay) holds it any more. Until then a detached mount
         // is still served. Only our own overlay counts: a newer mount at the same path is not
         // ours to watch or to take down.
-        let overlay_gone = served.overlay.is_some_and(|dev| !(is_mountpoint(&served.mountpoint) && std::fs::symlink_metadata(&served.mountpoint).is_ok_and(|m| std::os::unix::fs::MetadataExt::dev(&m) == dev)));
+        let overlay_gone = served.overlay.is_some_and(|dev| !lazyfs::carries(&served.mountpoint, dev));
         if served.mounts.iter().any(|m| m.is_finished()) || overlay_gone {
             info!("mount went away; shutting down");
             break;

@@ -27,6 +27,9 @@
 mod test_registry;
 #[path = "../../registry/tests/support/fault_proxy.rs"]
 mod fault_proxy;
+#[path = "../../estargz/tests/support/mod.rs"]
+#[allow(dead_code)]
+mod corpus;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -771,8 +774,7 @@ impl SnapshotterDaemon {
     }
 
     fn fuse_mounts(&self) -> usize {
-        let root = self.root.to_str().unwrap().to_string();
-        std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&root)) && l.contains(" fuse")).count()
+        fuse_mount_points(&self.root).len()
     }
 
     /// The Prometheus endpoint (configured as port 0): the TCP port the process listens on.
@@ -935,16 +937,8 @@ async fn make_hostile(src: &Store, dst: &Store) -> Vec<(String, String)> {
             e.name = format!("{parent}/.wh..");
             reasons.push((e.name.clone(), "..".to_string()));
         }
-        let off = r.footer().toc_offset as usize;
         let json = toc.to_json();
-        let mut member = estargz::tar::ustar_header("stargz.index.json", json.len() as u64, 0o644).to_vec();
-        member.extend_from_slice(&json);
-        member.resize(member.len().next_multiple_of(512) + 1024, 0);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&member).unwrap();
-        let mut new = blob[..off].to_vec();
-        new.extend(gz.finish().unwrap());
-        new.extend_from_slice(&estargz::footer::estargz_footer(off as u64));
+        let new = corpus::swap_toc(&blob, &toc);
         let mut plain = Vec::new();
         flate2::read::MultiGzDecoder::new(new.as_slice()).read_to_end(&mut plain).unwrap();
         let digest = dst.put_blob_bytes(&Bytes::from(new.clone()), None).await.unwrap();

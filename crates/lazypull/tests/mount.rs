@@ -430,11 +430,6 @@ fn read_timed(p: &Path) -> (std::io::Result<Vec<u8>>, Duration) {
     (r, t.elapsed())
 }
 
-fn lazyfs_is_mountpoint(p: &Path) -> bool {
-    let canon = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == canon.to_str())
-}
-
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -579,7 +574,7 @@ fn registry_image_identity_laziness_integrity_concurrency() {
         let text = lazypull(&["status", m.mountpoint.to_str().unwrap(), "--state-dir", m.state.to_str().unwrap()]);
         assert!(text.contains("NOT RUNNING"), "{text}");
         lazypull(&["umount", m.mountpoint.to_str().unwrap(), "--state-dir", m.state.to_str().unwrap()]);
-        assert!(!lazyfs_is_mountpoint(&m.mountpoint), "the dead daemon's mount is still attached");
+        assert!(!lazyfs::is_mountpoint(&m.mountpoint), "the dead daemon's mount is still attached");
     }
 
     // --- Identity and concurrency on the whole image (overlayfs over two FUSE layers), cold.

@@ -6,9 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use estargz::compression::{Compression, MemberCompressor};
-use estargz::{build, BuildOptions, Reader, Toc};
+use estargz::{build, BuildOptions, Reader};
 use unpack::{extract, extract_tree, Error, ExtractOptions};
+
+#[path = "../../estargz/tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+use support::{raw_tar, swap_toc};
 
 /// A scratch directory removed on drop (this crate has no tempfile dependency).
 struct Scratch(PathBuf);
@@ -37,33 +41,9 @@ fn layout(s: &Scratch) -> (PathBuf, PathBuf) {
     (outer, dest)
 }
 
-fn raw_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, data) in files {
-        out.extend_from_slice(&estargz::tar::ustar_header(name, data.len() as u64, 0o644));
-        out.extend_from_slice(data);
-        out.resize(out.len().next_multiple_of(512), 0);
-    }
-    out.extend_from_slice(&[0u8; 1024]);
-    out
-}
-
 fn blob_of(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     build(raw_tar(files).as_slice(), &mut out, &BuildOptions::default()).unwrap();
-    out
-}
-
-/// `blob` with its TOC replaced by `toc` (the writer refuses to write hostile names itself).
-fn swap_toc(blob: &[u8], toc: &Toc) -> Vec<u8> {
-    let off = Reader::open(blob.to_vec()).unwrap().footer().toc_offset;
-    let json = toc.to_json();
-    let mut member = estargz::tar::ustar_header("stargz.index.json", json.len() as u64, 0o644).to_vec();
-    member.extend_from_slice(&json);
-    member.resize(member.len().next_multiple_of(512) + 1024, 0);
-    let mut out = blob[..off as usize].to_vec();
-    MemberCompressor::new(Compression::Gzip, 6).unwrap().compress(&member, &mut out);
-    out.extend_from_slice(&estargz::footer::estargz_footer(off));
     out
 }
 

@@ -495,9 +495,9 @@ pub fn toc_member(toc: &estargz::Toc) -> Vec<u8> {
     let mut member = estargz::tar::ustar_header("stargz.index.json", json.len() as u64, 0o644).to_vec();
     member.extend_from_slice(&json);
     member.resize(member.len().next_multiple_of(512) + 1024, 0);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&member).unwrap();
-    gz.finish().unwrap()
+    let mut out = Vec::new();
+    estargz::compression::MemberCompressor::new(estargz::Compression::Gzip, 6).unwrap().compress(&member, &mut out);
+    out
 }
 
 /// A raw ustar archive of regular files `(name, contents)`, names written verbatim (the `tar`
