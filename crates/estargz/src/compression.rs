@@ -5,10 +5,8 @@
 //! which lets gzip use libdeflate (faster and denser than zlib at the same level) and lets
 //! members be compressed on any thread without changing a single output byte.
 
-use std::io::Read;
-
 use crate::error::{Error, Result};
-use crate::limits::DECODE_SLACK;
+use index::Codec;
 
 /// Codec of a blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +22,13 @@ impl Compression {
         match self {
             Compression::Gzip => 9,
             Compression::Zstd => 3,
+        }
+    }
+    /// How the model decodes this codec's chunks.
+    pub fn codec(self) -> Codec {
+        match self {
+            Compression::Gzip => Codec::GzipMembers,
+            Compression::Zstd => Codec::ZstdFrames,
         }
     }
     pub fn name(self) -> &'static str {
@@ -87,86 +92,15 @@ pub fn decompress_prefix(c: Compression, compressed: &[u8], want: usize, offset:
 }
 
 /// Decompresses bytes `skip..skip + len` of the member(s) in `compressed` (blob offset
-/// `offset`, for error messages). Fails if the members hold fewer bytes.
-///
-/// Memory is bounded by `len`, never by what the compressed data claims: a gzip trailer's ISIZE
-/// is only a hint for the fast path, taken when the whole member is at most
-/// [`DECODE_SLACK`] bytes larger than `len` (libdeflate checks it against the real output);
-/// otherwise the decoder streams, discarding the skipped bytes through a small buffer and
-/// stopping once `len` bytes are out, however much more the member would inflate to. Callers
-/// bound `len` (chunks by [`crate::limits::MAX_CHUNK_SIZE`], the TOC by its size limit).
+/// `offset`, for error messages). Fails if the members hold fewer bytes. The decoding itself is
+/// the model crate's ([`index::codec::decode`]), shared with the store's fetch workers; its
+/// memory is bounded by `len`, never by what the compressed data claims.
 pub fn decompress_range(c: Compression, compressed: &[u8], skip: u64, len: usize, offset: u64, what: &str) -> Result<Vec<u8>> {
-    let err = |reason: String| Error::Decompress {
+    index::codec::decode(c.codec(), compressed, skip, len).map_err(|e| Error::Decompress {
         what: what.to_string(),
         offset,
-        reason,
-    };
-    if c == Compression::Gzip {
-        if let Some(out) = gzip_whole_member(compressed, skip, len) {
-            return Ok(out);
-        }
-    }
-    let mut out = vec![0u8; len];
-    let mut filled = 0;
-    let res = match c {
-        Compression::Gzip => skip_then_read(flate2::read::MultiGzDecoder::new(compressed), skip, &mut out, &mut filled),
-        Compression::Zstd => match zstd::stream::read::Decoder::with_buffer(compressed) {
-            Ok(d) => skip_then_read(d, skip, &mut out, &mut filled),
-            Err(e) => Err(e),
-        },
-    };
-    let skipped = res.map_err(|e| err(e.to_string()))?;
-    if skipped < skip || filled < len {
-        let got = skipped + filled as u64;
-        let want = skip.saturating_add(len as u64);
-        return Err(err(format!("member holds only {got} bytes, {want} expected")));
-    }
-    Ok(out)
-}
-
-/// Fast path: the range is exactly one gzip member whose trailer states a size close to `len`.
-fn gzip_whole_member(compressed: &[u8], skip: u64, len: usize) -> Option<Vec<u8>> {
-    if compressed.len() < 18 || compressed[..2] != [0x1f, 0x8b] {
-        return None;
-    }
-    let isize = u64::from(u32::from_le_bytes(compressed[compressed.len() - 4..].try_into().ok()?));
-    let want = skip.checked_add(len as u64)?;
-    if isize < want || isize - len as u64 > DECODE_SLACK {
-        return None;
-    }
-    let mut out = vec![0u8; usize::try_from(isize).ok()?];
-    let mut d = libdeflater::Decompressor::new();
-    match d.gzip_decompress(compressed, &mut out) {
-        Ok(n) if n as u64 == isize => {
-            // `skip <= isize - len <= DECODE_SLACK` here, so this moves little.
-            out.truncate(want as usize);
-            out.drain(..skip as usize);
-            Some(out)
-        }
-        _ => None,
-    }
-}
-
-/// Discards `skip` bytes of `r`, then fills `out`; returns how many bytes were skipped (fewer
-/// than `skip` only at the end of the data).
-fn skip_then_read<R: Read>(mut r: R, skip: u64, out: &mut [u8], filled: &mut usize) -> std::io::Result<u64> {
-    let skipped = std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink())?;
-    if skipped == skip {
-        read_into(r, out, filled)?;
-    }
-    Ok(skipped)
-}
-
-fn read_into<R: Read>(mut r: R, out: &mut [u8], filled: &mut usize) -> std::io::Result<()> {
-    while *filled < out.len() {
-        match r.read(&mut out[*filled..]) {
-            Ok(0) => break,
-            Ok(n) => *filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+        reason: e.reason,
+    })
 }
 
 #[cfg(test)]
@@ -189,18 +123,5 @@ mod tests {
             assert!(decompress_range(c, &out, data.len() as u64 - 10, 11, 0, "t").is_err());
             assert!(decompress_range(c, &out, data.len() as u64 + 1, 0, 0, "t").is_err());
         }
-    }
-
-    #[test]
-    fn a_lying_trailer_costs_nothing() {
-        // A member of 300 KiB of zeros whose trailer claims 1 GiB: the fast path must not trust
-        // it (libdeflate rejects the mismatch), and the slow path reads only what is asked.
-        let mut mc = MemberCompressor::new(Compression::Gzip, 6).unwrap();
-        let mut out = Vec::new();
-        mc.compress(&vec![0u8; 300 << 10], &mut out);
-        let n = out.len();
-        out[n - 4..].copy_from_slice(&(1u32 << 30).to_le_bytes());
-        assert_eq!(decompress_prefix(Compression::Gzip, &out, 1, 0, "t").unwrap(), [0]);
-        assert_eq!(gzip_whole_member(&out, 0, 1), None);
     }
 }

@@ -1,85 +1,9 @@
-//! `sha256:<hex>` digests, the only algorithm the eStargz format uses.
+//! `sha256:<hex>` digests: the model crate's type, re-exported for this crate's users.
 
-use std::fmt;
-use std::str::FromStr;
+pub use index::digest::{Digest, Hasher, InvalidDigest};
 
-use sha2::{Digest as _, Sha256};
-
-use crate::error::Error;
-
-/// A sha256 content digest, printed and parsed as `sha256:<64 lower-case hex digits>`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest(pub [u8; 32]);
-
-impl Digest {
-    /// Digest of `data`.
-    pub fn of(data: &[u8]) -> Digest {
-        Digest(Sha256::digest(data).into())
-    }
-
-    /// Lower-case hex of the 32 digest bytes, without the algorithm prefix.
-    pub fn hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.hex())
-    }
-}
-
-impl fmt::Debug for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl FromStr for Digest {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        let hex_part = s
-            .strip_prefix("sha256:")
-            .ok_or_else(|| Error::InvalidDigest(s.to_string()))?;
-        if hex_part.len() != 64 || hex_part.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(Error::InvalidDigest(s.to_string()));
-        }
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(hex_part, &mut out).map_err(|_| Error::InvalidDigest(s.to_string()))?;
-        Ok(Digest(out))
-    }
-}
-
-/// Incremental sha256 that yields a [`Digest`].
-#[derive(Clone, Default)]
-pub struct Hasher(Sha256);
-
-impl Hasher {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn update(&mut self, data: &[u8]) {
-        self.0.update(data);
-    }
-    pub fn finish(self) -> Digest {
-        Digest(self.0.finalize().into())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_trip_and_rejects() {
-        let d = Digest::of(b"");
-        assert_eq!(
-            d.to_string(),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-        assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
-        assert!("sha512:00".parse::<Digest>().is_err());
-        assert!("sha256:zz".parse::<Digest>().is_err());
-        assert!(d.to_string().to_uppercase().replace("SHA256", "sha256").parse::<Digest>().is_err());
+impl From<InvalidDigest> for crate::error::Error {
+    fn from(e: InvalidDigest) -> Self {
+        crate::error::Error::InvalidDigest(e.0)
     }
 }

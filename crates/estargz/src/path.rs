@@ -14,51 +14,9 @@
 //! ([`component_problem`], [`whiteout`]), which re-apply them as a second line of defense.
 
 use crate::error::{Error, Result};
-use crate::limits::{MAX_NAME_LEN, MAX_PATH_DEPTH};
+use crate::limits::MAX_PATH_DEPTH;
 
-/// Prefix of overlay whiteout names in a layer tar.
-pub const WHITEOUT_PREFIX: &str = ".wh.";
-/// Name of the opaque-directory marker in a layer tar.
-pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
-
-/// What a (valid) name means to an overlay filesystem.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Whiteout<'a> {
-    /// An ordinary name.
-    No,
-    /// `.wh..wh..opq`: the directory holding it is opaque.
-    Opaque,
-    /// `.wh.X`: hides the name `X` of the lower layers.
-    Hides(&'a str),
-}
-
-/// Why `comp` is not an acceptable path component, if it is not.
-pub fn component_problem(comp: &str) -> Option<&'static str> {
-    match comp {
-        "" => Some("empty path component"),
-        "." => Some("current directory (.) component"),
-        ".." => Some("parent directory (..) component"),
-        c if c.contains('\0') => Some("contains a NUL byte"),
-        c if c.contains('/') => Some("component contains a slash"),
-        c if c.len() > MAX_NAME_LEN => Some("component longer than 255 bytes"),
-        _ => None,
-    }
-}
-
-/// Classifies a single component `name`; an error if it is a whiteout of an invalid name
-/// (`.wh.`, `.wh..`, `.wh...`, or a hidden name that is itself unacceptable).
-pub fn whiteout(name: &str) -> std::result::Result<Whiteout<'_>, &'static str> {
-    if name == OPAQUE_MARKER {
-        return Ok(Whiteout::Opaque);
-    }
-    match name.strip_prefix(WHITEOUT_PREFIX) {
-        None => Ok(Whiteout::No),
-        Some(hidden) => match component_problem(hidden) {
-            None => Ok(Whiteout::Hides(hidden)),
-            Some(_) => Err("whiteout of an empty, \".\" or \"..\" name"),
-        },
-    }
-}
+pub use index::names::{component_problem, whiteout, Whiteout, OPAQUE_MARKER, WHITEOUT_PREFIX};
 
 /// Canonical relative form of a tar/TOC name: no leading `./`, no `.` components, no trailing
 /// slash, no duplicate slashes; the root is `""`. `what` names the field for the error.

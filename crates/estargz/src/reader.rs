@@ -19,13 +19,7 @@ use crate::tar::{parse_number, BLOCK};
 use crate::toc::{Toc, TOC_TAR_NAME};
 use crate::tree::{Chunk, Node, NodeId, NodeKind, Tree};
 
-/// Positional reads of a blob.
-pub trait BlobSource: Send + Sync {
-    /// Total blob size in bytes.
-    fn size(&self) -> u64;
-    /// Fills `buf` from `offset`; short reads are errors.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
-}
+pub use index::BlobSource;
 
 /// A local blob file.
 pub struct FileSource {
@@ -47,31 +41,6 @@ impl BlobSource for FileSource {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         self.file.read_exact_at(buf, offset)
-    }
-}
-
-impl BlobSource for Vec<u8> {
-    fn size(&self) -> u64 {
-        self.len() as u64
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let start = usize::try_from(offset).ok().filter(|&s| s <= self.len());
-        match start.and_then(|s| self.get(s..s + buf.len())) {
-            Some(src) => {
-                buf.copy_from_slice(src);
-                Ok(())
-            }
-            None => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end of the blob")),
-        }
-    }
-}
-
-impl<T: BlobSource + ?Sized> BlobSource for std::sync::Arc<T> {
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        (**self).read_at(offset, buf)
     }
 }
 

@@ -23,30 +23,7 @@ pub type NodeId = usize;
 /// The root directory's node id.
 pub const ROOT: NodeId = 0;
 
-/// File type of a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeKind {
-    Dir,
-    Reg,
-    Symlink,
-    Char,
-    Block,
-    Fifo,
-}
-
-impl NodeKind {
-    /// The TOC's name for this type (`dir`, `reg`, `symlink`, `char`, `block`, `fifo`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeKind::Dir => "dir",
-            NodeKind::Reg => "reg",
-            NodeKind::Symlink => "symlink",
-            NodeKind::Char => "char",
-            NodeKind::Block => "block",
-            NodeKind::Fifo => "fifo",
-        }
-    }
-}
+pub use index::NodeKind;
 
 /// One chunk of a regular file and where its bytes are in the blob.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,10 +1,11 @@
 //! Bounds on what a layer may declare.
 //!
-//! A TOC is untrusted input: every number in it ends up in an allocation, a slice index or a
-//! sum, and every name in a path a mount serves or an extraction writes. The tree is built once
-//! per layer, so the checks live there ([`crate::tree::Tree::build`], [`crate::path`]); the
-//! decoders re-check the few values they allocate from, because [`crate::Chunk`] and
-//! [`crate::Tree`] have public fields and may come from elsewhere.
+//! A layer's index (an eStargz TOC, a zTOC) is untrusted input: every number in it ends up in
+//! an allocation, a slice index or a sum, and every name in a path a mount serves or an
+//! extraction writes. Each format checks them once when it builds its tree; the decoders
+//! ([`crate::codec`], [`crate::Chunk::check`]) re-check the few values they allocate from,
+//! because the model's fields are public and may come from elsewhere. The limits live here, not
+//! in one format, so that every format promises the same bounds to the store and the mount.
 //!
 //! The limits are far above what real producers write (the reference writer's default chunk is
 //! 4 MiB; Linux's `NAME_MAX` is 255 and its `PATH_MAX` 4096 bytes) and low enough that the worst
