@@ -22,7 +22,6 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use estargz::NodeKind;
 use object::elf::{self, FileHeader64};
 use object::read::elf::{Dyn, FileHeader, ProgramHeader};
 use object::Endianness;
@@ -30,7 +29,7 @@ use store::LayerFetcher;
 use tracing::debug;
 
 use crate::fs::{read_chunks, FsStats};
-use crate::view::{Inode, LayerView};
+use crate::view::{Inode, LayerView, NodeKind};
 
 /// Most libraries one examination prefetches (a loader closure is rarely above a few dozen).
 const MAX_LIBRARIES: usize = 64;
@@ -228,7 +227,7 @@ fn prefetch_closure(cx: &Context, root: u64) {
                 }
             }
         }
-        let chunks: Vec<usize> = next.iter().filter_map(|&l| view.get(l)).flat_map(|i: &Inode| i.chunks.iter().map(|c| c.fetch_index)).collect();
+        let chunks: Vec<usize> = next.iter().filter_map(|&l| view.get(l)).flat_map(|i: &Inode| i.extents.iter().map(|c| c.chunk)).collect();
         if !chunks.is_empty() {
             debug!(root = %view.get(root).map_or("", |i| i.path.as_str()), libraries = next.len(), "prefetching libraries");
             cx.stats.libraries_prefetched.fetch_add(next.len() as u64, Ordering::Relaxed);

@@ -6,15 +6,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The layer's index is unreadable, malformed, or does not match the digest its descriptor
+    /// names.
     #[error("layer {blob}: {source}")]
-    Format {
+    Open {
         blob: String,
         #[source]
-        source: estargz::Error,
+        source: layer::OpenError,
     },
-    /// The layer's index does not match the digest its descriptor names.
-    #[error("layer {blob}: {reason}")]
-    IndexCheck { blob: String, reason: String },
     #[error(transparent)]
     Store(#[from] store::Error),
     #[error("mount at {path}: {reason}")]

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use estargz::NodeKind;
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
@@ -24,7 +23,7 @@ use store::LayerFetcher;
 use tracing::{error, info, warn};
 
 use crate::deps;
-use crate::view::{Inode, LayerView};
+use crate::view::{Inode, LayerView, NodeKind};
 
 /// How long the kernel may cache entries and attributes: the layer never changes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -188,7 +187,7 @@ impl LayerFs {
     /// the fetcher start on the chunks it will want next (see `store`'s `fetch_ahead`), so the
     /// link keeps busy while the reader consumes what it has.
     fn read_ahead(&self, ino: u64, i: &Inode, offset: u64, size: u32) {
-        if i.chunks.len() < 2 {
+        if i.extents.len() < 2 {
             return;
         }
         let end = offset + size as u64;
@@ -210,19 +209,20 @@ impl LayerFs {
             return;
         }
         let until = stream.end + covered.clamp(AHEAD_MIN, AHEAD_MAX);
-        let first = i.chunks.partition_point(|c| c.file_offset + c.size <= stream.end);
-        let ahead: Vec<usize> = i.chunks[first..].iter().take_while(|c| c.file_offset < until).map(|c| c.fetch_index).collect();
+        let first = i.extents.partition_point(|c| c.file_offset + c.len <= stream.end);
+        let ahead: Vec<usize> = i.extents[first..].iter().take_while(|c| c.file_offset < until).map(|c| c.chunk).collect();
         self.fetcher.fetch_ahead(&ahead);
     }
 
     /// The store file holding all of a fully cached file, for passthrough: the chunk file of a
     /// single-chunk file, or the complete object of a multi-chunk one.
     fn backing_file(&self, i: &Inode) -> Option<std::fs::File> {
-        let first = i.chunks.first()?;
-        let c = &self.fetcher.chunks()[first.fetch_index];
-        match (&c.slot, i.chunks.len()) {
-            // A chunk file is written whole and renamed into place under its digest.
-            (None, 1) => std::fs::File::open(self.fetcher.store().disk_path(&c.digest?)?).ok(),
+        let first = i.extents.first()?;
+        let c = &self.fetcher.chunks()[first.chunk];
+        match (&c.slot, i.extents.len()) {
+            // A chunk file is written whole and renamed into place under its digest; it is the
+            // file only if the file is that whole chunk.
+            (None, 1) if first.chunk_offset == 0 && first.len == c.size && i.size == c.size => std::fs::File::open(self.fetcher.store().disk_path(&c.digest?)?).ok(),
             // An object is assembled in place by any daemon and may be evicted and begun again
             // by another while our index still calls it complete; the kernel reads a
             // passthrough file without us. So the opened file itself is hashed, chunk by chunk
@@ -246,11 +246,12 @@ impl LayerFs {
             return false;
         }
         let mut buf = Vec::new();
-        for c in &i.chunks {
-            let Some(want) = self.fetcher.chunks()[c.fetch_index].digest else { return false };
-            buf.resize(c.size as usize, 0);
-            if f.read_exact_at(&mut buf, c.file_offset).is_err() || estargz::Digest::of(&buf) != want {
-                tracing::warn!(path = %i.path, offset = c.file_offset, "store object does not hold this layer's bytes; not passing it through");
+        for e in &i.extents {
+            let c = &self.fetcher.chunks()[e.chunk];
+            let Some(want) = c.digest.filter(|_| e.chunk_offset == 0 && e.len == c.size) else { return false };
+            buf.resize(e.len as usize, 0);
+            if f.read_exact_at(&mut buf, e.file_offset).is_err() || index::Digest::of(&buf) != want {
+                tracing::warn!(path = %i.path, offset = e.file_offset, "store object does not hold this layer's bytes; not passing it through");
                 return false;
             }
         }
@@ -265,17 +266,18 @@ pub(crate) fn read_chunks(fetcher: &Arc<LayerFetcher>, i: &Inode, offset: u64, s
         return Ok(Vec::new());
     }
     let end = i.size.min(offset + size as u64);
-    let first = i.chunks.partition_point(|c| c.file_offset + c.size <= offset);
-    let touched: Vec<_> = i.chunks[first..].iter().take_while(|c| c.file_offset < end).collect();
-    let idxs: Vec<usize> = touched.iter().map(|c| c.fetch_index).collect();
+    let first = i.extents.partition_point(|c| c.file_offset + c.len <= offset);
+    let touched: Vec<_> = i.extents[first..].iter().take_while(|c| c.file_offset < end).collect();
+    let idxs: Vec<usize> = touched.iter().map(|c| c.chunk).collect();
     let datas = fetcher.get_many(&idxs, true)?;
     let mut out = Vec::with_capacity((end - offset) as usize);
     for (c, data) in touched.iter().zip(datas) {
-        let from = offset.max(c.file_offset) - c.file_offset;
-        let to = end.min(c.file_offset + c.size) - c.file_offset;
+        // The extent's bytes start `chunk_offset` into its chunk (0 for eStargz).
+        let from = offset.max(c.file_offset) - c.file_offset + c.chunk_offset;
+        let to = end.min(c.file_offset + c.len) - c.file_offset + c.chunk_offset;
         // The fetcher hands out chunks of their declared size; never trust that with a panic.
         let part = data.get(from as usize..to as usize).ok_or_else(|| store::Error::Corrupt {
-            digest: fetcher.chunks()[c.fetch_index].digest.map(|d| d.to_string()).unwrap_or_default(),
+            digest: fetcher.chunks()[c.chunk].digest.map(|d| d.to_string()).unwrap_or_default(),
             blob: i.path.clone(),
             offset: c.file_offset,
             reason: format!("chunk holds {} bytes, the file needs {from}..{to} of it", data.len()),
@@ -463,7 +465,7 @@ impl Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.view.total_file_bytes.div_ceil(4096);
+        let blocks = self.view.total_file_bytes().div_ceil(4096);
         reply.statfs(blocks, 0, 0, self.view.count() as u64, 0, 4096, 255, 4096);
     }
 

@@ -1,10 +1,12 @@
-//! The lazy layer filesystem: one read-only FUSE mount per eStargz layer.
+//! The lazy layer filesystem: one read-only FUSE mount per lazy layer, of any format.
 //!
-//! Opening a layer reads only its footer and TOC (at most two range reads), verifies the TOC
-//! digest, and builds the inode table ([`view`]); file contents are read chunk by chunk through
-//! the store's [`store::LayerFetcher`] when an application touches them. This crate knows files
-//! and inodes; chunk caching, fetching and verification belong to the `store` crate, and
-//! whole-image assembly (overlayfs over several layers) to its callers.
+//! Opening a layer asks the format seam ([`layer::open`]) for its index — for eStargz and
+//! zstd:chunked the footer and TOC, at most two range reads, authenticated by the layer's
+//! [`IndexCheck`] — and gets the format-neutral [`index::LayerIndex`]; file contents are read
+//! chunk by chunk through the store's [`store::LayerFetcher`] when an application touches them.
+//! This crate knows files and inodes and names no format type; chunk caching, fetching and
+//! verification belong to the `store` crate, and whole-image assembly (overlayfs over several
+//! layers) to its callers.
 
 pub mod deps;
 pub mod error;
@@ -14,7 +16,7 @@ pub mod view;
 
 use std::sync::Arc;
 
-use estargz::{Digest, OpenOptions, Reader};
+use index::Digest;
 pub use layer::IndexCheck;
 use store::{BlobSourceAdapter, ChunkStore, FetchConfig, LayerFetcher, RangeSource, TailCache, TailSource};
 
@@ -36,10 +38,11 @@ pub const SMALL_LAYER_BYTES: u64 = 2 << 20;
 /// (`/etc/passwd` for runc, then the binary) in its run phase. `.no.prefetch.landmark` (the
 /// layer asks for no prefetch) wins over both.
 pub fn prefetch_end(view: &LayerView, fetcher: &LayerFetcher, small_layer: u64) -> Option<u64> {
-    if view.no_prefetch {
-        return None;
+    match view.prefetch() {
+        view::Prefetch::Nothing => None,
+        view::Prefetch::UpTo(end) => Some(end),
+        view::Prefetch::Unspecified => (fetcher.total_bytes() <= small_layer).then_some(u64::MAX),
     }
-    view.prefetch_landmark.or((fetcher.total_bytes() <= small_layer).then_some(u64::MAX))
 }
 
 /// A layer ready to mount: its inode table and its chunk fetcher.
@@ -60,8 +63,8 @@ const TAIL_SIZE: u64 = 64 << 10;
 /// Opens a layer blob through `source`: footer and TOC (≤ 2 reads), TOC digest check against
 /// `expected` when given (the layer descriptor's [`IndexCheck`]), inode table, fetcher over `store`.
 pub fn open_layer(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>, store: Arc<ChunkStore>, config: FetchConfig) -> Result<OpenedLayer> {
-    let reader = read_toc(source.clone(), expected)?;
-    Ok(finish_open(&reader, source, store, config))
+    let opened = read_toc(source.clone(), expected)?;
+    Ok(finish_open(opened, source, store, config))
 }
 
 /// [`open_layer`] with the footer and TOC taken from `tails` when it holds them for this blob
@@ -72,15 +75,15 @@ pub fn open_layer_cached(source: Arc<dyn RangeSource>, expected: Option<&IndexCh
     if let Some(cached) = tails.load(&blob) {
         let via = Arc::new(TailSource::new(source.clone(), Some(cached)));
         match read_toc(via, expected) {
-            Ok(reader) => return Ok(finish_open(&reader, source, store, config)),
+            Ok(opened) => return Ok(finish_open(opened, source, store, config)),
             Err(e) => {
                 tracing::warn!(%blob, error = %e, "cached TOC unusable; reading it from the registry");
                 tails.remove(&blob);
             }
         }
     }
-    let reader = read_toc_into(source.clone(), expected, tails)?;
-    Ok(finish_open(&reader, source, store, config))
+    let opened = read_toc_into(source.clone(), expected, tails)?;
+    Ok(finish_open(opened, source, store, config))
 }
 
 /// Reads the footer and TOC of a layer from `source`, checks them, and keeps them in `tails`,
@@ -89,44 +92,36 @@ pub fn cache_toc(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>, ta
     read_toc_into(source, expected, tails).map(drop)
 }
 
-fn read_toc_into(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>, tails: &TailCache) -> Result<Reader<BlobSourceAdapter>> {
+fn read_toc_into(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>, tails: &TailCache) -> Result<layer::OpenedIndex> {
     let blob = source.name().to_string();
     let via = Arc::new(TailSource::new(source, None));
-    let reader = read_toc(via.clone(), expected)?;
-    // Everything opening read: the TOC and the fixed-size tail read first.
-    let start = reader.footer().toc_offset.min(via.size().saturating_sub(TAIL_SIZE));
+    let opened = read_toc(via.clone(), expected)?;
+    // Everything opening read: the index and the fixed-size tail read first.
+    let start = opened.index_offset.min(via.size().saturating_sub(TAIL_SIZE));
     if let Some(bytes) = via.passed_tail(start) {
         if let Err(e) = tails.save(&blob, start, &bytes) {
             tracing::warn!(%blob, error = %e, "cannot cache the layer's TOC");
         }
     }
-    Ok(reader)
+    Ok(opened)
 }
 
-/// Reads and checks the footer and TOC through `source`.
-fn read_toc(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>) -> Result<Reader<BlobSourceAdapter>> {
+/// Opens and checks the layer's index through `source`.
+fn read_toc(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>) -> Result<layer::OpenedIndex> {
     let blob = source.name().to_string();
-    let format = |e: estargz::Error| Error::Format { blob: blob.clone(), source: e };
-    let opts = OpenOptions {
-        tail_size: TAIL_SIZE,
-        ..OpenOptions::default()
-    };
-    let reader = Reader::open_with(BlobSourceAdapter(source), &opts).map_err(format)?;
-    if let Some(check) = expected {
-        check.verify(&reader.toc_digest(), &reader.compressed_toc_digest()).map_err(|reason| Error::IndexCheck { blob: blob.clone(), reason })?;
-    }
-    Ok(reader)
+    let opts = layer::OpenOptions { tail_size: TAIL_SIZE };
+    layer::open(&BlobSourceAdapter(source), expected, &opts).map_err(|source| Error::Open { blob, source })
 }
 
-fn finish_open(reader: &Reader<BlobSourceAdapter>, source: Arc<dyn RangeSource>, store: Arc<ChunkStore>, config: FetchConfig) -> OpenedLayer {
+fn finish_open(opened: layer::OpenedIndex, source: Arc<dyn RangeSource>, store: Arc<ChunkStore>, config: FetchConfig) -> OpenedLayer {
     let blob = source.name().to_string();
-    let view = Arc::new(LayerView::build(reader.tree()));
-    let fetcher = LayerFetcher::new(blob, reader.compression(), view.chunk_refs.clone(), source, store, config);
+    let view = Arc::new(LayerView::new(opened.index));
+    let fetcher = LayerFetcher::new(blob, view.chunk_refs.clone(), source, store, config);
     debug_assert_eq!(fetcher.chunks(), view.chunk_refs.as_slice());
     fetcher.scan_store();
     OpenedLayer {
         view,
         fetcher: Arc::new(fetcher),
-        toc_digest: reader.toc_digest(),
+        toc_digest: opened.index_digest,
     }
 }

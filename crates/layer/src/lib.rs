@@ -14,6 +14,10 @@
 //! ctr-remote or by us, the stargz TOC digest too — the Go stargz-snapshotter keys on that one.
 //! Either is accepted; when both are present the TOC digest is used.
 
+mod open;
+
+pub use open::{format_for, open, LazyFormat, OpenError, OpenOptions, OpenedIndex, Stargz};
+
 use std::collections::BTreeMap;
 use std::fmt;
 

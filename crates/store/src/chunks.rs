@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use estargz::Digest;
+use index::Digest;
 use tracing::warn;
 
 use crate::error::{Error, Result};

@@ -19,7 +19,7 @@
 //! - **Background fill yields.** The background pass (see [`fill`]) waits for a quiet link
 //!   and keeps each of its requests short, so on-demand reads never queue behind it.
 //! - **Every claim is released.** Chunk references come from an untrusted TOC; decoding
-//!   re-checks their bounds ([`estargz::Chunk::check`]) and uses checked arithmetic, and should a
+//!   re-checks their bounds ([`index::Chunk::check`]) and uses checked arithmetic, and should a
 //!   worker panic anyway, its claims are failed with an [`Error::Fetch`] naming the panic and leave the in-flight
 //!   table, so no reader waits out `wait_timeout` for a fetch that is no longer running.
 
@@ -29,7 +29,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use estargz::{Compression, Digest};
+use index::{Chunk, Digest, Inode, LayerIndex};
+pub use index::Codec;
 use tracing::{debug, warn};
 
 use crate::chunks::ChunkStore;
@@ -41,19 +42,22 @@ mod decode;
 mod fill;
 mod release;
 
-/// One chunk of the layer: its digest and where its compressed bytes are.
+/// One chunk of the layer, as the fetcher keeps it: the model's chunk (where, how to decode,
+/// what it must hash to) plus the file object it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkRef {
-    /// `chunkDigest` from the TOC (required: unverifiable chunks are refused).
+    /// sha256 of the uncompressed chunk (required: unverifiable chunks are refused).
     pub digest: Option<Digest>,
-    /// Blob offset of the compressed member holding the chunk.
+    /// Blob offset of the compressed range holding the chunk.
     pub offset: u64,
-    /// Blob offset where that member ends.
+    /// Blob offset where that range ends.
     pub next_offset: u64,
-    /// Offset of the chunk inside the decompressed member.
+    /// Offset of the chunk inside the decoded range.
     pub inner_offset: u64,
     /// Uncompressed size.
     pub size: u64,
+    /// How the range decodes.
+    pub codec: Codec,
     /// For a chunk of a multi-chunk file: its place in the file's object in the store, so that
     /// the complete file can later be handed to the kernel (FUSE passthrough).
     pub slot: Option<crate::chunks::FileSlot>,
@@ -61,44 +65,60 @@ pub struct ChunkRef {
 
 impl ChunkRef {
     /// Identity of a chunk in a layer, and the order of [`LayerFetcher::chunks`]: blob position
-    /// first, then the digest, because two TOC entries may name the same bytes and promise
-    /// different contents — each must be verified against its own promise.
+    /// first, then the digest, because two index entries may name the same bytes and promise
+    /// different contents — each must be verified against its own promise. The same order as
+    /// the model's chunk table ([`index::Chunk::key`]), so chunk ids agree on both sides.
     pub fn key(&self) -> (u64, u64, u64, Option<Digest>) {
         (self.offset, self.inner_offset, self.size, self.digest)
     }
 
-    /// The references of every chunk of file `node`, in file order.
-    ///
-    /// Chunks of multi-chunk files are stored inside one object per file, so that a fully
-    /// fetched file can be passed through to the kernel as one backing file. The object is
-    /// keyed by [`object_key`] — a digest of the file's size and chunk list (offset, size and
-    /// digest of every chunk) — and not by the TOC's whole-file `digest`, which nothing
-    /// verifies: a hostile layer could otherwise claim a victim's whole-file digest with other
-    /// bytes and have the victim read them through the shared store. Every chunk written into
-    /// an object was verified against its digest in the list the key commits to, so a complete
-    /// object holds exactly the bytes any layer with the same key expects.
-    pub fn of_file(node: &estargz::Node) -> Vec<ChunkRef> {
-        let key = if node.chunks.len() > 1 { object_key(node) } else { None };
-        node.chunks
-            .iter()
-            .map(|c| ChunkRef {
-                digest: c.digest,
-                offset: c.offset,
-                next_offset: c.next_offset,
-                inner_offset: c.inner_offset,
-                size: c.size,
-                slot: key.map(|file| crate::chunks::FileSlot { file, file_size: node.size, offset: c.chunk_offset }),
-            })
-            .collect()
+    fn of_chunk(c: &Chunk, slot: Option<crate::chunks::FileSlot>) -> ChunkRef {
+        ChunkRef {
+            digest: c.verify.content_digest(),
+            offset: c.offset,
+            next_offset: c.end,
+            inner_offset: c.inner_offset,
+            size: c.size,
+            codec: c.codec,
+            slot,
+        }
     }
 }
 
-/// The store object of a multi-chunk file: sha256 of its size and of every chunk's offset,
-/// size and digest; `None` if a chunk has no digest (then nothing could verify the object).
-pub fn object_key(node: &estargz::Node) -> Option<Digest> {
-    let mut list = format!("lazypull file object v1\nsize {}\n", node.size);
-    for c in &node.chunks {
-        list.push_str(&format!("{} {} {}\n", c.chunk_offset, c.size, c.digest?));
+/// The fetcher's chunk list of a layer: one reference per chunk of the index's table, in its
+/// order (so extent chunk ids index it directly).
+///
+/// Chunks of multi-chunk files are stored inside one object per file, so that a fully fetched
+/// file can be passed through to the kernel as one backing file. The object is keyed by
+/// [`object_key`] — a digest of the file's size and extent list (offset, length and chunk digest
+/// of every extent) — and not by a whole-file digest an index may state, which nothing
+/// verifies: a hostile layer could otherwise claim a victim's whole-file digest with other bytes
+/// and have the victim read them through the shared store. Every chunk written into an object
+/// was verified against its digest in the list the key commits to, so a complete object holds
+/// exactly the bytes any layer with the same key expects. A chunk shared by several multi-chunk
+/// files belongs to the first one's object (the mount re-verifies a backing file against its
+/// own extents before passing it through).
+pub fn chunk_refs(index: &LayerIndex) -> Vec<ChunkRef> {
+    let mut slots: Vec<Option<crate::chunks::FileSlot>> = vec![None; index.chunks().len()];
+    for ino in index.inodes().iter().flatten() {
+        if ino.extents.len() < 2 || ino.extents.iter().any(|e| e.chunk_offset != 0 || e.len != index.chunks()[e.chunk].size) {
+            continue;
+        }
+        let Some(file) = object_key(ino, index.chunks()) else { continue };
+        for e in &ino.extents {
+            slots[e.chunk].get_or_insert(crate::chunks::FileSlot { file, file_size: ino.size, offset: e.file_offset });
+        }
+    }
+    index.chunks().iter().zip(slots).map(|(c, slot)| ChunkRef::of_chunk(c, slot)).collect()
+}
+
+/// The store object of a multi-chunk file: sha256 of its size and of every extent's offset,
+/// length and chunk digest; `None` if a chunk has no digest (then nothing could verify the
+/// object).
+pub fn object_key(ino: &Inode, chunks: &[Chunk]) -> Option<Digest> {
+    let mut list = format!("lazypull file object v1\nsize {}\n", ino.size);
+    for e in &ino.extents {
+        list.push_str(&format!("{} {} {}\n", e.file_offset, e.len, chunks.get(e.chunk)?.verify.content_digest()?));
     }
     Some(Digest::of(list.as_bytes()))
 }
@@ -244,7 +264,6 @@ impl Drop for CountGuard<'_> {
 /// Fetches the chunks of one layer blob into a [`ChunkStore`].
 pub struct LayerFetcher {
     blob: String,
-    compression: Compression,
     chunks: Vec<ChunkRef>,
     present: Vec<AtomicBool>,
     /// Positions of each digest (a layer may hold the same content more than once).
@@ -286,7 +305,7 @@ struct Claim {
 
 impl LayerFetcher {
     /// `chunks` in any order; they are kept sorted by blob position (duplicates removed).
-    pub fn new(blob: impl Into<String>, compression: Compression, mut chunks: Vec<ChunkRef>, source: Arc<dyn RangeSource>, store: Arc<ChunkStore>, config: FetchConfig) -> LayerFetcher {
+    pub fn new(blob: impl Into<String>, mut chunks: Vec<ChunkRef>, source: Arc<dyn RangeSource>, store: Arc<ChunkStore>, config: FetchConfig) -> LayerFetcher {
         chunks.sort_by_key(ChunkRef::key);
         chunks.dedup();
         let total_bytes = member_bytes(&chunks, 0..chunks.len());
@@ -300,7 +319,6 @@ impl LayerFetcher {
         let parallel = config.parallel.max(1);
         LayerFetcher {
             blob: blob.into(),
-            compression,
             present,
             by_digest,
             total_bytes,

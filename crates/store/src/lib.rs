@@ -25,6 +25,6 @@ pub mod tails;
 pub use chunks::{ChunkStore, FileSlot, StoreConfig, StoreStats, StoreUsage};
 pub use error::{Error, Result};
 pub use link::LinkActivity;
-pub use fetcher::{ChunkRef, FetchConfig, LayerFetcher, LayerStats, LATENCY_BUCKETS_MS};
+pub use fetcher::{chunk_refs, object_key, ChunkRef, Codec, FetchConfig, LayerFetcher, LayerStats, LATENCY_BUCKETS_MS};
 pub use source::{BlobSourceAdapter, FileRangeSource, RangeSource, RegistryRangeSource};
 pub use tails::{TailCache, TailSource};

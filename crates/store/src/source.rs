@@ -125,11 +125,11 @@ impl RangeSource for RegistryRangeSource {
     }
 }
 
-/// Adapts a [`RangeSource`] to the format reader's [`estargz::BlobSource`], for reading the
+/// Adapts a [`RangeSource`] to the format reader's [`index::BlobSource`], for reading the
 /// footer and TOC through the same path (and counters) as chunks.
 pub struct BlobSourceAdapter(pub std::sync::Arc<dyn RangeSource>);
 
-impl estargz::BlobSource for BlobSourceAdapter {
+impl index::BlobSource for BlobSourceAdapter {
     fn size(&self) -> u64 {
         self.0.size()
     }

@@ -95,7 +95,47 @@ fn layer_with_big_seed(seed: u64) -> Layer {
 }
 
 fn refs(r: &Reader<estargz::FileSource>) -> Vec<ChunkRef> {
-    r.tree().nodes.iter().flat_map(ChunkRef::of_file).collect()
+    store::chunk_refs(&estargz::layer_model::layer_index(r.tree(), r.compression()).unwrap())
+}
+
+/// The store object of a multi-chunk file.
+fn object_of(n: &estargz::Node) -> Option<index::Digest> {
+    of_file(n).first()?.slot.map(|s| s.file)
+}
+
+/// The references of one file's chunks as the layer model gives them to the fetcher (including
+/// its object slot), for a TOC node a test may have tampered with.
+fn of_file(n: &estargz::Node) -> Vec<ChunkRef> {
+    use index::{Chunk, Extent, Inode, NodeKind, Verify};
+    let chunks: Vec<Chunk> = n
+        .chunks
+        .iter()
+        .map(|c| Chunk {
+            offset: c.offset,
+            end: c.next_offset,
+            codec: store::Codec::GzipMembers,
+            inner_offset: c.inner_offset,
+            size: c.size,
+            verify: c.digest.map_or(Verify::Unverifiable, Verify::Uncompressed),
+        })
+        .collect();
+    let mut ino = Inode::new(NodeKind::Reg, n.path.clone(), 1);
+    ino.size = n.size;
+    ino.extents = n.chunks.iter().enumerate().map(|(i, c)| Extent { file_offset: c.chunk_offset, len: c.size, chunk: i, chunk_offset: 0 }).collect();
+    let key = if chunks.len() > 1 { store::object_key(&ino, &chunks) } else { None };
+    chunks
+        .iter()
+        .zip(&n.chunks)
+        .map(|(c, tc)| ChunkRef {
+            digest: c.verify.content_digest(),
+            offset: c.offset,
+            next_offset: c.end,
+            inner_offset: c.inner_offset,
+            size: c.size,
+            codec: c.codec,
+            slot: key.map(|file| store::FileSlot { file, file_size: n.size, offset: tc.chunk_offset }),
+        })
+        .collect()
 }
 
 fn fetcher(l: &Layer, store_dir: &std::path::Path, flip_at: Option<u64>, cfg: FetchConfig) -> (Arc<LayerFetcher>, Arc<Counting>) {
@@ -107,14 +147,14 @@ fn fetcher(l: &Layer, store_dir: &std::path::Path, flip_at: Option<u64>, cfg: Fe
         ranges: Mutex::new(Vec::new()),
     });
     let store = ChunkStore::open(StoreConfig::new(store_dir)).unwrap();
-    let f = LayerFetcher::new("layer", l.reader.compression(), refs(&l.reader), src.clone(), store, cfg);
+    let f = LayerFetcher::new("layer", refs(&l.reader), src.clone(), store, cfg);
     f.scan_store();
     (Arc::new(f), src)
 }
 
 fn file_chunks(l: &Layer, f: &LayerFetcher, path: &str) -> Vec<usize> {
     let n = l.reader.lookup(path).unwrap();
-    ChunkRef::of_file(n).iter().map(|r| f.chunk_index(r).unwrap()).collect()
+    of_file(n).iter().map(|r| f.chunk_index(r).unwrap()).collect()
 }
 
 #[test]
@@ -158,7 +198,7 @@ fn whole_layer_fetch_completes_and_fetches_each_byte_once() {
     assert!(objects >= 1);
     assert_eq!(f.store().usage().disk_chunks, single + objects);
     let big = l.reader.lookup("big").unwrap();
-    let object = f.store().complete_object(&store::fetcher::object_key(big).unwrap()).expect("big is complete");
+    let object = f.store().complete_object(&object_of(big).unwrap()).expect("big is complete");
     let mut want = vec![0u8; big.size as usize];
     l.reader.read_file_at(l.reader.tree().lookup("big").unwrap(), 0, &mut want, true).unwrap();
     assert_eq!(std::fs::read(object).unwrap(), want);
@@ -326,17 +366,17 @@ fn a_claimed_whole_file_digest_cannot_poison_another_layer() {
     lie.digest = v_big.digest;
     // The attacker's chunk list, with the lying node in place of its own `big`.
     let big_id = attacker.reader.tree().lookup("big").unwrap();
-    let attacker_refs: Vec<ChunkRef> = attacker.reader.tree().nodes.iter().enumerate().flat_map(|(i, n)| if i == big_id { ChunkRef::of_file(&lie) } else { ChunkRef::of_file(n) }).collect();
-    assert_ne!(store::fetcher::object_key(&lie), store::fetcher::object_key(&v_big), "objects are keyed by the verified chunk list");
+    let attacker_refs: Vec<ChunkRef> = attacker.reader.tree().nodes.iter().enumerate().flat_map(|(i, n)| if i == big_id { of_file(&lie) } else { of_file(n) }).collect();
+    assert_ne!(object_of(&lie), object_of(&v_big), "objects are keyed by the verified chunk list");
     let open = |l: &Layer, refs: Vec<ChunkRef>| {
         let src = Arc::new(FileRangeSource::open(&l.blob).unwrap());
-        let f = LayerFetcher::new("layer", l.reader.compression(), refs, src, store.clone(), FetchConfig::default());
+        let f = LayerFetcher::new("layer", refs, src, store.clone(), FetchConfig::default());
         f.scan_store();
         Arc::new(f)
     };
     let mut want = vec![0u8; v_big.size as usize];
     victim.reader.read_file_at(victim.reader.tree().lookup("big").unwrap(), 0, &mut want, true).unwrap();
-    let read_big = |f: &Arc<LayerFetcher>| -> Vec<u8> { ChunkRef::of_file(&v_big).iter().flat_map(|r| f.get(f.chunk_index(r).unwrap()).unwrap().to_vec()).collect() };
+    let read_big = |f: &Arc<LayerFetcher>| -> Vec<u8> { of_file(&v_big).iter().flat_map(|r| f.get(f.chunk_index(r).unwrap()).unwrap().to_vec()).collect() };
     // Victim first, then the attacker fills the store, then the victim reads again.
     let v = open(&victim, refs(&victim.reader));
     v.fetch_all().unwrap();
@@ -344,16 +384,16 @@ fn a_claimed_whole_file_digest_cannot_poison_another_layer() {
     a.fetch_all().unwrap();
     let v2 = open(&victim, refs(&victim.reader));
     assert!(read_big(&v2) == want, "victim read the attacker's bytes");
-    let object = store.complete_object(&store::fetcher::object_key(&v_big).unwrap()).expect("victim's object complete");
+    let object = store.complete_object(&object_of(&v_big).unwrap()).expect("victim's object complete");
     assert!(std::fs::read(object).unwrap() == want, "victim's passthrough object holds other bytes");
     // Attacker first on a fresh store.
     let store_dir2 = tempfile::tempdir().unwrap();
     let store2 = ChunkStore::open(StoreConfig::new(store_dir2.path())).unwrap();
     let src = Arc::new(FileRangeSource::open(&attacker.blob).unwrap());
-    LayerFetcher::new("attacker", attacker.reader.compression(), attacker_refs, src, store2.clone(), FetchConfig::default()).fetch_all().unwrap();
-    assert!(store2.complete_object(&store::fetcher::object_key(&v_big).unwrap()).is_none(), "the attacker completed the victim's object");
+    LayerFetcher::new("attacker", attacker_refs, src, store2.clone(), FetchConfig::default()).fetch_all().unwrap();
+    assert!(store2.complete_object(&object_of(&v_big).unwrap()).is_none(), "the attacker completed the victim's object");
     let src = Arc::new(FileRangeSource::open(&victim.blob).unwrap());
-    let v3 = Arc::new(LayerFetcher::new("victim", victim.reader.compression(), refs(&victim.reader), src, store2, FetchConfig::default()));
+    let v3 = Arc::new(LayerFetcher::new("victim", refs(&victim.reader), src, store2, FetchConfig::default()));
     v3.scan_store();
     assert!(read_big(&v3) == want, "victim read the attacker's bytes (attacker first)");
 }
@@ -366,13 +406,13 @@ fn a_chunk_declared_longer_than_its_content_is_an_error() {
     let l = layer();
     let mut all = refs(&l.reader);
     let n = l.reader.lookup("f03").unwrap();
-    let want = ChunkRef::of_file(n)[0].clone();
+    let want = of_file(n)[0].clone();
     let at = all.iter().position(|r| *r == want).unwrap();
     all[at].size += 1;
     let lying = all[at].clone();
     let store = tempfile::tempdir().unwrap();
     let src = Arc::new(FileRangeSource::open(&l.blob).unwrap());
-    let f = Arc::new(LayerFetcher::new("layer", l.reader.compression(), all, src, ChunkStore::open(StoreConfig::new(store.path())).unwrap(), FetchConfig::default()));
+    let f = Arc::new(LayerFetcher::new("layer", all, src, ChunkStore::open(StoreConfig::new(store.path())).unwrap(), FetchConfig::default()));
     let idx = f.chunk_index(&lying).unwrap();
     match f.get(idx) {
         // Either the member ends early ("decoded to N bytes, the TOC declares M") or the extra
@@ -391,13 +431,13 @@ fn a_stored_digest_with_another_size_is_not_taken_as_present() {
     let dir = tempfile::tempdir().unwrap();
     let store = ChunkStore::open(StoreConfig::new(dir.path())).unwrap();
     let n = l.reader.lookup("f03").unwrap();
-    let honest = ChunkRef::of_file(n)[0].clone();
+    let honest = of_file(n)[0].clone();
     let src = Arc::new(FileRangeSource::open(&l.blob).unwrap());
-    let f = Arc::new(LayerFetcher::new("honest", l.reader.compression(), refs(&l.reader), src.clone(), store.clone(), FetchConfig::default()));
+    let f = Arc::new(LayerFetcher::new("honest", refs(&l.reader), src.clone(), store.clone(), FetchConfig::default()));
     f.get(f.chunk_index(&honest).unwrap()).unwrap();
     let mut lying = honest.clone();
     lying.size -= 1;
-    let g = Arc::new(LayerFetcher::new("lying", l.reader.compression(), vec![lying.clone()], src, store, FetchConfig::default()));
+    let g = Arc::new(LayerFetcher::new("lying", vec![lying.clone()], src, store, FetchConfig::default()));
     g.scan_store();
     assert!(g.percent_present() < 100.0, "a chunk of another size counted as present");
     assert!(matches!(g.get(g.chunk_index(&lying).unwrap()), Err(Error::Corrupt { .. })));

@@ -2,8 +2,7 @@
 
 use std::sync::Arc;
 
-use estargz::compression::decompress_range;
-use estargz::Digest;
+use index::Digest;
 
 use super::{Claim, LayerFetcher};
 use crate::error::{Error, Result};
@@ -12,7 +11,7 @@ impl LayerFetcher {
     /// Decompresses and verifies one claimed chunk from the bytes of the range holding it.
     ///
     /// The reference's numbers come from the TOC: they are bounds-checked here (the member must
-    /// lie in the range, the decoded size within [`estargz::limits::MAX_CHUNK_SIZE`]) so that a
+    /// lie in the range, the decoded size within [`index::limits::MAX_CHUNK_SIZE`]) so that a
     /// hostile value is an error for this chunk's readers, not a panic in a fetch thread.
     pub(super) fn decode(&self, cl: &Claim, range: &[u8], range_start: u64) -> Result<Arc<Vec<u8>>> {
         let c = &self.chunks[cl.idx];
@@ -22,22 +21,22 @@ impl LayerFetcher {
             offset: c.offset,
             reason,
         };
-        let as_chunk = estargz::Chunk {
+        let as_chunk = index::Chunk {
             offset: c.offset,
-            next_offset: c.next_offset,
+            end: c.next_offset,
+            codec: c.codec,
             inner_offset: c.inner_offset,
-            chunk_offset: 0,
             size: c.size,
-            digest: c.digest,
+            verify: index::Verify::Uncompressed(cl.digest),
         };
-        as_chunk.check("chunk").map_err(|e| corrupt(e.to_string()))?;
+        as_chunk.check().map_err(|e| corrupt(e.to_string()))?;
         let member = c
             .offset
             .checked_sub(range_start)
             .zip(c.next_offset.checked_sub(range_start))
             .and_then(|(from, to)| range.get(usize::try_from(from).ok()?..usize::try_from(to).ok()?))
             .ok_or_else(|| corrupt(format!("member {}..{} is not inside the fetched range starting at {range_start}", c.offset, c.next_offset)))?;
-        let data = decompress_range(self.compression, member, c.inner_offset, c.size as usize, c.offset, "chunk").map_err(|e| corrupt(e.to_string()))?;
+        let data = index::decode(c.codec, member, c.inner_offset, c.size as usize).map_err(|e| corrupt(e.to_string()))?;
         if data.len() as u64 != c.size {
             return Err(corrupt(format!("decoded to {} bytes, the TOC declares {}", data.len(), c.size)));
         }

@@ -105,7 +105,7 @@ mod tests {
             wait_timeout: Duration::from_secs(60),
             ..Default::default()
         };
-        (Arc::new(LayerFetcher::new("blob", Compression::Gzip, chunks, Arc::new(src), store, cfg)), dir)
+        (Arc::new(LayerFetcher::new("blob", chunks, Arc::new(src), store, cfg)), dir)
     }
 
     fn chunk(offset: u64, next_offset: u64, inner_offset: u64, size: u64, content: &[u8]) -> ChunkRef {
@@ -115,6 +115,7 @@ mod tests {
             next_offset,
             inner_offset,
             size,
+            codec: crate::Codec::GzipMembers,
             slot: None,
         }
     }
