@@ -20,9 +20,12 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use store::LayerFetcher;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::deps;
+
+mod requests;
+pub use requests::{DirEntry, XattrAnswer};
 use crate::view::{Inode, LayerView, NodeKind};
 
 /// How long the kernel may cache entries and attributes: the layer never changes.
@@ -323,24 +326,23 @@ impl Filesystem for LayerFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.view.lookup(parent.0, name.as_bytes()).and_then(|ino| Some((ino, self.view.get(ino)?))) {
-            Some((ino, i)) => reply.entry(&TTL, &self.attr(ino, i), Generation(0)),
-            None => reply.error(Errno::ENOENT),
+        match self.lookup_entry(parent.0, name.as_bytes()) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.view.get(ino.0) {
-            Some(i) => reply.attr(&TTL, &self.attr(ino.0, i)),
-            None => reply.error(Errno::ENOENT),
+        match self.attributes(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.view.get(ino.0) {
-            Some(i) if i.kind == NodeKind::Symlink => reply.data(&i.link_target),
-            Some(_) => reply.error(Errno::EINVAL),
-            None => reply.error(Errno::ENOENT),
+        match self.link_target(ino.0) {
+            Ok(target) => reply.data(target),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -396,25 +398,9 @@ impl Filesystem for LayerFs {
     }
 
     fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
-        let Some(i) = self.view.get(ino.0) else { return reply.error(Errno::ENOENT) };
-        if i.kind != NodeKind::Reg {
-            return reply.error(Errno::EINVAL);
-        }
-        self.read_ahead(ino.0, i, offset, size);
-        match self.read_file(i, offset, size) {
-            Ok(data) => {
-                if offset == 0 && self.options.prefetch_libraries {
-                    deps::on_first_read(&self.deps, ino.0, &data);
-                }
-                self.stats.reads.fetch_add(1, Ordering::Relaxed);
-                self.stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                reply.data(&data)
-            }
-            Err(e) => {
-                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                error!(path = %i.path, offset, size, error = %e, "read failed; returning EIO");
-                reply.error(Errno::EIO)
-            }
+        match self.read_bytes(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -436,32 +422,17 @@ impl Filesystem for LayerFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.view.get(ino.0) {
-            Some(i) if i.kind == NodeKind::Dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
-            Some(_) => reply.error(Errno::ENOTDIR),
-            None => reply.error(Errno::ENOENT),
+        match self.can_list(ino.0) {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Err(e) => reply.error(e),
         }
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(d) = self.view.get(ino.0) else { return reply.error(Errno::ENOENT) };
-        let dots = [(".", ino.0, FileType::Directory), ("..", d.parent, FileType::Directory)];
-        let mut pos = offset as usize;
-        while pos < 2 + d.children.len() {
-            let full = if pos < 2 {
-                let (name, i, k) = dots[pos];
-                reply.add(INodeNo(i), pos as u64 + 1, k, name)
-            } else {
-                let (name, child) = &d.children[pos - 2];
-                let kind = self.view.get(*child).map(|c| file_type(c.kind)).unwrap_or(FileType::RegularFile);
-                reply.add(INodeNo(*child), pos as u64 + 1, kind, name)
-            };
-            if full {
-                break;
-            }
-            pos += 1;
+        match self.list(ino.0, offset, |e| reply.add(INodeNo(e.ino), e.next, e.kind, e.name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -470,30 +441,18 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Some(i) = self.view.get(ino.0) else { return reply.error(Errno::ENOENT) };
-        let Some(value) = name.to_str().and_then(|n| i.xattrs.get(n)) else { return reply.error(Errno::NO_XATTR) };
-        if size == 0 {
-            reply.size(value.len() as u32);
-        } else if (size as usize) < value.len() {
-            reply.error(Errno::ERANGE);
-        } else {
-            reply.data(value);
+        match self.xattr(ino.0, name, size) {
+            Ok(XattrAnswer::Size(n)) => reply.size(n),
+            Ok(XattrAnswer::Data(v)) => reply.data(&v),
+            Err(e) => reply.error(e),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let Some(i) = self.view.get(ino.0) else { return reply.error(Errno::ENOENT) };
-        let mut list = Vec::new();
-        for k in i.xattrs.keys() {
-            list.extend_from_slice(k.as_bytes());
-            list.push(0);
-        }
-        if size == 0 {
-            reply.size(list.len() as u32);
-        } else if (size as usize) < list.len() {
-            reply.error(Errno::ERANGE);
-        } else {
-            reply.data(&list);
+        match self.xattr_names(ino.0, size) {
+            Ok(XattrAnswer::Size(n)) => reply.size(n),
+            Ok(XattrAnswer::Data(v)) => reply.data(&v),
+            Err(e) => reply.error(e),
         }
     }
 
