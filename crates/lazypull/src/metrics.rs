@@ -13,7 +13,7 @@ use snapshotter::Snapshotter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
-use crate::mount::MountStatus;
+use node::MountStatus;
 
 fn statuses(state: &Path) -> Vec<MountStatus> {
     let Ok(rd) = std::fs::read_dir(state.join("mounts")) else { return Vec::new() };
@@ -29,7 +29,7 @@ pub fn render(snap: &Snapshotter, layer_state: &Path) -> String {
     let mut out = String::new();
     let st = statuses(layer_state);
     let layers: Vec<_> = st.iter().flat_map(|m| m.layers.iter()).collect();
-    let mut counter = |name: &str, help: &str, kind: &str, f: &dyn Fn(&crate::mount::LayerStatus) -> f64| {
+    let mut counter = |name: &str, help: &str, kind: &str, f: &dyn Fn(&node::LayerStatus) -> f64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for l in &layers {
             let _ = writeln!(out, "{name}{{layer=\"{}\"}} {}", l.digest, f(l));

@@ -10,9 +10,9 @@
 //! are not eStargz are downloaded and extracted once (logged, with the reason) so that any
 //! image mounts.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use estargz::Digest;
 use lazyfs::{is_mountpoint, FsOptions, LayerFs, MountedLayer};
-use serde::{Deserialize, Serialize};
 use store::{ChunkStore, FetchConfig, FileRangeSource, LayerFetcher, RangeSource, RegistryRangeSource, StoreConfig};
 use tracing::{info, warn};
 
@@ -139,92 +138,10 @@ pub struct LayerMountArgs {
     pub serve: ServeArgs,
 }
 
-/// What `umount` needs to find a mount's parts.
-#[derive(Serialize, Deserialize)]
-struct Record {
-    pid: u32,
-    mountpoint: PathBuf,
-    source: String,
-    /// FUSE layer mounts (below an overlay) in layer order; empty when the mountpoint is the layer.
-    layer_mounts: Vec<PathBuf>,
-    overlay: bool,
-    /// Device number of the mount at `mountpoint` (its identity): `umount` detaches only this
-    /// mount, never a newer one at the same path.
-    #[serde(default)]
-    dev: Option<u64>,
-    /// The daemon's start time (clock ticks after boot, /proc/PID/stat field 22): together
-    /// with `pid` it names the process, so a reused pid is never signalled.
-    #[serde(default)]
-    start_ticks: Option<u64>,
-}
-
-/// Start time of process `pid` in clock ticks after boot (`/proc/PID/stat` field 22).
-fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-impl Record {
-    /// Whether the recorded daemon is still the process with that pid.
-    fn daemon_alive(&self) -> bool {
-        alive(self.pid) && (self.start_ticks.is_none() || start_ticks(self.pid) == self.start_ticks)
-    }
-}
-
-/// One layer's line in `status.json`.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct LayerStatus {
-    pub index: usize,
-    pub digest: String,
-    pub lazy: bool,
-    /// Why a layer is not lazy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fallback_reason: Option<String>,
-    pub blob_bytes: u64,
-    pub fetched_bytes: u64,
-    pub present_percent: f64,
-    pub requests: u64,
-    pub chunks_fetched: u64,
-    pub cache_hits: u64,
-    pub errors: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    pub prefetch_done: bool,
-    pub complete: bool,
-    pub reads: u64,
-    pub read_errors: u64,
-    pub passthrough_opens: u64,
-    /// Shared libraries prefetched because a program that needs them was read (`fs::deps`).
-    #[serde(default)]
-    pub libraries_prefetched: u64,
-    /// Regular files in first-open order (paths in the layer): the workload's reads, usable as
-    /// `image convert --prioritize` input.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub opened_files: Vec<String>,
-    /// Range-request latency histogram: counts per bucket (upper bounds in ms:
-    /// `store::LATENCY_BUCKETS_MS`, then +Inf) and the sum in seconds.
-    #[serde(default)]
-    pub fetch_latency_buckets: Vec<u64>,
-    #[serde(default)]
-    pub fetch_latency_sum_secs: f64,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-pub struct MountStatus {
-    pub source: String,
-    pub mountpoint: PathBuf,
-    pub pid: u32,
-    pub mounted_secs: f64,
-    pub cache_disk_bytes: u64,
-    pub layers: Vec<LayerStatus>,
-}
+use node::{LayerStatus, MountIndex, MountStatus, Record, StateDir, StoredItem};
 
 fn mount_dir(state: &Path, mountpoint: &Path) -> PathBuf {
-    let canon = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-    let d = Digest::of(canon.as_os_str().as_encoded_bytes()).hex();
-    state.join("mounts").join(&d[..16])
+    StateDir::new(state).mount_dir(mountpoint)
 }
 
 /// Starts the daemon (`--foreground` child) and waits for it to report ready.
@@ -232,54 +149,21 @@ fn daemonize(serve: &ServeArgs, mountpoint: &Path) -> Result<()> {
     let dir = mount_dir(&serve.state_dir, mountpoint);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("daemon.log");
-    // Appended to: after a restart an old daemon on its way out and the new one share the path.
-    // Kept small: the log of the previous daemons at this path is rotated once it passes 8 MiB.
-    if std::fs::metadata(&log_path).is_ok_and(|m| m.len() > 8 << 20) {
-        let _ = std::fs::rename(&log_path, log_path.with_extension("log.1"));
-    }
-    let log = std::fs::File::options().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
-    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     args.push("--foreground".into());
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).env("LAZYPULL_DAEMON", "1");
+    cmd.args(&args).env("LAZYPULL_DAEMON", "1");
     if std::env::var_os("LAZYPULL_LOG").is_none() {
         cmd.env("LAZYPULL_LOG", "info");
     }
-    // SAFETY: setsid is async-signal-safe; the child leaves our session so that a terminal
-    // hang-up does not take the mount down.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the mount daemon")?;
-    let out = child.stdout.take().expect("piped");
-    for line in BufReader::new(out).lines() {
-        let line = line?;
-        if let Some(rest) = line.strip_prefix("READY ") {
-            println!("{rest}");
-            return Ok(());
-        }
-        println!("{line}");
-    }
-    let status = child.wait()?;
-    // This daemon's part of the log only (the file is shared across restarts).
-    let log = std::fs::read(&log_path).unwrap_or_default();
-    let ours = String::from_utf8_lossy(log.get(log_start as usize..).unwrap_or_default()).into_owned();
-    let tail: Vec<&str> = ours.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-    // The daemon's own last line is the reason; say it once, not as "error: … error: …".
-    let reason = tail.iter().rev().find_map(|l| l.strip_prefix("lazypull: error: ")).map(str::to_string);
-    match reason {
-        Some(r) if tail.len() == 1 => bail!("{r} (mount daemon exited with {status}; log: {})", log_path.display()),
-        _ => bail!("mount daemon exited ({status}) before the mount was ready; its log ({}):\n{}", log_path.display(), tail.join("\n")),
-    }
+    let ready = node::spawn_daemon(cmd, &log_path, |line| println!("{line}"))?;
+    println!("{ready}");
+    Ok(())
 }
 
 fn open_store(serve: &ServeArgs) -> Result<Arc<ChunkStore>> {
-    let mut cfg = StoreConfig::new(serve.state_dir.join("cache"));
+    let state = StateDir::new(&serve.state_dir);
+    let mut cfg = StoreConfig::new(state.cache_dir());
     cfg.disk_limit = serve.cache_size;
     cfg.memory_limit = serve.memory_cache << 20;
     Ok(ChunkStore::open(cfg)?)
@@ -292,7 +176,7 @@ fn fetch_config(serve: &ServeArgs) -> FetchConfig {
         background_rate: serve.background_rate,
         wait_timeout: Duration::from_secs(serve.fetch_timeout.max(1) * 2),
         // Every daemon of this state directory shares the link: their demand quiets our fill.
-        link: store::LinkActivity::open(&serve.state_dir.join("link-demand")).ok().map(Arc::new),
+        link: store::LinkActivity::open(&StateDir::new(&serve.state_dir).link_demand()).ok().map(Arc::new),
         ..FetchConfig::default()
     }
 }
@@ -388,10 +272,7 @@ impl Served {
             cache_disk_bytes: self.store.usage().disk_bytes,
             layers: self.layers.iter().map(ServedLayer::status).collect(),
         };
-        let tmp = self.dir.join("status.json.tmp");
-        if std::fs::write(&tmp, serde_json::to_vec_pretty(&st).expect("serializable")).is_ok() {
-            let _ = std::fs::rename(&tmp, self.dir.join("status.json"));
-        }
+        let _ = st.save(&self.dir);
     }
 
     /// Starts prefetch and background fill for every lazy layer. The prefetch runs while the
@@ -427,63 +308,29 @@ impl Served {
         if self.owns_record() {
             self.write_status();
             let _ = std::fs::remove_file(self.dir.join("record.json"));
+            MountIndex::default().unregister(&self.mountpoint, &self.dir);
         }
     }
 
     /// Whether `record.json` is this process's (not a newer daemon's at the same path).
     fn owns_record(&self) -> bool {
-        let me = std::process::id();
-        std::fs::read(self.dir.join("record.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()).is_some_and(|r| r.pid == me && (r.start_ticks.is_none() || r.start_ticks == start_ticks(me)))
+        Record::is_mine(&self.dir)
     }
 }
 
-/// Where layers' footers and TOCs are cached (`store::tails`), shared by the snapshotter, which
-/// reads them ahead, and the layer daemons.
+/// Where layers' footers and TOCs are cached (see [`node::StateDir::tails_dir`]).
 pub fn tails_dir(state: &Path) -> PathBuf {
-    state.join("tails")
+    StateDir::new(state).tails_dir()
 }
 
-/// Where a layer's chunk references live (`STATE/refs/<blob hex>`): one line per stored item,
-/// `c <digest>` for a chunk, `o <digest>` for a file object. The snapshotter's cache GC keeps
-/// exactly what the layers still in use reference.
-pub fn refs_path(state: &Path, blob_digest: &str) -> PathBuf {
-    state.join("refs").join(blob_digest.trim_start_matches("sha256:"))
-}
-
-/// Reads a layer's chunk references.
-pub fn read_refs(state: &Path, blob_digest: &str) -> Option<Vec<(bool, Digest)>> {
-    let text = std::fs::read_to_string(refs_path(state, blob_digest)).ok()?;
-    Some(
-        text.lines()
-            .filter_map(|l| {
-                let (kind, d) = l.split_once(' ')?;
-                Some((kind == "o", d.parse().ok()?))
-            })
-            .collect(),
-    )
-}
-
+/// Records what layer `blob_digest` keeps in the store (see [`node::refs`]).
 fn write_refs(state: &Path, blob_digest: &str, fetcher: &LayerFetcher) -> Result<()> {
-    let p = refs_path(state, blob_digest);
-    if p.exists() {
-        return Ok(());
-    }
-    let mut lines: Vec<String> = fetcher
-        .chunks()
-        .iter()
-        .filter_map(|c| match (&c.slot, c.digest) {
-            (Some(slot), _) => Some(format!("o {}", slot.file)),
-            (None, Some(d)) => Some(format!("c {d}")),
-            _ => None,
-        })
-        .collect();
-    lines.sort();
-    lines.dedup();
-    std::fs::create_dir_all(p.parent().expect("has a parent"))?;
-    let tmp = p.with_extension("tmp");
-    std::fs::write(&tmp, lines.join("\n") + "\n")?;
-    std::fs::rename(&tmp, &p)?;
-    Ok(())
+    let items = fetcher.chunks().iter().filter_map(|c| match (&c.slot, c.digest) {
+        (Some(slot), _) => Some(StoredItem::Object(slot.file)),
+        (None, Some(d)) => Some(StoredItem::Chunk(d)),
+        _ => None,
+    });
+    node::write_refs(&StateDir::new(state), blob_digest, items).with_context(|| format!("recording the store references of {blob_digest}"))
 }
 
 /// Mounts one opened layer with FUSE at `at` (its prefetch starts with the fill, after the mount).
@@ -525,12 +372,13 @@ fn run_served(served: Served, serve: &ServeArgs, ready_line: String) -> Result<(
         layer_mounts: served.mounts.iter().map(|m| m.mountpoint().to_path_buf()).filter(|p| *p != served.mountpoint).collect(),
         overlay: served.overlay.is_some(),
         dev: served.overlay.or_else(|| served.mounts.iter().find(|m| m.mountpoint() == served.mountpoint).map(|m| m.dev())),
-        start_ticks: start_ticks(std::process::id()),
+        start_ticks: node::start_ticks(std::process::id()),
     };
-    // Atomically: `status`, `umount` and an old daemon on its way out read it concurrently.
-    let tmp = served.dir.join(format!("record.json.{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&record)?)?;
-    std::fs::rename(&tmp, served.dir.join("record.json"))?;
+    record.save(&served.dir).with_context(|| format!("writing the mount record in {}", served.dir.display()))?;
+    // Node-wide, so `status` and `umount` find this mount whatever --state-dir they are given.
+    if let Err(e) = MountIndex::default().register(&served.mountpoint, &served.dir) {
+        warn!(error = %e, "cannot register the mount in the node-wide index");
+    }
     served.write_status();
     served.start_fill(serve);
     let term = Arc::new(AtomicBool::new(false));
@@ -737,16 +585,16 @@ pub fn image_mount(args: MountArgs) -> Result<()> {
     res
 }
 
-fn read_record(state: &Path, mountpoint: &Path) -> Result<(PathBuf, Record)> {
-    let dir = mount_dir(state, mountpoint);
-    let p = dir.join("record.json");
-    let bytes = std::fs::read(&p).with_context(|| format!("no lazypull mount recorded at {} ({} missing)", mountpoint.display(), p.display()))?;
-    Ok((dir, serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display()))?))
+/// The files of the mount at `mountpoint`: under `state`, or wherever the node-wide index says
+/// (a mount made with another `--state-dir`).
+fn locate(state: &Path, mountpoint: &Path) -> PathBuf {
+    MountIndex::default().locate(&StateDir::new(state), mountpoint)
 }
 
-fn alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+fn read_record(state: &Path, mountpoint: &Path) -> Result<(PathBuf, Record)> {
+    let dir = locate(state, mountpoint);
+    let rec = Record::load(&dir).with_context(|| format!("no lazypull mount recorded at {} ({} unreadable)", mountpoint.display(), dir.join("record.json").display()))?;
+    Ok((dir, rec))
 }
 
 /// `lazypull umount MOUNTPOINT`.
@@ -784,6 +632,7 @@ pub fn umount(mountpoint: &Path, state: &Path) -> Result<()> {
     } else {
         // The daemon died without cleaning up: its record is stale.
         let _ = std::fs::remove_file(dir.join("record.json"));
+        MountIndex::default().unregister(mountpoint, &dir);
     }
     // Layer mounts of an image's overlay: only while their daemon is gone (it detaches its
     // own on the way out; what is left at those paths of a dead daemon is dead too).
@@ -798,12 +647,12 @@ pub fn umount(mountpoint: &Path, state: &Path) -> Result<()> {
 
 /// `lazypull status MOUNTPOINT`.
 pub fn status(mountpoint: &Path, state: &Path, json: bool) -> Result<()> {
-    let dir = mount_dir(state, mountpoint);
+    let dir = locate(state, mountpoint);
     let p = dir.join("status.json");
     let bytes = std::fs::read(&p).with_context(|| format!("no status for {} ({} missing)", mountpoint.display(), p.display()))?;
     let st: MountStatus = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display()))?;
     // A daemon that crashed leaves its files behind: say so instead of showing it as running.
-    let running = std::fs::read(dir.join("record.json")).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()).is_some_and(|r| r.pid == st.pid && r.daemon_alive());
+    let running = Record::load(&dir).is_ok_and(|r| r.pid == st.pid && r.daemon_alive());
     if json {
         let mut v: serde_json::Value = serde_json::from_slice(&bytes)?;
         v["running"] = running.into();

@@ -257,14 +257,13 @@ impl Remote for DaemonRemote {
         let mut keep_chunks = std::collections::HashSet::new();
         let mut keep_objects = std::collections::HashSet::new();
         for l in live {
-            match crate::mount::read_refs(&self.args.state, &l.digest) {
+            match node::read_refs(&node::StateDir::new(&self.args.state), &l.digest) {
                 Some(refs) => {
-                    for (object, d) in refs {
-                        if object {
-                            keep_objects.insert(d);
-                        } else {
-                            keep_chunks.insert(d);
-                        }
+                    for item in refs {
+                        match item {
+                            node::StoredItem::Object(d) => keep_objects.insert(d),
+                            node::StoredItem::Chunk(d) => keep_chunks.insert(d),
+                        };
                     }
                 }
                 // A live layer whose references are unknown: keep everything this time.

@@ -244,6 +244,16 @@ fn corpus_layers_mount_identical_to_their_extraction() {
         want.remove(".prefetch.landmark");
         want.remove(".no.prefetch.landmark");
         assert_same(&format!("corpus {name}"), &want, &snapshot(&mnt));
+        if checked == 0 {
+            // `status` and `umount` find a mount made with any --state-dir (the node-wide index).
+            let other = tmp.path().join("other-state");
+            let st: serde_json::Value = serde_json::from_str(&lazypull(&["status", mnt.to_str().unwrap(), "--state-dir", other.to_str().unwrap(), "--json"])).unwrap();
+            assert_eq!(st["running"], true, "{st}");
+            lazypull(&["umount", mnt.to_str().unwrap(), "--state-dir", other.to_str().unwrap()]);
+            assert!(!lazyfs::is_mountpoint(&mnt), "umount through the index left the mount attached");
+            let gone = Command::new(BIN).args(["status", mnt.to_str().unwrap()]).output().unwrap();
+            assert!(!gone.status.success(), "status of an unmounted mountpoint succeeded");
+        }
         drop(m);
         checked += 1;
     }
