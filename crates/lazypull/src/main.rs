@@ -7,6 +7,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod cache;
 mod fallback;
 mod image;
 mod layer;
@@ -37,6 +38,9 @@ enum Command {
     Rpull(rpull_cmd::RpullArgs),
     /// Serve containerd's snapshots API (proxy plugin) with lazily mounted eStargz layers.
     Snapshotter(snapshotter::SnapshotterArgs),
+    /// Show and prune the node's chunk store (per image and layer).
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Unmount what `lazypull mount` mounted and stop its daemon.
     Umount {
         mountpoint: std::path::PathBuf,
@@ -64,6 +68,7 @@ fn main() {
         Command::Layer(c) => layer::run(c),
         Command::Image(c) => image::run(c),
         Command::Mount(a) => mount::image_mount(a),
+        Command::Cache(c) => cache::run(c),
         Command::Snapshotter(a) => snapshotter::run(a),
         Command::Rpull(a) => rpull_cmd::run(a),
         Command::Umount { mountpoint, state_dir } => mount::umount(&mountpoint, &state_dir),

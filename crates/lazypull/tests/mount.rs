@@ -431,6 +431,10 @@ fn write_layout(dir: &Path, layers: &[(Vec<u8>, String)]) {
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
 }
 
+fn cache_usage(state: &Path) -> serde_json::Value {
+    serde_json::from_str(&lazypull(&["cache", "usage", "--state-dir", state.to_str().unwrap(), "--json"])).unwrap()
+}
+
 fn read_timed(p: &Path) -> (std::io::Result<Vec<u8>>, Duration) {
     let t = Instant::now();
     let r = std::fs::File::open(p).and_then(|mut f| {
@@ -625,6 +629,28 @@ fn registry_image_identity_laziness_integrity_concurrency() {
             assert_eq!(l["errors"], 0, "{l}");
             assert_eq!(l["lazy"], true);
         }
+
+        // `lazypull cache`: usage per image and layer while mounted; prune keeps what a running
+        // mount uses.
+        let u = cache_usage(&m.state);
+        let layers = st["layers"].as_array().unwrap().len();
+        assert!(u["store_bytes"].as_u64().unwrap() > 0, "{u}");
+        let images = u["images"].as_array().unwrap();
+        assert_eq!(images.len(), 1, "{u}");
+        assert_eq!(images[0]["layers"].as_u64().unwrap() as usize, layers, "{u}");
+        assert!(images[0]["bytes"].as_u64().unwrap() > 0, "{u}");
+        assert!(u["layers"].as_array().unwrap().iter().all(|l| l["images"].as_array().unwrap().len() == 1 && l["items_present"].as_u64() > Some(0)), "{u}");
+        lazypull(&["cache", "prune", "--state-dir", m.state.to_str().unwrap()]);
+        assert_eq!(cache_usage(&m.state)["store_bytes"], u["store_bytes"], "prune removed chunks of a running mount");
+    }
+    // Unmounted: nothing is in use, prune empties the store, the layers stay listed with 0 bytes.
+    {
+        let state = t.join("img-state");
+        lazypull(&["cache", "prune", "--state-dir", state.to_str().unwrap()]);
+        let u = cache_usage(&state);
+        assert_eq!(u["store_bytes"], 0, "{u}");
+        assert!(u["images"].as_array().unwrap().is_empty(), "{u}");
+        assert!(u["layers"].as_array().unwrap().iter().all(|l| l["bytes"] == 0), "{u}");
     }
 
     // --- Integrity: one flipped byte in a chunk → EIO naming the chunk, then a clean refetch.

@@ -477,6 +477,46 @@ impl ChunkStore {
         (victims.len(), bytes)
     }
 
+    /// Bytes on disk of chunk `d` (`object` false) or of file object `d` (true, with its
+    /// index), if stored — by this process or any other sharing the directory.
+    pub fn stored_bytes(&self, d: &Digest, object: bool) -> Option<u64> {
+        let len = |p: &Path| fs::metadata(p).ok().map(|m| m.len());
+        if object {
+            let p = self.object_path(d);
+            Some(len(&p)? + len(&index_path(&p)).unwrap_or(0))
+        } else {
+            len(&self.path(d))
+        }
+    }
+
+    /// Evicts least recently used chunks and objects of the whole node's store until it holds
+    /// at most `target` bytes (`lazypull cache prune --max-size`). A reader of an evicted chunk
+    /// simply fetches it again. Returns (entries, bytes) removed.
+    pub fn shrink_to(&self, target: u64) -> Result<(usize, u64)> {
+        let (disk, _) = scan(&self.chunks_dir, &self.objects_dir)?;
+        *self.disk.lock().unwrap() = disk;
+        let (mut n, mut bytes) = (0, 0);
+        loop {
+            let victim = {
+                let mut disk = self.disk.lock().unwrap();
+                let before = disk.bytes();
+                if before <= target {
+                    break;
+                }
+                match disk.pop_oldest() {
+                    Some((k, ())) => (k, before - disk.bytes()),
+                    None => break,
+                }
+            };
+            let (DiskKey::Chunk(d) | DiskKey::Object(d)) = victim.0;
+            self.memory.lock().unwrap().remove(&d);
+            self.remove_key(&victim.0);
+            n += 1;
+            bytes += victim.1;
+        }
+        Ok((n, bytes))
+    }
+
     pub fn usage(&self) -> StoreUsage {
         let disk = self.disk.lock().unwrap();
         StoreUsage {
