@@ -1253,10 +1253,28 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
         }
         store("zstd-only").put_manifest(Bytes::from(serde_json::to_vec(&mv).unwrap()), manifest::OCI_MANIFEST, true).await.unwrap();
     });
-    for tag in ["zstd", "zstd-only"] {
+    // ...and zstd:chunked converted by the reference converter (ctr-remote --zstdchunked).
+    let by_ref_zstd = reference("ctr-remote-zstd");
+    ctd.ctr_ok(&["image", "pull", "--plain-http", &plain], Duration::from_secs(60));
+    remote(&["image", "convert", "--oci", "--zstdchunked", &plain, &by_ref_zstd]);
+    remote(&["image", "push", "--plain-http", &by_ref_zstd]);
+    ctd.ctr_ok(&["image", "rm", "--sync", &plain, &by_ref_zstd], Duration::from_secs(60));
+    for tag in ["zstd", "zstd-only", "ctr-remote-zstd"] {
         let image = reference(tag);
+        let (bytes, _, _) = rt.block_on(store(tag).root()).unwrap();
+        let mv: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let blobs: Vec<(String, u64)> = mv["layers"].as_array().unwrap().iter().map(|l| (l["digest"].as_str().unwrap().to_string(), l["size"].as_u64().unwrap())).collect();
+        let total: u64 = blobs.iter().map(|b| b.1).sum();
+        proxy.clear_requests();
         let out = rpull(&image);
         assert!(out.contains(&format!("{n} of {n} layers remote", n = layers.len())), "{tag}: {out}\n{}", snap.log());
+        let id = format!("lp-snap-{tag}-echo-{}", std::process::id());
+        let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", &image, &id, "/bin/echo", "hi"], Duration::from_secs(60));
+        assert_eq!(out.trim(), "hi");
+        let fetched: u64 = blobs.iter().map(|(d, s)| proxy.blob_bytes_requested(d, *s)).sum();
+        let pct = fetched as f64 * 100.0 / total as f64;
+        eprintln!("{tag}: fetched before echo completed: {fetched} of {total} bytes ({pct:.2}%)");
+        assert!(pct < 5.0, "{tag}: fetched {pct:.2}% of the image before echo completed");
         let id = format!("lp-snap-{tag}-{}", std::process::id());
         let got = ctd.run_report("lazypull", &image, &id, Duration::from_secs(120));
         assert!(got.listing == want_listing, "{tag} through lazypull differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want_listing, &got.listing));
