@@ -30,8 +30,9 @@ use crate::image::RegistryArgs;
 /// chunk forever.
 pub const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
 
-/// Options shared by every lazy mount.
-#[derive(Args, Clone)]
+/// Options shared by every lazy mount. Also the typed configuration the snapshotter hands its
+/// layer daemons (`--serve-config FILE`, JSON), so that no setting is re-encoded as a flag.
+#[derive(Args, Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ServeArgs {
     /// State directory: chunk cache, extracted fallback layers, mount records.
     #[arg(long, default_value = "/var/lib/lazypull", value_name = "DIR")]
@@ -80,6 +81,7 @@ pub struct ServeArgs {
     pub readahead: u64,
     /// Stay in the foreground (serve until unmounted or signalled).
     #[arg(long)]
+    #[serde(skip)]
     pub foreground: bool,
     /// Honour the image's setuid/setgid bits, file capabilities and device nodes (mount with
     /// `suid,dev`). Off by default: any local user could otherwise gain what a hostile image
@@ -89,6 +91,22 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Reads the options from a `--serve-config` file (every field; `foreground` stays as given).
+    pub fn load(path: &Path, foreground: bool) -> Result<ServeArgs> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading the serve config {}", path.display()))?;
+        let mut s: ServeArgs = serde_json::from_slice(&bytes).with_context(|| format!("parsing the serve config {}", path.display()))?;
+        s.foreground = foreground;
+        Ok(s)
+    }
+
+    /// Writes the options for [`ServeArgs::load`] (atomically: daemons may be reading it).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
     pub fn privileges(&self) -> lazyfs::Privileges {
         if self.allow_setuid {
             lazyfs::Privileges::Honour
@@ -120,6 +138,10 @@ pub struct MountArgs {
     /// Platform to pick from a multi-platform image (default: this host's).
     #[arg(long)]
     pub platform: Option<String>,
+    /// Take every serving option from this JSON file (as the snapshotter writes it for its
+    /// layer daemons) instead of the flags.
+    #[arg(long, value_name = "FILE")]
+    pub serve_config: Option<PathBuf>,
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
@@ -455,7 +477,10 @@ pub fn layer_mount(args: LayerMountArgs) -> Result<()> {
 }
 
 /// `lazypull mount REF MOUNTPOINT`.
-pub fn image_mount(args: MountArgs) -> Result<()> {
+pub fn image_mount(mut args: MountArgs) -> Result<()> {
+    if let Some(p) = &args.serve_config {
+        args.serve = ServeArgs::load(p, args.serve.foreground)?;
+    }
     if !args.serve.foreground {
         return daemonize(&args.serve, &args.mountpoint);
     }

@@ -85,6 +85,9 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
     let daemons = file.layer_daemons.unwrap_or(true);
     let tails = store::TailCache::new(crate::mount::tails_dir(&daemon_args.state));
     let resolver = Arc::new(RegistryRemote::new(args.registry.client()?, rt.handle().clone(), store, cfg).with_tail_cache(tails));
+    if daemons {
+        daemon_args.write_serve_config()?;
+    }
     let remote: Arc<dyn Remote> = if daemons { Arc::new(DaemonRemote { resolver, args: daemon_args }) } else { resolver };
     let snap = Arc::new(Snapshotter::open(&root, Some(remote.clone()))?);
 
@@ -145,74 +148,57 @@ fn settings(file: &FileConfig, root: &std::path::Path, registry: Vec<std::ffi::O
         cfg.fetch.readahead = r;
     }
     cfg.fetch.wait_timeout = cfg.fetch_timeout * 2;
-    let daemon_args = DaemonArgs {
-        state: root.join("layers"),
+    let state = root.join("layers");
+    let serve = crate::mount::ServeArgs {
+        state_dir: state.clone(),
         cache_size: store_cfg.disk_limit,
-        memory_cache_mib,
-        threads: cfg.threads,
-        prefetch: cfg.prefetch,
+        memory_cache: memory_cache_mib,
         fetch_timeout: cfg.fetch_timeout.as_secs().max(1),
-        background: cfg.background,
+        no_background: !cfg.background,
+        background_rate: 0,
         background_delay: cfg.background_delay.as_secs_f64(),
-        passthrough: cfg.fs.passthrough,
+        no_prefetch: !cfg.prefetch,
+        fetch_all: false,
+        prefetch_small_layers: cfg.small_layer_prefetch,
+        no_passthrough: !cfg.fs.passthrough,
+        threads: cfg.threads,
         parallel: cfg.fetch.parallel,
         readahead: cfg.fetch.readahead,
-        small_layer_prefetch: cfg.small_layer_prefetch,
-        registry,
+        foreground: false,
+        // Container rootfs layers: setuid binaries must work; the snapshotter's root is
+        // root-only (0700), so no other user reaches these mounts.
+        allow_setuid: true,
     };
+    let daemon_args = DaemonArgs { serve_config: state.join("serve.json"), state, serve, registry };
     (store_cfg, cfg, daemon_args)
 }
 
-/// How layer daemons are started: every setting of the config file that concerns serving a
-/// layer is passed on (see `daemon_command`), so both modes honour the same keys.
+/// How layer daemons are started: the serving settings of the config file go to every daemon
+/// as one typed file (`STATE/serve.json`, a [`crate::mount::ServeArgs`]), written at start, so
+/// both modes honour the same keys and no setting is re-encoded as a flag.
 struct DaemonArgs {
     state: PathBuf,
-    /// Disk limit of the layer daemons' chunk store (`cache_size`).
-    cache_size: u64,
-    memory_cache_mib: u64,
-    threads: usize,
-    prefetch: bool,
-    fetch_timeout: u64,
-    background: bool,
-    background_delay: f64,
-    passthrough: bool,
-    parallel: usize,
-    readahead: u64,
-    small_layer_prefetch: u64,
+    serve: crate::mount::ServeArgs,
+    serve_config: PathBuf,
     registry: Vec<std::ffi::OsString>,
 }
 
 impl DaemonArgs {
+    /// Writes the daemons' serving settings (before any daemon is started).
+    fn write_serve_config(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.state).with_context(|| format!("creating {}", self.state.display()))?;
+        self.serve.save(&self.serve_config)
+    }
+
     /// The arguments of the `lazypull mount --layer-digest` daemon serving `layer` at `dir`.
     fn daemon_command(&self, layer: &snapshotter::meta::RemoteLayer, dir: &std::path::Path) -> Vec<std::ffi::OsString> {
-        let mut a: Vec<std::ffi::OsString> = Vec::new();
-        let mut push = |k: &str, v: String| {
-            a.push(k.into());
-            a.push(v.into());
-        };
-        push("--layer-digest", layer.digest.clone());
-        push("--layer-size", layer.size.to_string());
-        push("--index-check", layer.index_check.clone());
-        push("--cache-size", self.cache_size.to_string());
-        push("--memory-cache", self.memory_cache_mib.to_string());
-        push("--threads", self.threads.to_string());
-        push("--fetch-timeout", self.fetch_timeout.to_string());
-        push("--background-delay", self.background_delay.to_string());
-        push("--parallel", self.parallel.to_string());
-        push("--readahead", self.readahead.to_string());
-        push("--prefetch-small-layers", self.small_layer_prefetch.to_string());
         let mut out: Vec<std::ffi::OsString> = vec!["mount".into(), layer.image_ref.clone().into(), dir.into()];
-        out.extend(a);
-        // Container rootfs layers: setuid binaries must work; the snapshotter's root is
-        // root-only (0700), so no other user reaches these mounts.
-        out.push("--allow-setuid".into());
-        out.push("--state-dir".into());
-        out.push(self.state.clone().into());
-        for (off, flag) in [(!self.background, "--no-background"), (!self.passthrough, "--no-passthrough"), (!self.prefetch, "--no-prefetch")] {
-            if off {
-                out.push(flag.into());
-            }
+        for (k, v) in [("--layer-digest", layer.digest.clone()), ("--layer-size", layer.size.to_string()), ("--index-check", layer.index_check.clone())] {
+            out.push(k.into());
+            out.push(v.into());
         }
+        out.push("--serve-config".into());
+        out.push(self.serve_config.clone().into());
         out.extend(self.registry.iter().cloned());
         out
     }
@@ -341,7 +327,9 @@ mod tests {
             }
         }
         let file: FileConfig = toml::from_str(toml).unwrap();
-        let (store_cfg, cfg, daemon) = settings(&file, Path::new("/r"), vec![]);
+        let tmp = tempfile::tempdir().unwrap();
+        let (store_cfg, cfg, daemon) = settings(&file, tmp.path(), vec![]);
+        daemon.write_serve_config().unwrap();
         assert_eq!((store_cfg.disk_limit, store_cfg.memory_limit), (123456789, 7 << 20));
         assert_eq!((cfg.fetch_timeout, cfg.background, cfg.prefetch, cfg.threads, cfg.small_layer_prefetch), (Duration::from_secs(11), false, false, 3, 999));
         assert_eq!((cfg.fs.passthrough, cfg.fetch.parallel, cfg.fetch.readahead), (false, 5, 4096));
@@ -349,7 +337,9 @@ mod tests {
         let mut argv = vec![std::ffi::OsString::from("lazypull")];
         argv.extend(daemon.daemon_command(&layer, Path::new("/r/snapshots/1/fs")));
         let crate::Cli { command: crate::Command::Mount(m) } = crate::Cli::try_parse_from(argv).unwrap() else { panic!("not a mount command") };
-        let s = &m.serve;
+        // The daemon takes its settings from the typed file the snapshotter wrote.
+        let s = &crate::mount::ServeArgs::load(m.serve_config.as_deref().expect("a serve config"), false).unwrap();
+        assert_eq!(s.state_dir, tmp.path().join("layers"));
         assert_eq!((s.cache_size, s.memory_cache, s.threads, s.fetch_timeout), (123456789, 7, 3, 11));
         assert_eq!((s.no_background, s.background_delay, s.no_prefetch, s.no_passthrough), (true, 2.5, true, true));
         assert_eq!((s.parallel, s.readahead, s.prefetch_small_layers, s.allow_setuid), (5, 4096, 999, true));

@@ -966,7 +966,9 @@ fn layer_daemons(state: &Path) -> Vec<i32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
         let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.iter().any(|a| a == "mount") && args.iter().any(|a| a == "--layer-digest") && args.iter().any(|a| a == state) {
+        // The snapshotter's daemons name their state through the serve config inside it.
+        let in_state = |a: &String| a == state || a.strip_prefix(state).is_some_and(|rest| rest.starts_with('/'));
+        if args.iter().any(|a| a == "mount") && args.iter().any(|a| a == "--layer-digest") && args.iter().any(in_state) {
             pids.push(pid);
         }
     }
