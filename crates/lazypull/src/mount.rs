@@ -625,49 +625,46 @@ fn read_record(state: &Path, mountpoint: &Path) -> Result<(PathBuf, Record)> {
 /// `lazypull umount MOUNTPOINT`.
 pub fn umount(mountpoint: &Path, state: &Path) -> Result<()> {
     let (dir, rec) = read_record(state, mountpoint)?;
-    // A FUSE mount whose daemon died answers ENOTCONN; with the recorded daemon dead, that
-    // dead mount at the recorded path is the one it left.
-    let dead_mount = |p: &Path| is_mountpoint(p) && std::fs::symlink_metadata(p).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
-    match rec.dev {
-        Some(dev) => {
-            if !lazyfs::detach_if(&rec.mountpoint, dev)? && !rec.daemon_alive() && dead_mount(&rec.mountpoint) {
-                lazyfs::detach(&rec.mountpoint)?;
-            }
-        }
-        // A record from before identities were kept.
-        None if is_mountpoint(&rec.mountpoint) => lazyfs::detach(&rec.mountpoint)?,
-        None => {}
-    }
-    if rec.daemon_alive() {
-        // SAFETY: plain signal delivery to the daemon we started (pid and start time checked).
-        unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGTERM) };
-        let t = Instant::now();
-        while rec.daemon_alive() && t.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if rec.daemon_alive() {
-            warn!(pid = rec.pid, "daemon did not exit; killing it");
-            // SAFETY: as above.
-            unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGKILL) };
-            let t = Instant::now();
-            while rec.daemon_alive() && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    } else {
-        // The daemon died without cleaning up: its record is stale.
-        let _ = std::fs::remove_file(dir.join("record.json"));
-        MountIndex::default().unregister(mountpoint, &dir);
-    }
-    // Layer mounts of an image's overlay: only while their daemon is gone (it detaches its
-    // own on the way out; what is left at those paths of a dead daemon is dead too).
-    for m in &rec.layer_mounts {
-        if is_mountpoint(m) && std::fs::read_dir(m).is_err() {
-            let _ = lazyfs::detach(m);
-        }
+    let stopped = node::stop_mount(&Host, &dir, &rec, &MountIndex::default(), node::StopDeadlines::default()).with_context(|| format!("unmounting {}", rec.mountpoint.display()))?;
+    if stopped.killed {
+        warn!(pid = rec.pid, "daemon did not exit on SIGTERM; killed it");
     }
     println!("unmounted {}", rec.mountpoint.display());
     Ok(())
+}
+
+/// The real privileged effects of stopping a mount (the logic is `node::stop_mount`).
+struct Host;
+
+impl node::Effects for Host {
+    fn is_mountpoint(&self, path: &Path) -> bool {
+        is_mountpoint(path)
+    }
+    fn is_dead_mount(&self, path: &Path) -> bool {
+        // A FUSE mount whose daemon died answers ENOTCONN.
+        is_mountpoint(path) && std::fs::symlink_metadata(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+    }
+    fn detach_if(&self, path: &Path, dev: u64) -> std::io::Result<bool> {
+        lazyfs::detach_if(path, dev).map_err(std::io::Error::other)
+    }
+    fn detach(&self, path: &Path) -> std::io::Result<()> {
+        lazyfs::detach(path).map_err(std::io::Error::other)
+    }
+    fn alive(&self, rec: &Record) -> bool {
+        rec.daemon_alive()
+    }
+    fn signal(&self, rec: &Record, signal: node::Signal) {
+        let sig = match signal {
+            node::Signal::Term => libc::SIGTERM,
+            node::Signal::Kill => libc::SIGKILL,
+        };
+        // SAFETY: plain signal delivery to the daemon we started (pid and start time were
+        // checked by `alive` just before).
+        unsafe { libc::kill(rec.pid as libc::pid_t, sig) };
+    }
+    fn sleep(&self, d: Duration) {
+        std::thread::sleep(d);
+    }
 }
 
 /// `lazypull status MOUNTPOINT`.

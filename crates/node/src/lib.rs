@@ -20,12 +20,14 @@
 //! ```
 
 pub mod daemon;
+pub mod effects;
 pub mod layout;
 pub mod record;
 pub mod refs;
 pub mod status;
 
 pub use daemon::{spawn_daemon, DaemonError};
+pub use effects::{stop_mount, Effects, Signal, StopDeadlines, Stopped};
 pub use layout::{MountIndex, StateDir};
 pub use record::{start_ticks, Record};
 pub use refs::{read_refs, write_refs, StoredItem};
