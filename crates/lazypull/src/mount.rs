@@ -624,13 +624,19 @@ fn read_record(state: &Path, mountpoint: &Path) -> Result<(PathBuf, Record)> {
 
 /// `lazypull umount MOUNTPOINT`.
 pub fn umount(mountpoint: &Path, state: &Path) -> Result<()> {
+    stop(mountpoint, state)?;
+    println!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+/// Stops the mount at `mountpoint` (found under `state` or through the node-wide index).
+pub fn stop(mountpoint: &Path, state: &Path) -> Result<node::Stopped> {
     let (dir, rec) = read_record(state, mountpoint)?;
     let stopped = node::stop_mount(&Host, &dir, &rec, &MountIndex::default(), node::StopDeadlines::default()).with_context(|| format!("unmounting {}", rec.mountpoint.display()))?;
     if stopped.killed {
         warn!(pid = rec.pid, "daemon did not exit on SIGTERM; killed it");
     }
-    println!("unmounted {}", rec.mountpoint.display());
-    Ok(())
+    Ok(stopped)
 }
 
 /// The real privileged effects of stopping a mount (the logic is `node::stop_mount`).

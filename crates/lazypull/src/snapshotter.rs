@@ -223,13 +223,18 @@ impl Remote for DaemonRemote {
             return Err(NotLazy::BadAnnotation { key: "image reference".into(), value: layer.image_ref.clone() });
         }
         let exe = std::env::current_exe().map_err(|e| NotLazy::MountFailed(format!("finding our executable: {e}")))?;
+        // Started as the daemon itself (`--foreground`, its own session), not through
+        // `lazypull mount`'s own daemonizing: one process start per layer instead of two.
         let mut cmd = std::process::Command::new(exe);
-        cmd.args(self.args.daemon_command(layer, dir));
-        let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| NotLazy::MountFailed(format!("starting the layer daemon: {e}")))?;
-        if !out.status.success() {
+        cmd.args(self.args.daemon_command(layer, dir)).arg("--foreground").env("LAZYPULL_DAEMON", "1");
+        if std::env::var_os("LAZYPULL_LOG").is_none() {
+            cmd.env("LAZYPULL_LOG", "info");
+        }
+        let mount_dir = node::StateDir::new(&self.args.state).mount_dir(dir);
+        std::fs::create_dir_all(&mount_dir).map_err(|e| NotLazy::MountFailed(format!("creating {}: {e}", mount_dir.display())))?;
+        if let Err(e) = node::spawn_daemon(cmd, &mount_dir.join("daemon.log"), |_| {}) {
             // The daemon's own words (it names the entry and field of a refused index).
-            let said = String::from_utf8_lossy(&out.stderr);
-            let said = said.trim().trim_start_matches("lazypull: error: ").to_string();
+            let said = e.to_string();
             // `… cannot be mounted lazily: index unusable: WHY (…)` → IndexUnusable(WHY (…)).
             return Err(match said.split_once("index unusable: ") {
                 Some((_, why)) => NotLazy::IndexUnusable(why.to_string()),
@@ -279,12 +284,8 @@ impl Remote for DaemonRemote {
     }
 
     fn unmount(&self, dir: &std::path::Path) {
-        let exe = match std::env::current_exe() {
-            Ok(e) => e,
-            Err(_) => return,
-        };
-        let res = std::process::Command::new(exe).arg("umount").arg(dir).arg("--state-dir").arg(&self.args.state).output();
-        if !res.as_ref().is_ok_and(|o| o.status.success()) && lazyfs::is_mountpoint(dir) {
+        // In process: the same decisions as `lazypull umount` (node::stop_mount).
+        if crate::mount::stop(dir, &self.args.state).is_err() && lazyfs::is_mountpoint(dir) {
             let _ = lazyfs::detach(dir);
         }
     }
