@@ -12,6 +12,7 @@ pub mod deps;
 pub mod error;
 pub mod fs;
 pub mod mount;
+pub mod serve;
 pub mod view;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use store::{BlobSourceAdapter, ChunkStore, FetchConfig, LayerFetcher, RangeSourc
 pub use error::{Error, Result};
 pub use fs::{FsOptions, FsStats, LayerFs};
 pub use mount::{carries, detach, detach_if, is_mountpoint, mount_layer, MountedLayer, Privileges};
+pub use serve::{LayerServer, ServeOptions};
 pub use view::LayerView;
 
 /// Layers of at most this many compressed bytes are fetched whole right after mount (see

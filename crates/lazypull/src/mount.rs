@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use estargz::Digest;
-use lazyfs::{is_mountpoint, FsOptions, LayerFs, MountedLayer};
+use lazyfs::{is_mountpoint, FsOptions, LayerServer, MountedLayer, ServeOptions};
 use store::{ChunkStore, FetchConfig, FileRangeSource, LayerFetcher, RangeSource, RegistryRangeSource, StoreConfig};
 use tracing::{info, warn};
 
@@ -208,11 +208,8 @@ struct ServedLayer {
     index: usize,
     digest: String,
     blob_bytes: u64,
-    fetcher: Option<Arc<LayerFetcher>>,
-    /// Where the mount-time prefetch ends (`lazyfs::prefetch_end`: the prioritized files, or
-    /// all of a small layer), if there is one.
-    prefetch_end: Option<u64>,
-    fs_stats: Option<Arc<lazyfs::FsStats>>,
+    /// The lazily served layer (`None`: extracted, see `fallback_reason`).
+    server: Option<LayerServer>,
     fallback_reason: Option<String>,
 }
 
@@ -221,7 +218,7 @@ impl ServedLayer {
         let mut s = LayerStatus {
             index: self.index,
             digest: self.digest.clone(),
-            lazy: self.fetcher.is_some(),
+            lazy: self.server.is_some(),
             fallback_reason: self.fallback_reason.clone(),
             blob_bytes: self.blob_bytes,
             fetched_bytes: 0,
@@ -241,7 +238,7 @@ impl ServedLayer {
             fetch_latency_buckets: Vec::new(),
             fetch_latency_sum_secs: 0.0,
         };
-        if let Some(f) = &self.fetcher {
+        if let Some(f) = self.server.as_ref().map(LayerServer::fetcher) {
             let st = &f.stats;
             s.fetched_bytes = st.fetched_bytes.load(Ordering::Relaxed);
             s.present_percent = (f.percent_present() * 100.0).round() / 100.0;
@@ -255,7 +252,7 @@ impl ServedLayer {
             s.fetch_latency_buckets = st.latency_buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
             s.fetch_latency_sum_secs = st.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         }
-        if let Some(fs) = &self.fs_stats {
+        if let Some(fs) = self.server.as_ref().map(LayerServer::fs_stats) {
             s.reads = fs.reads.load(Ordering::Relaxed);
             s.read_errors = fs.read_errors.load(Ordering::Relaxed);
             s.passthrough_opens = fs.passthrough_opens.load(Ordering::Relaxed);
@@ -272,7 +269,6 @@ struct Served {
     mountpoint: PathBuf,
     dir: PathBuf,
     layers: Vec<ServedLayer>,
-    mounts: Vec<MountedLayer>,
     /// Device number of our overlay at `mountpoint` (image mounts); its identity, so that only
     /// our own overlay is ever unmounted.
     overlay: Option<u64>,
@@ -280,7 +276,6 @@ struct Served {
     /// number cannot be handed to another mount while we live (which makes `overlay` an identity).
     _overlay_pin: Option<std::fs::File>,
     store: Arc<ChunkStore>,
-    stop: Arc<AtomicBool>,
     started: Instant,
 }
 
@@ -301,28 +296,33 @@ impl Served {
     /// mount is already in use: it fetches in first-open order, and a read of a file it has not
     /// reached yet joins the fetch in flight or fetches on demand, so waiting for it before
     /// reporting ready would only delay the container's start.
-    fn start_fill(&self, serve: &ServeArgs) {
-        let delay = Duration::from_secs_f64(serve.background_delay.max(0.0));
-        for l in &self.layers {
-            if let Some(f) = &l.fetcher {
-                f.spawn_fill(l.prefetch_end, !serve.no_background, delay, self.stop.clone()).expect("spawning a thread");
-            }
+    fn start_fill(&self) {
+        for s in self.servers() {
+            s.start_fill().expect("spawning a thread");
         }
+    }
+
+    /// The lazily served layers.
+    fn servers(&self) -> impl Iterator<Item = &LayerServer> {
+        self.layers.iter().filter_map(|l| l.server.as_ref())
+    }
+
+    /// The layer mounts still attached.
+    fn mounts(&self) -> impl Iterator<Item = &MountedLayer> {
+        self.servers().filter_map(LayerServer::mounted)
     }
 
     /// Unmounts everything and stops background work.
     fn shutdown(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
         if let Some(dev) = self.overlay {
             let _ = lazyfs::detach_if(&self.mountpoint, dev);
         }
-        for l in &self.layers {
-            if let Some(f) = &l.fetcher {
-                f.close();
-            }
+        // Every layer's waiting readers fail fast before any mount is waited for.
+        for s in self.servers() {
+            s.close();
         }
-        for m in self.mounts.drain(..) {
-            if let Err(e) = m.unmount() {
+        for s in self.layers.iter_mut().filter_map(|l| l.server.as_mut()) {
+            if let Err(e) = s.unmount() {
                 warn!(error = %e, "unmount");
             }
         }
@@ -355,45 +355,41 @@ fn write_refs(state: &Path, blob_digest: &str, fetcher: &LayerFetcher) -> Result
     node::write_refs(&StateDir::new(state), blob_digest, items).with_context(|| format!("recording the store references of {blob_digest}"))
 }
 
-/// Mounts one opened layer with FUSE at `at` (its prefetch starts with the fill, after the mount).
-fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index: usize, digest: &str, blob_bytes: u64) -> Result<(ServedLayer, MountedLayer)> {
-    let fetcher = opened.fetcher.clone();
-    let mut prefetch_end = None;
-    if serve.fetch_all {
-        fetcher.fetch_all()?;
-    } else if !serve.no_prefetch {
-        prefetch_end = lazyfs::prefetch_end(&opened.view, &fetcher, serve.prefetch_small_layers);
-    }
-    let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), FsOptions {
-        passthrough: !serve.no_passthrough,
-        ..FsOptions::default()
-    });
-    let fs_stats = fs.stats.clone();
-    std::fs::create_dir_all(at).with_context(|| format!("creating {}", at.display()))?;
-    let mounted = lazyfs::mount_layer(fs, at, &format!("lazypull:{digest}"), serve.threads, serve.privileges())?;
-    Ok((
-        ServedLayer {
-            index,
-            digest: digest.to_string(),
-            blob_bytes,
-            fetcher: Some(fetcher),
-            prefetch_end,
-            fs_stats: Some(fs_stats),
-            fallback_reason: None,
+/// Mounts one opened layer with FUSE at `at` (its prefetch starts with the fill, after every
+/// layer of the mount is mounted).
+fn serve_layer(opened: lazyfs::OpenedLayer, at: &Path, serve: &ServeArgs, index: usize, digest: &str, blob_bytes: u64) -> Result<ServedLayer> {
+    let options = ServeOptions {
+        fs: FsOptions {
+            passthrough: !serve.no_passthrough,
+            ..FsOptions::default()
         },
-        mounted,
-    ))
+        threads: serve.threads,
+        privileges: serve.privileges(),
+        prefetch: !serve.no_prefetch,
+        small_layer: serve.prefetch_small_layers,
+        fetch_all: serve.fetch_all,
+        background: !serve.no_background,
+        background_delay: Duration::from_secs_f64(serve.background_delay.max(0.0)),
+    };
+    let server = LayerServer::mount(opened, at, &format!("lazypull:{digest}"), options)?;
+    Ok(ServedLayer {
+        index,
+        digest: digest.to_string(),
+        blob_bytes,
+        server: Some(server),
+        fallback_reason: None,
+    })
 }
 
 /// Serves until unmounted or signalled.
-fn run_served(served: Served, serve: &ServeArgs, ready_line: String) -> Result<()> {
+fn run_served(served: Served, ready_line: String) -> Result<()> {
     let record = Record {
         pid: std::process::id(),
         mountpoint: served.mountpoint.clone(),
         source: served.source.clone(),
-        layer_mounts: served.mounts.iter().map(|m| m.mountpoint().to_path_buf()).filter(|p| *p != served.mountpoint).collect(),
+        layer_mounts: served.mounts().map(|m| m.mountpoint().to_path_buf()).filter(|p| *p != served.mountpoint).collect(),
         overlay: served.overlay.is_some(),
-        dev: served.overlay.or_else(|| served.mounts.iter().find(|m| m.mountpoint() == served.mountpoint).map(|m| m.dev())),
+        dev: served.overlay.or_else(|| served.mounts().find(|m| m.mountpoint() == served.mountpoint).map(|m| m.dev())),
         start_ticks: node::start_ticks(std::process::id()),
     };
     record.save(&served.dir).with_context(|| format!("writing the mount record in {}", served.dir.display()))?;
@@ -402,7 +398,7 @@ fn run_served(served: Served, serve: &ServeArgs, ready_line: String) -> Result<(
         warn!(error = %e, "cannot register the mount in the node-wide index");
     }
     served.write_status();
-    served.start_fill(serve);
+    served.start_fill();
     let term = Arc::new(AtomicBool::new(false));
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         signal_flag(sig, &term);
@@ -420,7 +416,7 @@ fn run_served(served: Served, serve: &ServeArgs, ready_line: String) -> Result<(
         // is still served. Only our own overlay counts: a newer mount at the same path is not
         // ours to watch or to take down.
         let overlay_gone = served.overlay.is_some_and(|dev| !lazyfs::carries(&served.mountpoint, dev));
-        if served.mounts.iter().any(|m| m.is_finished()) || overlay_gone {
+        if served.mounts().any(|m| m.is_finished()) || overlay_gone {
             info!("mount went away; shutting down");
             break;
         }
@@ -459,21 +455,19 @@ pub fn layer_mount(args: LayerMountArgs) -> Result<()> {
     let size = source.size();
     let opened = lazyfs::open_layer(source, expected.as_ref(), store.clone(), fetch_config(&args.serve))?;
     let name = args.blob.display().to_string();
-    let (layer, mounted) = serve_layer(opened, &args.mountpoint, &args.serve, 0, &name, size)?;
+    let layer = serve_layer(opened, &args.mountpoint, &args.serve, 0, &name, size)?;
     let served = Served {
         source: name.clone(),
         mountpoint: args.mountpoint.clone(),
         dir: mount_dir(&args.serve.state_dir, &args.mountpoint),
         layers: vec![layer],
-        mounts: vec![mounted],
         overlay: None,
         _overlay_pin: None,
         store,
-        stop: Arc::new(AtomicBool::new(false)),
         started: Instant::now(),
     };
     std::fs::create_dir_all(&served.dir)?;
-    run_served(served, &args.serve, format!("mounted {name} at {}", args.mountpoint.display()))
+    run_served(served, format!("mounted {name} at {}", args.mountpoint.display()))
 }
 
 /// `lazypull mount REF MOUNTPOINT`.
@@ -528,7 +522,6 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let single = indices.len() == 1;
     let mut layers = Vec::new();
-    let mut mounts = Vec::new();
     let mut lowers = Vec::new();
     for &i in &indices {
         let d = &manifest.layers[i];
@@ -555,10 +548,8 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
                 if let Err(e) = write_refs(&args.serve.state_dir, &d.digest, &opened.fetcher) {
                     warn!(layer = i, error = %e, "cannot record the layer's chunk references (cache GC will not see them)");
                 }
-                let (l, m) = serve_layer(opened, &at, &args.serve, i, &d.digest, d.size)?;
-                layers.push(l);
+                layers.push(serve_layer(opened, &at, &args.serve, i, &d.digest, d.size)?);
                 lowers.push(at);
-                mounts.push(m);
             }
             Err(reason) => {
                 if single {
@@ -570,9 +561,7 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
                     index: i,
                     digest: d.digest.clone(),
                     blob_bytes: d.size,
-                    fetcher: None,
-                    prefetch_end: None,
-                    fs_stats: None,
+                    server: None,
                     fallback_reason: Some(reason.to_string()),
                 });
                 lowers.push(at);
@@ -589,11 +578,9 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
         mountpoint: args.mountpoint.clone(),
         dir,
         layers,
-        mounts,
         overlay,
         _overlay_pin: overlay_pin,
         store,
-        stop: Arc::new(AtomicBool::new(false)),
         started,
     };
     let line = format!(
@@ -601,11 +588,11 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
         args.reference,
         indices.len(),
         if single { "" } else { "s" },
-        served.layers.iter().filter(|l| l.fetcher.is_some()).count(),
+        served.layers.iter().filter(|l| l.server.is_some()).count(),
         args.mountpoint.display(),
         started.elapsed().as_secs_f64()
     );
-    let res = run_served(served, &args.serve, line);
+    let res = run_served(served, line);
     drop(rt);
     res
 }

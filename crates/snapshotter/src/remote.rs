@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lazyfs::{FsOptions, LayerFs, MountedLayer};
+use lazyfs::{FsOptions, LayerServer, ServeOptions};
 use registry::manifest::{self, ManifestKind, Platform};
 use registry::{Client, Reference};
 use store::{ChunkStore, FetchConfig, LayerFetcher, RangeSource, RegistryRangeSource, TailCache};
@@ -64,12 +64,6 @@ impl Default for RemoteConfig {
     }
 }
 
-struct Mounted {
-    _mount: MountedLayer,
-    fetcher: Arc<LayerFetcher>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-}
-
 pub struct RegistryRemote {
     client: Client,
     runtime: tokio::runtime::Handle,
@@ -77,7 +71,7 @@ pub struct RegistryRemote {
     config: RemoteConfig,
     /// Image manifests by reference, shared with the TOC read-ahead tasks.
     manifests: Arc<Mutex<HashMap<String, Arc<registry::Manifest>>>>,
-    mounts: Mutex<HashMap<PathBuf, Mounted>>,
+    mounts: Mutex<HashMap<PathBuf, LayerServer>>,
     /// Footers and TOCs read ahead of their layers' mounts (see `store::tails`).
     tails: Option<TailCache>,
     /// Blobs whose TOC is being read ahead.
@@ -198,7 +192,7 @@ impl RegistryRemote {
 
     /// Per-layer counters of every mounted layer: (fs dir, fetcher).
     pub fn layers(&self) -> Vec<(PathBuf, Arc<LayerFetcher>)> {
-        self.mounts.lock().unwrap().iter().map(|(p, m)| (p.clone(), m.fetcher.clone())).collect()
+        self.mounts.lock().unwrap().iter().map(|(p, m)| (p.clone(), m.fetcher().clone())).collect()
     }
 }
 
@@ -229,20 +223,23 @@ impl Remote for RegistryRemote {
             None => lazyfs::open_layer(source, Some(&want), self.store.clone(), self.config.fetch.clone()),
         }
         .map_err(|e| NotLazy::IndexUnusable(e.to_string()))?;
-        let fetcher = opened.fetcher.clone();
-        let landmark = if self.config.prefetch { lazyfs::prefetch_end(&opened.view, &fetcher, self.config.small_layer_prefetch) } else { None };
-        let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), self.config.fs.clone());
-        let mount = lazyfs::mount_layer(fs, dir, &format!("lazypull:{}", layer.digest), self.config.threads, lazyfs::Privileges::Honour).map_err(|e| NotLazy::MountFailed(e.to_string()))?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        fetcher
-            .spawn_fill(landmark, self.config.background, self.config.background_delay, stop.clone())
-            .map_err(|e| NotLazy::MountFailed(format!("spawning the fill thread: {e}")))?;
-        let replaced = self.mounts.lock().unwrap().insert(dir.to_path_buf(), Mounted { _mount: mount, fetcher, stop });
+        let options = ServeOptions {
+            fs: self.config.fs.clone(),
+            threads: self.config.threads,
+            privileges: lazyfs::Privileges::Honour,
+            prefetch: self.config.prefetch,
+            small_layer: self.config.small_layer_prefetch,
+            fetch_all: false,
+            background: self.config.background,
+            background_delay: self.config.background_delay,
+        };
+        let server = LayerServer::mount(opened, dir, &format!("lazypull:{}", layer.digest), options).map_err(|e| NotLazy::MountFailed(e.to_string()))?;
+        server.start_fill().map_err(|e| NotLazy::MountFailed(format!("spawning the fill thread: {e}")))?;
+        let replaced = self.mounts.lock().unwrap().insert(dir.to_path_buf(), server);
         if let Some(old) = replaced {
             // A dead mount replaced by a new one: its session may take a while to end (its
             // superblock lives while a container still holds it); never wait for it here.
-            old.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-            old.fetcher.close();
+            old.close();
             std::thread::spawn(move || drop(old));
         }
         Ok(())
@@ -250,8 +247,7 @@ impl Remote for RegistryRemote {
 
     fn unmount(&self, dir: &Path) {
         if let Some(m) = self.mounts.lock().unwrap().remove(dir) {
-            m.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-            m.fetcher.close();
+            m.close();
             // Dropping the mount detaches it and joins its session.
         } else if lazyfs::is_mountpoint(dir) {
             let _ = lazyfs::detach(dir);
