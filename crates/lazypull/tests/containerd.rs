@@ -1483,3 +1483,60 @@ fn allocated_bytes(dir: &Path) -> u64 {
     }
     total
 }
+
+/// The snapshotter's in-process mode (`layer_daemons = false`) serves layers with the same
+/// `lazyfs::LayerServer` as the daemons: every layer a remote snapshot, the container's rootfs
+/// identical to overlayfs of the same image, and removal unmounts.
+#[test]
+fn in_process_mode_serves_layers_like_the_daemons() {
+    let mut missing = missing_prerequisites().map(|m| vec![m]).unwrap_or_default();
+    if !Path::new("/dev/fuse").exists() {
+        missing.push("/dev/fuse".into());
+    }
+    if !missing.is_empty() {
+        assert!(!interop_required(), "LAZYPULL_INTEROP=required but missing: {missing:?}");
+        eprintln!("skipping the in-process test: missing {missing:?}");
+        return;
+    }
+    let img = build_image(&pseudo_random(BIG_SIZE, 0x2545_f491_4f6c_dd1d));
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(layout.path(), &img);
+    let reg = TestRegistry::start(Auth::None);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = Client::new(RegistryConfig::default(), Credentials::anonymous()).unwrap();
+    let reference = |tag: &str| format!("{}/inproc:{tag}", reg.host);
+    let store = |tag: &str| Store::Registry { client: client.clone(), reference: Reference::parse(&reference(tag)).unwrap() };
+    rt.block_on(async {
+        let from_layout = Store::Layout { dir: layout.path().to_path_buf(), tag: "v1".into() };
+        convert_image(&from_layout, &store("esgz"), &ConvertOptions { chunk_size: 1 << 20, ..Default::default() }, Arc::new(|_| {})).await.unwrap();
+    });
+    let snap_root = tempfile::Builder::new().prefix("lazypull-inproc-").tempdir().unwrap();
+    let run_dir = PathBuf::from(format!("/run/lazypull-inproc-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let sock = run_dir.join("s.sock");
+    let config = snap_root.path().join("config.toml");
+    std::fs::write(&config, "layer_daemons = false\nmetrics_address = \"127.0.0.1:0\"\n").unwrap();
+    let snap_state = snap_root.path().join("root");
+    let snap = SnapshotterDaemon::start(&snap_state, &sock, &config, SocketMode::Bound);
+    let ctd = Containerd::start_with(&format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+
+    let image = reference("esgz");
+    ctd.ctr_ok(&["image", "pull", "--plain-http", &image], Duration::from_secs(60));
+    let want = ctd.run_report("overlayfs", &image, &format!("lp-inproc-ref-{}", std::process::id()), Duration::from_secs(60));
+    ctd.ctr_ok(&["image", "rm", "--sync", &image], Duration::from_secs(30));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+    cmd.args(["rpull", "--address", &ctd.sock, "--namespace", &namespace(), &image]);
+    let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root.path());
+    assert!(ok && out.contains("2 of 2 layers remote"), "rpull: {out}\n{err}\nsnapshotter log:\n{}", snap.log());
+    let got = ctd.run_report("lazypull", &image, &format!("lp-inproc-{}", std::process::id()), Duration::from_secs(120));
+    // The eStargz bookkeeping files are in the overlayfs extraction, not in a lazy mount.
+    let (_, want): (Vec<String>, Vec<String>) = want.listing.iter().cloned().partition(|l| ESTARGZ_METADATA.contains(&path_of(l)));
+    assert!(got.listing == want, "in-process mode differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want, &got.listing));
+    assert!(layer_daemons(&snap_state.join("layers")).is_empty(), "in-process mode started layer daemons");
+    assert!(snap.fuse_mounts() >= 2, "layers not mounted in process");
+    ctd.ctr_ok(&["image", "rm", "--sync", &image], Duration::from_secs(60));
+    let left = ctd.ctr_ok(&["snapshot", "--snapshotter", "lazypull", "ls"], Duration::from_secs(30));
+    assert_eq!(left.lines().count(), 1, "snapshots left after removal: {left}");
+    assert_eq!(snap.fuse_mounts(), 0, "in-process layers still mounted after image removal");
+    eprintln!("in-process mode: every layer remote, rootfs identical to overlayfs, removed cleanly");
+}
