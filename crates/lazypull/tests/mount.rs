@@ -653,6 +653,32 @@ fn registry_image_identity_laziness_integrity_concurrency() {
         assert!(u["layers"].as_array().unwrap().iter().all(|l| l["bytes"] == 0), "{u}");
     }
 
+    // --- zstd:chunked (`image convert --zstdchunked`) mounts lazily too, with the same tree;
+    // `image inspect` and the mount agree on every layer.
+    {
+        let zstd_ref = format!("{host}/lazy/test:zstd");
+        lazypull(&["image", "convert", &format!("oci:{}:v1", layout.display()), &zstd_ref, "--zstdchunked", "--level", "1"]);
+        let inspect = lazypull(&["image", "inspect", &zstd_ref]);
+        assert!(inspect.contains("2 lazily pullable") && inspect.contains("zstd:chunked"), "{inspect}");
+        let m = Mounted::image(&zstd_ref, &t.join("zstd-mnt"), &t.join("zstd-state"), &["--no-background", "--no-prefetch"]);
+        let name = "data/small/s007.txt";
+        let content = &data_files.iter().find(|f| f.0 == name).unwrap().1;
+        assert_eq!(&std::fs::read(m.mountpoint.join(name)).unwrap(), content);
+        let st = m.fresh_status();
+        let layers = st["layers"].as_array().unwrap();
+        assert!(layers.iter().all(|l| l["lazy"] == true), "{st}");
+        let fetched: u64 = layers.iter().map(|l| l["fetched_bytes"].as_u64().unwrap()).sum();
+        let total: u64 = layers.iter().map(|l| l["blob_bytes"].as_u64().unwrap()).sum();
+        let pct = fetched as f64 * 100.0 / total as f64;
+        eprintln!("zstd:chunked mount: reading one small file fetched {fetched} of {total} bytes ({pct:.2}%)");
+        assert!(pct < 5.0, "zstd:chunked mount fetched {pct:.2}% for one small file");
+        let mut got = snapshot(&m.mountpoint);
+        for d in IMPLICIT {
+            assert!(got.remove(d).is_some_and(|l| l.starts_with("dir ")), "{d} missing in the zstd:chunked mount");
+        }
+        assert_same("zstd:chunked registry image under overlayfs", &want, &got);
+    }
+
     // --- Integrity: one flipped byte in a chunk → EIO naming the chunk, then a clean refetch.
     {
         let m = Mounted::image(&reference, &t.join("bad-mnt"), &t.join("bad-state"), &["--layer", "1", "--no-background", "--no-passthrough"]);
