@@ -1362,6 +1362,21 @@ fn lazypull_snapshotter_runs_containers_lazily_and_falls_back() {
     let _ = std::fs::remove_dir_all(&run_dir);
 }
 
+/// Whether the lazy-snapshotter tests can run here (containerd, runc, the registry, busybox,
+/// /dev/fuse); panics if they must (`LAZYPULL_INTEROP=required`) and cannot.
+fn can_serve_lazily(what: &str) -> bool {
+    let mut missing = missing_prerequisites().map(|m| vec![m]).unwrap_or_default();
+    if !Path::new("/dev/fuse").exists() {
+        missing.push("/dev/fuse".into());
+    }
+    if !missing.is_empty() {
+        assert!(!interop_required(), "LAZYPULL_INTEROP=required but missing: {missing:?}");
+        eprintln!("skipping {what}: missing {missing:?}");
+        return false;
+    }
+    true
+}
+
 /// Issue 17's cache bound, in the default per-layer-daemon mode: with `cache_size` at a quarter
 /// of two images' data, a container reads every file of one image, then of the other; the
 /// chunk store of all layer daemons together (sampled every 100 ms, allocated blocks) stays
@@ -1373,13 +1388,7 @@ fn the_cache_bound_holds_across_layer_daemons() {
     const CACHE: u64 = 48 << 20;
     const FILES: usize = 48;
     const FILE_SIZE: usize = 2 << 20;
-    let mut missing = missing_prerequisites().map(|m| vec![m]).unwrap_or_default();
-    if !Path::new("/dev/fuse").exists() {
-        missing.push("/dev/fuse".into());
-    }
-    if !missing.is_empty() {
-        assert!(!interop_required(), "LAZYPULL_INTEROP=required but missing: {missing:?}");
-        eprintln!("skipping the cache-bound test: missing {missing:?}");
+    if !can_serve_lazily("the cache-bound test") {
         return;
     }
     let reg = TestRegistry::start(Auth::None);
@@ -1489,13 +1498,7 @@ fn allocated_bytes(dir: &Path) -> u64 {
 /// identical to overlayfs of the same image, and removal unmounts.
 #[test]
 fn in_process_mode_serves_layers_like_the_daemons() {
-    let mut missing = missing_prerequisites().map(|m| vec![m]).unwrap_or_default();
-    if !Path::new("/dev/fuse").exists() {
-        missing.push("/dev/fuse".into());
-    }
-    if !missing.is_empty() {
-        assert!(!interop_required(), "LAZYPULL_INTEROP=required but missing: {missing:?}");
-        eprintln!("skipping the in-process test: missing {missing:?}");
+    if !can_serve_lazily("the in-process test") {
         return;
     }
     let img = build_image(&pseudo_random(BIG_SIZE, 0x2545_f491_4f6c_dd1d));

@@ -72,7 +72,8 @@ impl ChunkRef {
         (self.offset, self.inner_offset, self.size, self.digest)
     }
 
-    fn of_chunk(c: &Chunk, slot: Option<crate::chunks::FileSlot>) -> ChunkRef {
+    /// The reference of the model's chunk `c`, stored in file object `slot` if it has one.
+    pub fn of_chunk(c: &Chunk, slot: Option<crate::chunks::FileSlot>) -> ChunkRef {
         ChunkRef {
             digest: c.verify.content_digest(),
             offset: c.offset,

@@ -126,15 +126,7 @@ fn of_file(n: &estargz::Node) -> Vec<ChunkRef> {
     chunks
         .iter()
         .zip(&n.chunks)
-        .map(|(c, tc)| ChunkRef {
-            digest: c.verify.content_digest(),
-            offset: c.offset,
-            next_offset: c.end,
-            inner_offset: c.inner_offset,
-            size: c.size,
-            codec: c.codec,
-            slot: key.map(|file| store::FileSlot { file, file_size: n.size, offset: tc.chunk_offset }),
-        })
+        .map(|(c, tc)| ChunkRef::of_chunk(c, key.map(|file| store::FileSlot { file, file_size: n.size, offset: tc.chunk_offset })))
         .collect()
 }
 
