@@ -58,9 +58,9 @@ lp_stop() {
     rm -f "$work/snapshotter.pid"
   fi
   # Layer daemons outlive the snapshotter by design; a wipe stops them too.
-  pkill -f "lazypull mount .*--state-dir $LP_ROOT" 2>/dev/null || true
+  pkill -f "lazypull mount .*(--state-dir|--serve-config) $LP_ROOT" 2>/dev/null || true
   # ... and wait for them: one still writing its cache would make the wipe that follows fail.
-  for _ in $(seq 1 100); do pgrep -f "lazypull mount .*--state-dir $LP_ROOT" >/dev/null || break; sleep 0.05; done
+  for _ in $(seq 1 100); do pgrep -f "lazypull mount .*(--state-dir|--serve-config) $LP_ROOT" >/dev/null || break; sleep 0.05; done
   awk -v r="$LP_ROOT" '$2 ~ "^"r {print $2}' /proc/self/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
 }
 lp_start() {

@@ -178,8 +178,8 @@ fn daemonize(serve: &ServeArgs, mountpoint: &Path) -> Result<()> {
     if std::env::var_os("LAZYPULL_LOG").is_none() {
         cmd.env("LAZYPULL_LOG", "info");
     }
-    let ready = node::spawn_daemon(cmd, &log_path, |line| println!("{line}"))?;
-    println!("{ready}");
+    let started = node::spawn_daemon(cmd, &log_path, |line| println!("{line}"))?;
+    println!("{}", started.ready);
     Ok(())
 }
 

@@ -35,9 +35,17 @@ pub enum DaemonError {
     Exited { status: String, log: PathBuf, tail: String },
 }
 
+/// A daemon that reported ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    /// The rest of its `READY` line.
+    pub ready: String,
+    pub pid: u32,
+}
+
 /// Starts `cmd` as a daemon logging (stderr) to `log_path`, passes each line it prints before
-/// `READY ` to `on_line`, and returns the rest of the `READY` line.
-pub fn spawn_daemon(mut cmd: Command, log_path: &Path, mut on_line: impl FnMut(&str)) -> Result<String, DaemonError> {
+/// `READY ` to `on_line`, and returns once it is ready. The daemon is reaped when it exits.
+pub fn spawn_daemon(mut cmd: Command, log_path: &Path, mut on_line: impl FnMut(&str)) -> Result<Started, DaemonError> {
     let io = |what, source| DaemonError::Io { what, path: log_path.to_path_buf(), source };
     if std::fs::metadata(log_path).is_ok_and(|m| m.len() > LOG_ROTATE_BYTES) {
         let _ = std::fs::rename(log_path, log_path.with_extension("log.1"));
@@ -60,7 +68,12 @@ pub fn spawn_daemon(mut cmd: Command, log_path: &Path, mut on_line: impl FnMut(&
     for line in BufReader::new(out).lines() {
         let line = line.map_err(|e| io("reading the daemon's output for", e))?;
         if let Some(rest) = line.strip_prefix("READY ") {
-            return Ok(rest.to_string());
+            // The daemon is our child until it exits: reap it then, or a long-lived starter
+            // (the snapshotter) keeps a zombie that still answers kill(pid, 0) — and every
+            // stop would wait out the SIGTERM and SIGKILL deadlines for a process long gone.
+            let pid = child.id();
+            std::thread::Builder::new().name(format!("reap-{pid}")).spawn(move || drop(child.wait())).map_err(DaemonError::Spawn)?;
+            return Ok(Started { ready: rest.to_string(), pid });
         }
         on_line(&line);
     }
@@ -90,8 +103,20 @@ mod tests {
     fn the_ready_line_is_returned_and_earlier_lines_passed_on() {
         let tmp = tempfile::tempdir().unwrap();
         let mut seen = Vec::new();
-        let ready = spawn_daemon(sh("echo hello; echo 'READY mounted at /x'; sleep 0"), &tmp.path().join("d.log"), |l| seen.push(l.to_string())).unwrap();
-        assert_eq!((ready.as_str(), seen), ("mounted at /x", vec!["hello".to_string()]));
+        let started = spawn_daemon(sh("echo hello; echo 'READY mounted at /x'; sleep 0"), &tmp.path().join("d.log"), |l| seen.push(l.to_string())).unwrap();
+        assert_eq!((started.ready.as_str(), seen), ("mounted at /x", vec!["hello".to_string()]));
+    }
+
+    #[test]
+    fn an_exited_daemon_is_reaped_not_left_a_zombie() {
+        let tmp = tempfile::tempdir().unwrap();
+        let started = spawn_daemon(sh("echo 'READY up'; exec sleep 0.2"), &tmp.path().join("d.log"), |_| {}).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // A zombie keeps its /proc entry (and answers kill(pid, 0)) until reaped.
+        while Path::new(&format!("/proc/{}", started.pid)).exists() {
+            assert!(std::time::Instant::now() < deadline, "daemon {} not reaped after it exited", started.pid);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]

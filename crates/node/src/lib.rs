@@ -26,7 +26,7 @@ pub mod record;
 pub mod refs;
 pub mod status;
 
-pub use daemon::{spawn_daemon, DaemonError};
+pub use daemon::{spawn_daemon, DaemonError, Started};
 pub use effects::{stop_mount, Effects, Signal, StopDeadlines, Stopped};
 pub use layout::{MountIndex, StateDir};
 pub use record::{start_ticks, Record};
