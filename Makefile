@@ -34,6 +34,7 @@ bench:
 	scripts/bench.sh
 	scripts/bench-fs.sh
 	scripts/bench-coldstart.sh
+	scripts/bench-start.sh
 
 # Bounded fuzzing of footer+TOC parsing and tar conversion (FUZZ_SECONDS per target).
 FUZZ_SECONDS ?= 120
