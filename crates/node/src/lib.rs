@@ -21,6 +21,7 @@
 
 pub mod daemon;
 pub mod effects;
+mod files;
 pub mod layout;
 pub mod record;
 pub mod refs;

@@ -44,16 +44,13 @@ impl Record {
 
     /// Reads `DIR/record.json`.
     pub fn load(mount_dir: &Path) -> std::io::Result<Record> {
-        let bytes = std::fs::read(mount_dir.join("record.json"))?;
-        serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        crate::files::read_json(&mount_dir.join("record.json"))
     }
 
     /// Writes `DIR/record.json` atomically: `status`, `umount` and an old daemon on its way out
     /// read it concurrently.
     pub fn save(&self, mount_dir: &Path) -> std::io::Result<()> {
-        let tmp = mount_dir.join(format!("record.json.{}", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&tmp, mount_dir.join("record.json"))
+        crate::files::write_json(&mount_dir.join("record.json"), self)
     }
 
     /// Whether `DIR/record.json` names this process (not a newer daemon at the same path).

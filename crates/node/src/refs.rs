@@ -52,9 +52,7 @@ pub fn write_refs(state: &StateDir, blob_digest: &str, items: impl IntoIterator<
     lines.sort();
     lines.dedup();
     std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")))?;
-    let tmp = p.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, lines.join("\n") + "\n")?;
-    std::fs::rename(&tmp, &p)
+    crate::files::write_atomic(&p, (lines.join("\n") + "\n").as_bytes())
 }
 
 #[cfg(test)]

@@ -56,14 +56,11 @@ pub struct MountStatus {
 impl MountStatus {
     /// Reads `DIR/status.json`.
     pub fn load(mount_dir: &Path) -> std::io::Result<MountStatus> {
-        let bytes = std::fs::read(mount_dir.join("status.json"))?;
-        serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        crate::files::read_json(&mount_dir.join("status.json"))
     }
 
     /// Writes `DIR/status.json` atomically (readers never see half a file).
     pub fn save(&self, mount_dir: &Path) -> std::io::Result<()> {
-        let tmp = mount_dir.join("status.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&tmp, mount_dir.join("status.json"))
+        crate::files::write_json(&mount_dir.join("status.json"), self)
     }
 }
