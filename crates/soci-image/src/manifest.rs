@@ -1,0 +1,190 @@
+//! SOCI index manifests: the OCI documents that tie zTOCs to an image's layers.
+//!
+//! A SOCI index is an OCI image manifest whose config is the empty `{}` blob typed
+//! `application/vnd.amazon.soci.index.v{1,2}+json` and whose layers are the zTOC blobs, each
+//! annotated with the image layer it indexes. Version 1 points at the image with `subject` and
+//! is found through the referrers API (or its fallback tag); version 2 has no subject and is
+//! found the other way round: the image manifest carries `com.amazon.soci.index-digest` and
+//! the image index lists both, the SOCI index descriptor annotated with
+//! `com.amazon.soci.image-manifest-digest`. The layout of every document (key order included)
+//! follows what the SOCI project writes, so the same zTOCs give the same digests.
+
+use std::collections::BTreeMap;
+
+use registry::manifest::{Descriptor, Manifest, OCI_MANIFEST};
+use sha2::{Digest as _, Sha256};
+
+pub const INDEX_V1_TYPE: &str = "application/vnd.amazon.soci.index.v1+json";
+pub const INDEX_V2_TYPE: &str = "application/vnd.amazon.soci.index.v2+json";
+pub const ZTOC_MEDIA_TYPE: &str = "application/octet-stream";
+pub const LAYER_DIGEST: &str = "com.amazon.soci.image-layer-digest";
+pub const LAYER_MEDIA_TYPE: &str = "com.amazon.soci.image-layer-mediaType";
+pub const SPAN_SIZE: &str = "com.amazon.soci.span-size";
+pub const BUILD_TOOL: &str = "com.amazon.soci.build-tool-identifier";
+pub const INDEX_DIGEST: &str = "com.amazon.soci.index-digest";
+pub const IMAGE_MANIFEST_DIGEST: &str = "com.amazon.soci.image-manifest-digest";
+/// The config blob of every SOCI index.
+pub const EMPTY_CONFIG: &[u8] = b"{}";
+
+/// Which SOCI index format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexVersion {
+    V1,
+    V2,
+}
+
+impl IndexVersion {
+    pub fn artifact_type(self) -> &'static str {
+        match self {
+            IndexVersion::V1 => INDEX_V1_TYPE,
+            IndexVersion::V2 => INDEX_V2_TYPE,
+        }
+    }
+}
+
+/// One indexed layer: the image layer and the zTOC blob for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerZtoc {
+    pub layer_digest: String,
+    pub layer_media_type: String,
+    pub ztoc_digest: String,
+    pub ztoc_size: u64,
+    pub span_size: u64,
+}
+
+/// A SOCI index, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SociIndex {
+    pub version: IndexVersion,
+    pub ztocs: Vec<LayerZtoc>,
+    pub subject: Option<Descriptor>,
+    pub build_tool: Option<String>,
+}
+
+/// A document that is not a usable SOCI index.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("SOCI index {digest}: {reason}")]
+pub struct BadIndex {
+    pub digest: String,
+    pub reason: String,
+}
+
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+impl SociIndex {
+    /// The index manifest document.
+    pub fn to_manifest(&self) -> Manifest {
+        let mut config = Descriptor::new(self.version.artifact_type(), sha256_digest(EMPTY_CONFIG), EMPTY_CONFIG.len() as u64);
+        config.annotations.clear();
+        let layers = self
+            .ztocs
+            .iter()
+            .map(|z| {
+                let mut d = Descriptor::new(ZTOC_MEDIA_TYPE, z.ztoc_digest.clone(), z.ztoc_size);
+                d.annotations = BTreeMap::from([
+                    (LAYER_DIGEST.to_owned(), z.layer_digest.clone()),
+                    (LAYER_MEDIA_TYPE.to_owned(), z.layer_media_type.clone()),
+                    (SPAN_SIZE.to_owned(), z.span_size.to_string()),
+                ]);
+                d
+            })
+            .collect();
+        let mut annotations = BTreeMap::new();
+        if let Some(tool) = &self.build_tool {
+            annotations.insert(BUILD_TOOL.to_owned(), tool.clone());
+        }
+        Manifest {
+            schema_version: 2,
+            media_type: Some(OCI_MANIFEST.to_owned()),
+            artifact_type: None,
+            config,
+            layers,
+            subject: self.subject.clone(),
+            annotations,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// The index manifest's bytes, as stored and hashed.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.to_manifest()).expect("a manifest serialises")
+    }
+
+    /// The descriptor other documents use to point at this index (`bytes` = [`Self::to_bytes`]).
+    /// A v2 index's descriptor names the image manifest it belongs to.
+    pub fn descriptor(&self, bytes: &[u8], image_manifest: Option<&str>) -> Descriptor {
+        let mut d = Descriptor::new(OCI_MANIFEST, sha256_digest(bytes), bytes.len() as u64);
+        d.artifact_type = Some(self.version.artifact_type().to_owned());
+        if let (IndexVersion::V2, Some(m)) = (self.version, image_manifest) {
+            d.annotations.insert(IMAGE_MANIFEST_DIGEST.to_owned(), m.to_owned());
+        }
+        d
+    }
+
+    /// Reads a SOCI index manifest; `digest` names it in errors.
+    pub fn parse(bytes: &[u8], digest: &str) -> Result<SociIndex, BadIndex> {
+        let bad = |reason: String| BadIndex { digest: digest.to_owned(), reason };
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(format!("not an OCI manifest: {e}")))?;
+        let kind = m.artifact_type.as_deref().unwrap_or(&m.config.media_type);
+        let version = match kind {
+            INDEX_V1_TYPE => IndexVersion::V1,
+            INDEX_V2_TYPE => IndexVersion::V2,
+            other => return Err(bad(format!("artifact type {other:?} is not a SOCI index"))),
+        };
+        let mut ztocs = Vec::new();
+        for (i, l) in m.layers.iter().enumerate() {
+            let get = |key: &str| l.annotations.get(key).cloned().ok_or_else(|| bad(format!("zTOC {i} ({}) has no {key}", l.digest)));
+            let span_size = get(SPAN_SIZE)?.parse().map_err(|_| bad(format!("zTOC {i} ({}) has a bad {SPAN_SIZE}", l.digest)))?;
+            ztocs.push(LayerZtoc {
+                layer_digest: get(LAYER_DIGEST)?,
+                layer_media_type: get(LAYER_MEDIA_TYPE)?,
+                ztoc_digest: l.digest.clone(),
+                ztoc_size: l.size,
+                span_size,
+            });
+        }
+        Ok(SociIndex { version, ztocs, subject: m.subject, build_tool: m.annotations.get(BUILD_TOOL).cloned() })
+    }
+
+    /// The zTOC for an image layer, if this index has one.
+    pub fn ztoc_for(&self, layer_digest: &str) -> Option<&LayerZtoc> {
+        self.ztocs.iter().find(|z| z.layer_digest == layer_digest)
+    }
+}
+
+/// A v2 image manifest: the original with `com.amazon.soci.index-digest` added.
+pub fn annotate_manifest(original: &Manifest, index_digest: &str) -> Manifest {
+    let mut m = original.clone();
+    m.annotations.insert(INDEX_DIGEST.to_owned(), index_digest.to_owned());
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_rejects_other_artifacts_and_missing_annotations() {
+        let idx = SociIndex {
+            version: IndexVersion::V1,
+            ztocs: vec![LayerZtoc {
+                layer_digest: "sha256:aa".into(),
+                layer_media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                ztoc_digest: "sha256:bb".into(),
+                ztoc_size: 3,
+                span_size: 4 << 20,
+            }],
+            subject: None,
+            build_tool: Some("t".into()),
+        };
+        let bytes = idx.to_bytes();
+        assert_eq!(SociIndex::parse(&bytes, "x").unwrap(), idx);
+        let other = String::from_utf8(bytes.clone()).unwrap().replace(INDEX_V1_TYPE, "application/vnd.example+json");
+        assert!(SociIndex::parse(other.as_bytes(), "x").unwrap_err().reason.contains("not a SOCI index"));
+        let missing = String::from_utf8(bytes).unwrap().replace(SPAN_SIZE, "x");
+        let err = SociIndex::parse(missing.as_bytes(), "sha256:cc").unwrap_err();
+        assert!(err.to_string().contains("sha256:cc") && err.reason.contains(SPAN_SIZE), "{err}");
+    }
+}
