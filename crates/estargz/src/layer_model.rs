@@ -32,15 +32,23 @@ pub const HIDDEN_ROOT_NAMES: [&str; 3] = [PREFETCH_LANDMARK, NO_PREFETCH_LANDMAR
 /// The layer model of a blob whose TOC built `tree` and whose members use `compression`.
 pub fn layer_index(tree: &Tree, compression: Compression) -> Result<LayerIndex, IndexError> {
     let codec = compression.codec();
-    let table_chunk = |c: &crate::tree::Chunk| Chunk {
+    layer_index_with(tree, |c| Chunk {
         offset: c.offset,
         end: c.next_offset,
         codec,
         inner_offset: c.inner_offset,
         size: c.size,
         verify: c.digest.map_or(Verify::Unverifiable, Verify::Uncompressed),
-    };
-    let mut chunks: Vec<Chunk> = tree.nodes.iter().flat_map(|n| n.chunks.iter().map(table_chunk)).collect();
+        resume: None,
+    })
+}
+
+/// The layer model of a tree whose file chunks `table_chunk` turns into table chunks: the tar
+/// semantics (whiteouts, opaque directories, hardlinks, implicit parents) are the same for
+/// every tar-based format, only where a chunk's bytes are and how they verify differ (SOCI
+/// builds its tree from a zTOC and maps chunks onto gzip spans).
+pub fn layer_index_with(tree: &Tree, table_chunk: impl Fn(&crate::tree::Chunk) -> Chunk) -> Result<LayerIndex, IndexError> {
+    let mut chunks: Vec<Chunk> = tree.nodes.iter().flat_map(|n| n.chunks.iter().map(&table_chunk)).collect();
     chunks.sort_by_key(Chunk::key);
     chunks.dedup_by_key(|c| c.key());
     let id_of = |c: &Chunk| chunks.binary_search_by_key(&c.key(), Chunk::key).expect("every chunk is in the table");

@@ -27,6 +27,9 @@ pub enum Codec {
     ZstdFrames,
     /// Stored as is (an uncompressed tar layer).
     Uncompressed,
+    /// A slice of one unmodified gzip stream, resumed at a zran checkpoint (SOCI): decoding
+    /// needs the chunk's [`crate::zran::Resume`] ([`decode_resumed`]).
+    GzipResume,
 }
 
 impl Codec {
@@ -35,6 +38,7 @@ impl Codec {
             Codec::GzipMembers => "gzip",
             Codec::ZstdFrames => "zstd",
             Codec::Uncompressed => "none",
+            Codec::GzipResume => "gzip-checkpoint",
         }
     }
 }
@@ -71,6 +75,7 @@ pub fn decode(codec: Codec, compressed: &[u8], skip: u64, len: usize) -> Result<
             Err(e) => Err(e),
         },
         Codec::Uncompressed => unreachable!("handled above"),
+        Codec::GzipResume => return Err(err("a checkpoint is needed to decode (decode_resumed)".into())),
     };
     let skipped = res.map_err(|e| err(e.to_string()))?;
     if skipped < skip || filled < len {
@@ -168,4 +173,13 @@ mod tests {
         assert_eq!(decode(Codec::GzipMembers, &out, 0, 1).unwrap(), [0]);
         assert_eq!(gzip_whole_member(&out, 0, 1), None);
     }
+}
+
+/// Decodes bytes `skip..skip + len` of a gzip stream resumed at `resume`; `compressed` starts at
+/// the checkpoint's fetch offset. Stops inflating as soon as `len` bytes are out.
+pub fn decode_resumed(resume: &crate::zran::Resume, compressed: &[u8], skip: u64, len: usize) -> Result<Vec<u8>, DecodeError> {
+    let mut out = vec![0u8; len];
+    crate::zran::resume_inflate(resume, compressed, skip, &mut out)
+        .map_err(|e| DecodeError { codec: Codec::GzipResume.name(), reason: e.to_string() })?;
+    Ok(out)
 }

@@ -14,8 +14,9 @@ pub mod limits;
 pub mod model;
 pub mod names;
 pub mod source;
+pub mod zran;
 
-pub use codec::{decode, Codec, DecodeError};
+pub use codec::{decode, decode_resumed, Codec, DecodeError};
 pub use digest::{Digest, Hasher, InvalidDigest};
 pub use model::{Chunk, ChunkBoundsError, ChunkId, Extent, Inode, IndexError, LayerIndex, NodeKind, Prefetch, Verify};
 pub use source::BlobSource;

@@ -68,6 +68,10 @@ pub enum Verify {
     /// Nothing to verify against (legacy stargz without chunk digests): such chunks are refused
     /// when read, never served unverified.
     Unverifiable,
+    /// sha256 of the chunk's *compressed* range (SOCI's span digest: a zTOC has no digest of
+    /// uncompressed bytes). The range is checked before it is decoded; the decoded bytes are then
+    /// trusted as far as the index's checkpoint is.
+    Compressed(Digest),
 }
 
 impl Verify {
@@ -75,7 +79,7 @@ impl Verify {
     pub fn content_digest(&self) -> Option<Digest> {
         match self {
             Verify::Uncompressed(d) => Some(*d),
-            Verify::Unverifiable => None,
+            Verify::Unverifiable | Verify::Compressed(_) => None,
         }
     }
 }
@@ -93,6 +97,8 @@ pub struct Chunk {
     /// Uncompressed length.
     pub size: u64,
     pub verify: Verify,
+    /// Where a [`Codec::GzipResume`] chunk's stream resumes (shared by every chunk of a span).
+    pub resume: Option<std::sync::Arc<crate::zran::Resume>>,
 }
 
 /// A chunk whose numbers a decoder must not allocate from.
@@ -121,6 +127,12 @@ impl Chunk {
         }
         if self.size > MAX_CHUNK_SIZE {
             return bad(format!("size {} exceeds the {MAX_CHUNK_SIZE}-byte chunk limit", self.size));
+        }
+        match (&self.resume, self.codec == Codec::GzipResume) {
+            (None, false) => {}
+            (Some(r), true) if r.bits <= 7 && r.window.len() == crate::zran::WINDOW_SIZE => {}
+            (Some(_), true) => return bad("its checkpoint has more than 7 bits or a window other than 32 KiB".into()),
+            _ => return bad(format!("codec {} with{} a checkpoint", self.codec.name(), if self.resume.is_some() { "" } else { "out" })),
         }
         match self.inner_offset.checked_add(self.size) {
             Some(end) if end <= MAX_CHUNK_SIZE => Ok(()),
@@ -370,6 +382,7 @@ mod tests {
             inner_offset: 0,
             size,
             verify: Verify::Uncompressed(Digest::of(&offset.to_le_bytes())),
+            resume: None,
         }
     }
 

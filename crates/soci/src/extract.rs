@@ -9,7 +9,7 @@
 
 use sha2::{Digest as _, Sha256};
 
-use crate::inflate::{InflateError, RawInflater, Status};
+use index::zran::{resume_inflate, InflateError, Resume, ResumeError};
 use crate::zinfo::{Checkpoint, SpanTable};
 use crate::ztoc::{Entry, EntryKind, Ztoc};
 
@@ -72,76 +72,13 @@ pub fn inflate_at(
     }
 }
 
-fn inflate_from(cp: &Checkpoint, span: usize, mut data: &[u8], mut skip: u64, out: &mut [u8]) -> Result<(), ExtractError> {
-    let inflate_err = |source| ExtractError::Inflate { span, source };
-    let mut inflater = RawInflater::new();
-    if cp.bits != 0 {
-        let Some((&first, rest)) = data.split_first() else {
-            return Err(ExtractError::Truncated { span, missing: out.len() as u64 });
-        };
-        inflater.prime(cp.bits, first >> (8 - cp.bits)).map_err(inflate_err)?;
-        data = rest;
-    }
-    inflater.set_dictionary(&cp.window).map_err(inflate_err)?;
-    let mut discard = vec![0u8; 32 * 1024];
-    let mut written = 0usize;
-    while written < out.len() {
-        let target: &mut [u8] = if skip > 0 {
-            let n = skip.min(discard.len() as u64) as usize;
-            &mut discard[..n]
-        } else {
-            &mut out[written..]
-        };
-        let step = inflater.inflate(data, target, false).map_err(inflate_err)?;
-        data = &data[step.consumed..];
-        if skip > 0 {
-            skip -= step.produced as u64;
-        } else {
-            written += step.produced;
-        }
-        if step.status == Status::StreamEnd {
-            data = next_member(data).map_err(|reason| ExtractError::Framing { span, reason })?;
-            if data.is_empty() && written < out.len() {
-                return Err(ExtractError::Truncated { span, missing: (out.len() - written) as u64 + skip });
-            }
-            inflater.reset();
-        } else if step.consumed == 0 && step.produced == 0 {
-            return Err(ExtractError::Truncated { span, missing: (out.len() - written) as u64 + skip });
-        }
-    }
-    Ok(())
-}
-
-/// Skips a member's 8-byte trailer and the next member's header; empty at the blob's end.
-fn next_member(data: &[u8]) -> Result<&[u8], String> {
-    let Some(rest) = data.get(8..) else {
-        return Ok(&[]);
-    };
-    if rest.is_empty() {
-        return Ok(rest);
-    }
-    if rest.len() < 10 {
-        return Ok(&[]);
-    }
-    if rest[0] != 0x1f || rest[1] != 0x8b || rest[2] != 8 {
-        return Err("bytes after a gzip member are not another gzip member".into());
-    }
-    let flags = rest[3];
-    let mut at = 10usize;
-    if flags & 4 != 0 {
-        let len = rest.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize).ok_or("short FEXTRA")?;
-        at += 2 + len;
-    }
-    for flag in [8u8, 16] {
-        if flags & flag != 0 {
-            let end = rest.get(at..).and_then(|r| r.iter().position(|&b| b == 0)).ok_or("unterminated header string")?;
-            at += end + 1;
-        }
-    }
-    if flags & 2 != 0 {
-        at += 2;
-    }
-    rest.get(at..).ok_or_else(|| "the blob ends inside a gzip header".to_owned())
+fn inflate_from(cp: &Checkpoint, span: usize, data: &[u8], skip: u64, out: &mut [u8]) -> Result<(), ExtractError> {
+    let resume = Resume { bits: cp.bits, window: cp.window.clone() };
+    resume_inflate(&resume, data, skip, out).map_err(|e| match e {
+        ResumeError::Inflate(source) => ExtractError::Inflate { span, source },
+        ResumeError::Truncated { missing } => ExtractError::Truncated { span, missing },
+        ResumeError::Framing(reason) => ExtractError::Framing { span, reason },
+    })
 }
 
 /// Range reads of a layer blob.

@@ -9,15 +9,18 @@
 //! - [`zinfo`]: the span table inside it (gzip checkpoints, or fixed tar slices);
 //! - [`build`]: the zTOC builder, one streaming pass over a layer blob;
 //! - [`extract`]: inflating bytes from a checkpoint, verifying spans, reading files;
-//! - [`inflate`]: the block-aware raw inflater the two above share (the crate's only `unsafe`).
+//! - [`layer_model`]: a zTOC as the format-neutral layer model (what the mount serves);
+//! - [`inflate`]: the block-aware raw inflater the two above share (`index::zran`).
 //!
 //! The reference for every byte is the SOCI project's own builder (v0.15.0); the tests check
 //! our parser, reader and builder against zTOCs it produced.
 
 pub mod build;
 pub mod extract;
+pub mod layer_model;
 mod fbs;
-pub mod inflate;
+/// The block-aware raw inflater (from the layer model crate, which decodes spans at read time).
+pub use index::zran as inflate;
 pub mod time;
 pub mod zinfo;
 pub mod ztoc;

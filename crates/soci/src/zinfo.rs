@@ -85,7 +85,7 @@ impl SpanTable {
         if body.len() % PACKED_CHECKPOINT != 0 {
             return Err(mismatch);
         }
-        let mut checkpoints = Vec::with_capacity(count as usize);
+        let mut checkpoints = Vec::with_capacity(stored + 1);
         if stored as u64 + 1 == u64::from(count) {
             // Version one: checkpoint 0 was not stored; it sits after a 10-byte gzip header.
             checkpoints.push(Checkpoint {

@@ -12,6 +12,12 @@
 //! than returned. A size limit evicts least recently used chunks; the in-process order starts
 //! from file modification times after a restart. A bounded memory cache sits in front for hot
 //! chunks (a 4 KiB page read of a 4 MiB chunk should not re-read 4 MiB from disk).
+//!
+//! Formats whose index has no digest of uncompressed bytes (SOCI verifies compressed spans)
+//! key their chunks by a digest of the promise instead ([`crate::fetcher::ChunkRef`]). When such
+//! a chunk is first verified, its content digest is recorded as an *alias* of the key
+//! (`DIR/aliases/ab/abcdef…`, written before the chunk), so that reading it back from disk is
+//! still checked against a hash of its bytes.
 
 use std::fs;
 use std::io::Write;
@@ -98,6 +104,8 @@ pub struct ChunkStore {
     chunks_dir: PathBuf,
     objects_dir: PathBuf,
     tmp_dir: PathBuf,
+    aliases_dir: PathBuf,
+    aliases: Mutex<std::collections::HashMap<Digest, Digest>>,
     disk: Mutex<Lru<DiskKey, ()>>,
     objects: Mutex<std::collections::HashMap<Digest, ObjectState>>,
     memory: Mutex<Lru<Digest, Arc<Vec<u8>>>>,
@@ -113,7 +121,8 @@ impl ChunkStore {
         let chunks_dir = config.dir.join("chunks").join("sha256");
         let objects_dir = config.dir.join("objects").join("sha256");
         let tmp_dir = config.dir.join("tmp");
-        for d in [&chunks_dir, &objects_dir, &tmp_dir] {
+        let aliases_dir = config.dir.join("aliases");
+        for d in [&chunks_dir, &objects_dir, &tmp_dir, &aliases_dir] {
             fs::create_dir_all(d).map_err(|e| Error::io(d, "creating directory", e))?;
         }
         // Leftovers of writes interrupted by a crash. Several processes (one daemon per layer)
@@ -125,6 +134,8 @@ impl ChunkStore {
             chunks_dir,
             objects_dir,
             tmp_dir,
+            aliases_dir,
+            aliases: Mutex::new(std::collections::HashMap::new()),
             disk: Mutex::new(disk),
             objects: Mutex::new(objects),
             memory: Mutex::new(Lru::new()),
@@ -143,6 +154,49 @@ impl ChunkStore {
     fn path(&self, d: &Digest) -> PathBuf {
         let hex = d.hex();
         self.chunks_dir.join(&hex[..2]).join(hex)
+    }
+
+    fn alias_path(&self, key: &Digest) -> PathBuf {
+        let hex = key.hex();
+        self.aliases_dir.join(&hex[..2]).join(hex)
+    }
+
+    /// Records that chunk `key` (a promise digest) has contents hashing to `content`. Written
+    /// before the chunk itself, so any process reading the chunk can check it.
+    pub fn put_alias(&self, key: &Digest, content: &Digest) -> Result<()> {
+        if key == content || self.aliases.lock().unwrap().get(key) == Some(content) {
+            return Ok(());
+        }
+        let path = self.alias_path(key);
+        let tmp = self.tmp_dir.join(format!("{}-{}-alias", std::process::id(), self.tmp_seq.fetch_add(1, Ordering::Relaxed)));
+        let write = || -> std::io::Result<()> {
+            fs::write(&tmp, content.to_string())?;
+            if let Some(p) = path.parent() {
+                fs::create_dir_all(p)?;
+            }
+            fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(&path, format!("storing the content digest of chunk {key}"), e));
+        }
+        self.aliases.lock().unwrap().insert(*key, *content);
+        Ok(())
+    }
+
+    /// What the bytes of chunk `d` must hash to: `d` itself, or its recorded alias.
+    fn expected(&self, d: &Digest) -> Digest {
+        if let Some(c) = self.aliases.lock().unwrap().get(d) {
+            return *c;
+        }
+        let Ok(text) = fs::read_to_string(self.alias_path(d)) else { return *d };
+        match text.trim().parse::<Digest>() {
+            Ok(c) => {
+                self.aliases.lock().unwrap().insert(*d, c);
+                c
+            }
+            Err(_) => *d,
+        }
     }
 
     /// Whether chunk `d` is on disk, stored by us or by another process sharing the directory
@@ -194,7 +248,7 @@ impl ChunkStore {
         }
         let path = self.path(d);
         match fs::read(&path) {
-            Ok(data) if Digest::of(&data) == *d => {
+            Ok(data) if Digest::of(&data) == self.expected(d) => {
                 self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
                 touch(&path);
                 let data = Arc::new(data);
@@ -296,7 +350,7 @@ impl ChunkStore {
         let path = self.object_path(&slot.file);
         let mut buf = vec![0u8; len as usize];
         let ok = fs::File::open(&path).and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, slot.offset)).is_ok();
-        if ok && Digest::of(&buf) == *d {
+        if ok && Digest::of(&buf) == self.expected(d) {
             self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
             touch(&path);
             let data = Arc::new(buf);

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use index::{Chunk, Digest, Inode, LayerIndex};
+use index::{Chunk, Digest, Inode, LayerIndex, Verify};
 pub use index::Codec;
 use tracing::{debug, warn};
 
@@ -58,6 +58,12 @@ pub struct ChunkRef {
     pub size: u64,
     /// How the range decodes.
     pub codec: Codec,
+    /// When set, the compressed range `[offset, next_offset)` must hash to this before it is
+    /// decoded (SOCI spans), and `digest` is a promise key ([`span_chunk_key`]), not a hash of
+    /// the chunk's bytes.
+    pub compressed_digest: Option<Digest>,
+    /// Where a [`Codec::GzipResume`] range resumes.
+    pub resume: Option<Arc<index::zran::Resume>>,
     /// For a chunk of a multi-chunk file: its place in the file's object in the store, so that
     /// the complete file can later be handed to the kernel (FUSE passthrough).
     pub slot: Option<crate::chunks::FileSlot>,
@@ -74,16 +80,38 @@ impl ChunkRef {
 
     /// The reference of the model's chunk `c`, stored in file object `slot` if it has one.
     pub fn of_chunk(c: &Chunk, slot: Option<crate::chunks::FileSlot>) -> ChunkRef {
+        let (digest, compressed_digest) = match c.verify {
+            Verify::Uncompressed(d) => (Some(d), None),
+            Verify::Compressed(d) => (Some(span_chunk_key(&d, c)), Some(d)),
+            Verify::Unverifiable => (None, None),
+        };
         ChunkRef {
-            digest: c.verify.content_digest(),
+            digest,
             offset: c.offset,
             next_offset: c.end,
             inner_offset: c.inner_offset,
             size: c.size,
             codec: c.codec,
+            compressed_digest,
+            resume: c.resume.clone(),
             slot,
         }
     }
+}
+
+/// The store key of a chunk verified through its compressed range: a digest of everything
+/// that determines its bytes (the range's digest, the checkpoint, the slice taken). Chunks of
+/// the same span of the same blob share it across layers and images; a zTOC with another
+/// checkpoint window gets other keys, so it cannot poison what a correct one reads.
+pub fn span_chunk_key(range_digest: &Digest, c: &Chunk) -> Digest {
+    let window = c.resume.as_ref().map(|r| (r.bits, Digest::of(&r.window).to_string()));
+    let text = format!(
+        "lazypull span chunk v1\nrange {range_digest}\ncodec {}\nresume {window:?}\ninner {} size {}\n",
+        c.codec.name(),
+        c.inner_offset,
+        c.size
+    );
+    Digest::of(text.as_bytes())
 }
 
 /// The fetcher's chunk list of a layer: one reference per chunk of the index's table, in its

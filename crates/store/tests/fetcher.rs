@@ -117,6 +117,7 @@ fn of_file(n: &estargz::Node) -> Vec<ChunkRef> {
             inner_offset: c.inner_offset,
             size: c.size,
             verify: c.digest.map_or(Verify::Unverifiable, Verify::Uncompressed),
+            resume: None,
         })
         .collect();
     let mut ino = Inode::new(NodeKind::Reg, n.path.clone(), 1);

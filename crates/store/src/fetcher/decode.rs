@@ -27,7 +27,11 @@ impl LayerFetcher {
             codec: c.codec,
             inner_offset: c.inner_offset,
             size: c.size,
-            verify: index::Verify::Uncompressed(cl.digest),
+            verify: match c.compressed_digest {
+                Some(d) => index::Verify::Compressed(d),
+                None => index::Verify::Uncompressed(cl.digest),
+            },
+            resume: c.resume.clone(),
         };
         as_chunk.check().map_err(|e| corrupt(e.to_string()))?;
         let member = c
@@ -36,12 +40,26 @@ impl LayerFetcher {
             .zip(c.next_offset.checked_sub(range_start))
             .and_then(|(from, to)| range.get(usize::try_from(from).ok()?..usize::try_from(to).ok()?))
             .ok_or_else(|| corrupt(format!("member {}..{} is not inside the fetched range starting at {range_start}", c.offset, c.next_offset)))?;
-        let data = index::decode(c.codec, member, c.inner_offset, c.size as usize).map_err(|e| corrupt(e.to_string()))?;
+        if let Some(want) = c.compressed_digest {
+            let got = Digest::of(member);
+            if got != want {
+                return Err(corrupt(format!("compressed range {}..{} hashes to {got}, the index says {want}", c.offset, c.next_offset)));
+            }
+        }
+        let data = match (&c.resume, c.codec) {
+            (Some(resume), index::Codec::GzipResume) => index::decode_resumed(resume, member, c.inner_offset, c.size as usize),
+            _ => index::decode(c.codec, member, c.inner_offset, c.size as usize),
+        }
+        .map_err(|e| corrupt(e.to_string()))?;
         if data.len() as u64 != c.size {
             return Err(corrupt(format!("decoded to {} bytes, the TOC declares {}", data.len(), c.size)));
         }
         let actual = Digest::of(&data);
-        if actual != cl.digest {
+        if c.compressed_digest.is_some() {
+            // Verified through the compressed range: remember what the bytes hash to, so that
+            // every later read of the stored chunk is checked against its content.
+            self.store.put_alias(&cl.digest, &actual)?;
+        } else if actual != cl.digest {
             return Err(corrupt(format!("content hashes to {actual}")));
         }
         Ok(Arc::new(data))

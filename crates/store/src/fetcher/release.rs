@@ -116,6 +116,8 @@ mod tests {
             inner_offset,
             size,
             codec: crate::Codec::GzipMembers,
+            compressed_digest: None,
+            resume: None,
             slot: None,
         }
     }

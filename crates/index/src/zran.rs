@@ -1,4 +1,7 @@
-//! A raw-deflate inflater that can stop at block boundaries and resume mid-stream.
+//! Resuming an unmodified gzip stream in the middle: SOCI's zran checkpoints.
+//!
+//! [`RawInflater`] is a raw-deflate inflater that can stop at block boundaries and resume
+//! mid-stream; [`Resume`] is a checkpoint's state and [`resume_inflate`] produces bytes from it.
 //!
 //! SOCI's random access needs three things no safe Rust inflater offers together: returning
 //! at every deflate block boundary with the count of unused bits (to place checkpoints),
@@ -172,6 +175,103 @@ impl Drop for RawInflater {
         // SAFETY: initialised in `new`, ended exactly once here.
         unsafe { z::inflateEnd(&mut *self.stream) };
     }
+}
+
+/// What inflating from a checkpoint needs besides the compressed bytes: the bits of the byte
+/// before the checkpoint that belong to it, and the 32 KiB of output before it.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Resume {
+    pub bits: u8,
+    pub window: Box<[u8]>,
+}
+
+impl std::fmt::Debug for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resume").field("bits", &self.bits).field("window", &format_args!("{} bytes", self.window.len())).finish()
+    }
+}
+
+/// Why bytes could not be produced from a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    #[error(transparent)]
+    Inflate(#[from] InflateError),
+    #[error("the compressed bytes end {missing} bytes short of the request")]
+    Truncated { missing: u64 },
+    #[error("{0}")]
+    Framing(String),
+}
+
+/// Fills `out` with the bytes that start `skip` bytes after the checkpoint. `data` is the
+/// compressed stream from the checkpoint's fetch start (one byte early when it has leftover
+/// bits). A gzip member that ends inside `data` is followed into the next one (trailer and
+/// header skipped, window empty), as the stream itself does. Inflation stops as soon as `out`
+/// is full.
+pub fn resume_inflate(resume: &Resume, mut data: &[u8], mut skip: u64, out: &mut [u8]) -> Result<(), ResumeError> {
+    let mut inflater = RawInflater::new();
+    if resume.bits != 0 {
+        let Some((&first, rest)) = data.split_first() else {
+            return Err(ResumeError::Truncated { missing: out.len() as u64 });
+        };
+        inflater.prime(resume.bits, first >> (8 - resume.bits))?;
+        data = rest;
+    }
+    inflater.set_dictionary(&resume.window)?;
+    let mut discard = vec![0u8; WINDOW_SIZE];
+    let mut written = 0usize;
+    while written < out.len() {
+        let target: &mut [u8] = if skip > 0 {
+            let n = skip.min(discard.len() as u64) as usize;
+            &mut discard[..n]
+        } else {
+            &mut out[written..]
+        };
+        let step = inflater.inflate(data, target, false)?;
+        data = &data[step.consumed..];
+        if skip > 0 {
+            skip -= step.produced as u64;
+        } else {
+            written += step.produced;
+        }
+        let missing = || ResumeError::Truncated { missing: (out.len() - written) as u64 + skip };
+        if step.status == Status::StreamEnd {
+            data = next_member(data).map_err(ResumeError::Framing)?;
+            if data.is_empty() && written < out.len() {
+                return Err(missing());
+            }
+            inflater.reset();
+        } else if step.consumed == 0 && step.produced == 0 {
+            return Err(missing());
+        }
+    }
+    Ok(())
+}
+
+/// Skips a member's 8-byte trailer and the next member's header; empty at the blob's end.
+fn next_member(data: &[u8]) -> Result<&[u8], String> {
+    let rest = data.get(8..).unwrap_or_default();
+    if rest.len() < 10 {
+        return Ok(&[]);
+    }
+    if rest[0] != 0x1f || rest[1] != 0x8b || rest[2] != 8 {
+        return Err("bytes after a gzip member are not another gzip member".into());
+    }
+    let flags = rest[3];
+    let mut at = 10usize;
+    if flags & 4 != 0 {
+        let len = rest.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize).ok_or("short FEXTRA")?;
+        at += 2 + len;
+    }
+    for flag in [8u8, 16] {
+        if flags & flag != 0 {
+            let end = rest.get(at..).and_then(|r| r.iter().position(|&b| b == 0)).ok_or("unterminated gzip header string")?;
+            at += end + 1;
+        }
+    }
+    if flags & 2 != 0 {
+        at += 2;
+    }
+    rest.get(at..).ok_or_else(|| "the blob ends inside a gzip header".to_owned())
 }
 
 #[cfg(test)]
