@@ -9,8 +9,9 @@ target="${1:-test}"
 # Always: C toolchain for zlib/zstd/libdeflate sys crates, the plain tools the round-trip tests
 # compare against (gzip, tar, zstd), and the Go reference library for the interop tests.
 # The lazy filesystem and snapshotter tests add containerd, runc and ctr-remote (package
-# stargz-snapshotter: `image rpull` sets the remote-snapshot labels).
-pkgs=(build-essential pkg-config gzip tar zstd attr curl openssl apache2-utils docker-registry containerd runc busybox-static ca-certificates
+# stargz-snapshotter: `image rpull` sets the remote-snapshot labels). python3 regenerates the SOCI
+# fixture layers (crates/soci/tests/fixtures/gen_layers.py).
+pkgs=(build-essential pkg-config gzip tar zstd attr curl openssl apache2-utils docker-registry containerd runc busybox-static ca-certificates python3
       golang-go golang-github-containerd-stargz-snapshotter-dev stargz-snapshotter)
 case "$target" in
   test|fuzz) ;;

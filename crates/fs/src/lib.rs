@@ -88,6 +88,14 @@ pub fn open_layer_cached(source: Arc<dyn RangeSource>, expected: Option<&IndexCh
     Ok(finish_open(opened, source, store, config))
 }
 
+/// Opens a SOCI layer: its zTOC (fetched by the caller by the digest its SOCI index names) is
+/// checked against `check` and parsed; the blob behind `source` is read span by span.
+pub fn open_ztoc_layer(source: Arc<dyn RangeSource>, ztoc: &[u8], check: &IndexCheck, store: Arc<ChunkStore>, config: FetchConfig) -> Result<OpenedLayer> {
+    let blob = source.name().to_string();
+    let opened = layer::open_ztoc(ztoc, check).map_err(|source| Error::Open { blob, source })?;
+    Ok(finish_open(opened, source, store, config))
+}
+
 /// Reads the footer and TOC of a layer from `source`, checks them, and keeps them in `tails`,
 /// so that a later [`open_layer_cached`] of the same blob needs no network.
 pub fn cache_toc(source: Arc<dyn RangeSource>, expected: Option<&IndexCheck>, tails: &TailCache) -> Result<()> {

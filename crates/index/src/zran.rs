@@ -209,6 +209,9 @@ pub enum ResumeError {
 /// is full.
 pub fn resume_inflate(resume: &Resume, mut data: &[u8], mut skip: u64, out: &mut [u8]) -> Result<(), ResumeError> {
     let mut inflater = RawInflater::new();
+    if resume.bits > 7 {
+        return Err(InflateError(format!("{} leftover bits (at most 7)", resume.bits)).into());
+    }
     if resume.bits != 0 {
         let Some((&first, rest)) = data.split_first() else {
             return Err(ResumeError::Truncated { missing: out.len() as u64 });

@@ -16,7 +16,7 @@
 
 mod open;
 
-pub use open::{format_for, open, LazyFormat, OpenError, OpenOptions, OpenedIndex, Stargz};
+pub use open::{format_for, open, open_ztoc, LazyFormat, OpenError, OpenOptions, OpenedIndex, Stargz};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,6 +29,8 @@ use estargz::Digest;
 pub enum Format {
     Estargz,
     ZstdChunked,
+    /// An unmodified gzip or tar layer with a SOCI zTOC (found beside the image, not in it).
+    Soci,
 }
 
 impl fmt::Display for Format {
@@ -36,6 +38,7 @@ impl fmt::Display for Format {
         f.write_str(match self {
             Format::Estargz => "eStargz",
             Format::ZstdChunked => "zstd:chunked",
+            Format::Soci => "SOCI",
         })
     }
 }
@@ -47,9 +50,12 @@ pub enum IndexCheck {
     TocDigest(Digest),
     /// sha256 of the compressed zstd:chunked manifest (`…zstd-chunked.manifest-checksum`).
     ZstdManifestChecksum(Digest),
+    /// sha256 of a SOCI zTOC blob (its descriptor's digest in the SOCI index).
+    SociZtoc(Digest),
 }
 
 const ZSTD_CHECK_PREFIX: &str = "zstd-manifest-checksum:";
+const SOCI_CHECK_PREFIX: &str = "soci-ztoc:";
 
 impl fmt::Display for IndexCheck {
     /// `sha256:…` for a TOC digest (what older records hold), `zstd-manifest-checksum:sha256:…`
@@ -58,6 +64,7 @@ impl fmt::Display for IndexCheck {
         match self {
             IndexCheck::TocDigest(d) => write!(f, "{d}"),
             IndexCheck::ZstdManifestChecksum(d) => write!(f, "{ZSTD_CHECK_PREFIX}{d}"),
+            IndexCheck::SociZtoc(d) => write!(f, "{SOCI_CHECK_PREFIX}{d}"),
         }
     }
 }
@@ -65,6 +72,9 @@ impl fmt::Display for IndexCheck {
 impl IndexCheck {
     pub fn parse(s: &str) -> Result<IndexCheck, NotLazy> {
         let bad = || NotLazy::BadAnnotation { key: "index check".into(), value: s.into() };
+        if let Some(d) = s.strip_prefix(SOCI_CHECK_PREFIX) {
+            return d.parse().map(IndexCheck::SociZtoc).map_err(|_| bad());
+        }
         match s.strip_prefix(ZSTD_CHECK_PREFIX) {
             Some(d) => d.parse().map(IndexCheck::ZstdManifestChecksum).map_err(|_| bad()),
             None => s.parse().map(IndexCheck::TocDigest).map_err(|_| bad()),
@@ -77,6 +87,7 @@ impl IndexCheck {
         let (want, got, what) = match self {
             IndexCheck::TocDigest(d) => (d, toc_digest, "TOC digest"),
             IndexCheck::ZstdManifestChecksum(d) => (d, compressed_toc_digest, "zstd:chunked manifest checksum"),
+            IndexCheck::SociZtoc(d) => (d, toc_digest, "zTOC digest"),
         };
         if want == got {
             Ok(())
@@ -111,6 +122,10 @@ pub enum NotLazy {
     IndexUnusable(String),
     #[error("mount failed: {0}")]
     MountFailed(String),
+    /// A gzip/tar layer of an image with a SOCI index that has no zTOC for it (upstream skips
+    /// layers below its minimum size): fetched whole, as SOCI does.
+    #[error("no zTOC for this layer in SOCI index {index} (below the index's minimum layer size?)")]
+    NoZtoc { index: String },
 }
 
 impl NotLazy {
@@ -124,6 +139,7 @@ impl NotLazy {
             NotLazy::Registry(_) => "registry_error",
             NotLazy::IndexUnusable(_) => "index_unusable",
             NotLazy::MountFailed(_) => "mount_failed",
+            NotLazy::NoZtoc { .. } => "soci_no_ztoc",
         }
     }
 }

@@ -50,6 +50,9 @@ pub enum OpenError {
     /// The index breaks the layer model's invariants.
     #[error("{0}")]
     Model(#[from] IndexError),
+    /// The SOCI zTOC is unreadable or does not make a layer model.
+    #[error("{0}")]
+    Soci(String),
 }
 
 /// One lazy format: how its index is opened into a [`LayerIndex`].
@@ -89,7 +92,32 @@ impl LazyFormat for Stargz {
 pub fn format_for(check: Option<&IndexCheck>) -> &'static dyn LazyFormat {
     match check {
         None | Some(IndexCheck::TocDigest(_)) | Some(IndexCheck::ZstdManifestChecksum(_)) => &Stargz,
+        Some(IndexCheck::SociZtoc(_)) => &SociNeedsZtoc,
     }
+}
+
+/// SOCI through [`open`]: its index is not in the blob, so it must be opened with
+/// [`open_ztoc`] and the zTOC fetched by the caller; this says so instead of misreading.
+struct SociNeedsZtoc;
+
+impl LazyFormat for SociNeedsZtoc {
+    fn open(&self, _: &dyn BlobSource, _: Option<&IndexCheck>, _: &OpenOptions) -> Result<OpenedIndex, OpenError> {
+        Err(OpenError::Soci("a SOCI layer's zTOC lives beside the image: open it with open_ztoc".into()))
+    }
+}
+
+/// Opens a SOCI layer from its zTOC blob (fetched from the registry by the digest its SOCI
+/// index gives), checked against `check` ([`IndexCheck::SociZtoc`]) before it is parsed.
+pub fn open_ztoc(ztoc: &[u8], check: &IndexCheck) -> Result<OpenedIndex, OpenError> {
+    let actual = Digest::of(ztoc);
+    match check {
+        IndexCheck::SociZtoc(want) if *want == actual => {}
+        IndexCheck::SociZtoc(want) => return Err(OpenError::Check(format!("zTOC digest mismatch: the SOCI index says {want}, the blob has {actual}"))),
+        other => return Err(OpenError::Check(format!("a zTOC is checked by its digest, not by {other}"))),
+    }
+    let parsed = soci::Ztoc::from_bytes(ztoc).map_err(|e| OpenError::Soci(e.to_string()))?;
+    let index = soci::layer_model::layer_index(&parsed).map_err(|e| OpenError::Soci(e.to_string()))?;
+    Ok(OpenedIndex { format: Format::Soci, index, index_digest: actual, index_offset: parsed.compressed_size })
 }
 
 /// Opens the index of the layer behind `source` with the format its `check` names.

@@ -218,8 +218,13 @@ async fn convert_cmd(src: &Store, dst: &Store, opts: &ConvertOptions) -> Result<
 
 /// The image manifest of `root` for `platform` (default: this host's), following an index.
 pub async fn select_manifest(store: &Store, root: ManifestKind, platform: Option<&str>) -> Result<registry::Manifest> {
+    Ok(select_manifest_with_digest(store, root, "", platform).await?.0)
+}
+
+/// [`select_manifest`] and the selected manifest's digest (`root_digest` when the root is one).
+pub async fn select_manifest_with_digest(store: &Store, root: ManifestKind, root_digest: &str, platform: Option<&str>) -> Result<(registry::Manifest, String)> {
     match root {
-        ManifestKind::Image(m) => Ok(m),
+        ManifestKind::Image(m) => Ok((m, root_digest.to_owned())),
         ManifestKind::Index(i) => {
             let want = match platform {
                 Some(p) => Platform::parse(p)?,
@@ -227,7 +232,7 @@ pub async fn select_manifest(store: &Store, root: ManifestKind, platform: Option
             };
             let d = manifest::select_platform(&i, &want, &store.to_string())?;
             match store.manifest(&d.digest).await?.1 {
-                ManifestKind::Image(m) => Ok(m),
+                ManifestKind::Image(m) => Ok((m, d.digest.clone())),
                 ManifestKind::Index(_) => anyhow::bail!("nested index {} is not supported", d.digest),
             }
         }
@@ -254,6 +259,7 @@ async fn inspect(store: &Store, platform: Option<&str>) -> Result<()> {
             Ok(found) => match found.check {
                 layer::IndexCheck::TocDigest(t) => format!("lazy: {}, toc {}", found.format, short(&t.to_string())),
                 layer::IndexCheck::ZstdManifestChecksum(t) => format!("lazy: {}, manifest checksum {}", found.format, short(&t.to_string())),
+                layer::IndexCheck::SociZtoc(t) => format!("lazy: {}, zTOC {}", found.format, short(&t.to_string())),
             },
             Err(reason) => format!("not lazy: {reason}"),
         };

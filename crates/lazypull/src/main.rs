@@ -15,6 +15,7 @@ mod metrics;
 mod mount;
 mod rpull_cmd;
 mod snapshotter;
+mod soci_cmd;
 
 #[derive(Parser)]
 #[command(name = "lazypull", version, about = "Lazy-pulling container images (eStargz, zstd:chunked)")]
@@ -31,6 +32,9 @@ enum Command {
     /// Work with whole images in registries or OCI layouts: convert, inspect.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// SOCI indexes for unmodified images: create (v1), convert (v2), inspect.
+    #[command(subcommand)]
+    Soci(soci_cmd::SociCommand),
     /// Mount an image (or one layer) from a registry lazily, without containerd.
     Mount(mount::MountArgs),
     /// Pull an image through containerd so a lazy snapshotter mounts its eStargz layers
@@ -67,6 +71,7 @@ fn main() {
     let result = match cli.command {
         Command::Layer(c) => layer::run(c),
         Command::Image(c) => image::run(c),
+        Command::Soci(c) => soci_cmd::run(c),
         Command::Mount(a) => mount::image_mount(a),
         Command::Cache(c) => cache::run(c),
         Command::Snapshotter(a) => snapshotter::run(a),

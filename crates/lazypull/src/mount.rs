@@ -132,12 +132,17 @@ pub struct MountArgs {
     #[arg(long, value_name = "BYTES", requires_all = ["layer_digest", "index_check"])]
     pub layer_size: Option<u64>,
     /// What authenticates the layer's index (with `--layer-size`): its TOC digest
-    /// (`sha256:…`) or `zstd-manifest-checksum:sha256:…`.
+    /// (`sha256:…`), `zstd-manifest-checksum:sha256:…`, or `soci-ztoc:sha256:…` (a SOCI
+    /// zTOC, fetched from the same repository).
     #[arg(long, alias = "toc-digest", value_name = "CHECK", requires = "layer_size")]
     pub index_check: Option<String>,
     /// Platform to pick from a multi-platform image (default: this host's).
     #[arg(long)]
     pub platform: Option<String>,
+    /// Use this SOCI index (digest) for layers that are not eStargz, instead of looking for
+    /// one (manifest annotation, then referrers).
+    #[arg(long, value_name = "DIGEST")]
+    pub soci_index: Option<String>,
     /// Take every serving option from this JSON file (as the snapshotter writes it for its
     /// layer daemons) instead of the flags.
     #[arg(long, value_name = "FILE")]
@@ -483,16 +488,16 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
     let client = args.registry.client()?;
     let location = convert::parse_location(&args.reference, &client)?;
     let convert::Store::Registry { reference, .. } = &location else { bail!("mount needs a registry reference, not an OCI layout") };
-    let manifest = match (&args.layer_digest, args.layer_size, &args.index_check) {
-        // Everything needed is known: a one-layer manifest, no round trip to the registry.
-        (Some(digest), Some(size), Some(check)) => {
-            let mut layer = registry::Descriptor::new(registry::manifest::OCI_LAYER_GZIP, digest.clone(), size);
-            let (key, value) = match layer::IndexCheck::parse(check)? {
-                layer::IndexCheck::TocDigest(d) => (estargz::toc::TOC_DIGEST_ANNOTATION, d),
-                layer::IndexCheck::ZstdManifestChecksum(d) => (estargz::toc::ZSTD_MANIFEST_CHECKSUM_ANNOTATION, d),
-            };
-            layer.annotations.insert(key.to_string(), value.to_string());
-            registry::Manifest {
+    // Everything needed is known (the snapshotter's daemons): a one-layer manifest and its
+    // check, no round trip to the registry for the manifest.
+    let known = match (&args.layer_digest, args.layer_size, &args.index_check) {
+        (Some(digest), Some(size), Some(check)) => Some((digest.clone(), size, layer::IndexCheck::parse(check)?)),
+        _ => None,
+    };
+    let (manifest, manifest_digest) = match &known {
+        Some((digest, size, _)) => {
+            let layer = registry::Descriptor::new(registry::manifest::OCI_LAYER_GZIP, digest.clone(), *size);
+            let m = registry::Manifest {
                 schema_version: 2,
                 media_type: None,
                 artifact_type: None,
@@ -501,12 +506,48 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
                 subject: None,
                 annotations: Default::default(),
                 extra: Default::default(),
-            }
+            };
+            (m, String::new())
         }
-        _ => rt.block_on(async {
-            let (_, root, _) = location.root().await?;
-            crate::image::select_manifest(&location, root, args.platform.as_deref()).await
+        None => rt.block_on(async {
+            let (_, root, digest) = location.root().await?;
+            crate::image::select_manifest_with_digest(&location, root, &digest, args.platform.as_deref()).await
         })?,
+    };
+    // The SOCI index, looked up once, the first time a layer is not eStargz.
+    let mut soci: Option<Option<soci_image::Found>> = None;
+    let mut decide = |d: &registry::Descriptor| -> Result<layer::IndexCheck, layer::NotLazy> {
+        if let Some((_, _, check)) = &known {
+            return Ok(*check);
+        }
+        let reason = match layer::detect(&d.media_type, &d.annotations) {
+            Ok(found) => return Ok(found.check),
+            Err(reason) => reason,
+        };
+        if !crate::soci_cmd::may_have_soci(&manifest) {
+            return Err(reason);
+        }
+        let found = soci.get_or_insert_with(|| {
+            let res = rt.block_on(soci_image::discover(&location, &manifest_digest, &manifest, args.soci_index.as_deref()));
+            match res {
+                Ok(Some(f)) => {
+                    info!(manifest = %manifest_digest, index = %f.digest, via = f.via.as_str(), "using a SOCI index");
+                    Some(f)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    warn!(manifest = %manifest_digest, error = %e, "cannot look for a SOCI index");
+                    None
+                }
+            }
+        });
+        match found {
+            None => Err(reason),
+            Some(f) => match f.index.ztoc_for(&d.digest) {
+                Some(z) => z.ztoc_digest.parse().map(layer::IndexCheck::SociZtoc).map_err(|_| layer::NotLazy::IndexUnusable(format!("zTOC digest {:?}", z.ztoc_digest))),
+                None => Err(layer::NotLazy::NoZtoc { index: f.digest.clone() }),
+            },
+        }
     };
     let by_digest = match &args.layer_digest {
         Some(d) => Some(manifest.layers.iter().position(|l| &l.digest == d).with_context(|| format!("layer {d} is not in {}", args.reference))?),
@@ -526,8 +567,8 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
     for &i in &indices {
         let d = &manifest.layers[i];
         // The one decision every caller shares (layer crate): lazy, and checked how, or why not.
-        let lazy = match layer::detect(&d.media_type, &d.annotations) {
-            Ok(found) => {
+        let lazy = match decide(d) {
+            Ok(check) => {
                 let source: Arc<dyn RangeSource> = Arc::new(RegistryRangeSource::new(
                     client.clone(),
                     reference.clone(),
@@ -536,8 +577,18 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
                     rt.handle().clone(),
                     Duration::from_secs(args.serve.fetch_timeout.max(1)),
                 ));
-                let tails = store::TailCache::new(tails_dir(&args.serve.state_dir));
-                lazyfs::open_layer_cached(source, Some(&found.check), store.clone(), fetch_config(&args.serve), &tails).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
+                match check {
+                    layer::IndexCheck::SociZtoc(ztoc) => rt
+                        .block_on(location.blob_bytes(&ztoc.to_string()))
+                        .map_err(|e| layer::NotLazy::Registry(format!("fetching zTOC {ztoc}: {e}")))
+                        .and_then(|bytes| {
+                            lazyfs::open_ztoc_layer(source, &bytes, &check, store.clone(), fetch_config(&args.serve)).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
+                        }),
+                    _ => {
+                        let tails = store::TailCache::new(tails_dir(&args.serve.state_dir));
+                        lazyfs::open_layer_cached(source, Some(&check), store.clone(), fetch_config(&args.serve), &tails).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
+                    }
+                }
             }
             Err(reason) => Err(reason),
         };

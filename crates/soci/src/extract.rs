@@ -97,14 +97,20 @@ impl BlobRange for [u8] {
 /// Reads a whole regular file through the zTOC: range-reads exactly the spans it covers,
 /// verifies each against its digest, inflates from the first one's checkpoint.
 pub fn read_entry(ztoc: &Ztoc, blob: &(impl BlobRange + ?Sized), entry: &Entry) -> Result<Vec<u8>, ExtractError> {
-    let mut out = vec![0u8; entry.size as usize];
     if entry.kind != EntryKind::Reg || entry.size == 0 {
-        return Ok(out);
+        return Ok(Vec::new());
     }
+    let mut out = Vec::new();
+    out.try_reserve_exact(entry.size as usize)
+        .map_err(|_| ExtractError::Source(format!("{} bytes for {:?} cannot be allocated", entry.size, entry.name)))?;
+    out.resize(entry.size as usize, 0);
     let (first, last) = ztoc.spans_of(entry);
     let (start, _) = ztoc.spans.compressed_range(first, ztoc.compressed_size);
     let (_, end) = ztoc.spans.compressed_range(last, ztoc.compressed_size);
     let data = blob.read_range(start, end).map_err(ExtractError::Source)?;
+    if data.len() as u64 != end - start {
+        return Err(ExtractError::Source(format!("range {start}..{end} returned {} bytes", data.len())));
+    }
     for span in first..=last {
         let (s, e) = ztoc.spans.compressed_range(span, ztoc.compressed_size);
         verify_span(ztoc, span, &data[(s - start) as usize..(e - start) as usize])?;

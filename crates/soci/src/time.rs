@@ -90,6 +90,11 @@ impl Mtime {
             }
         };
         let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec - offset;
+        // Go refuses years outside 0000..=9999 too; we could not write them back.
+        let (utc_year, _, _) = civil_from_days(secs.div_euclid(86_400));
+        if !(0..=9999).contains(&utc_year) {
+            return None;
+        }
         Some(Mtime { secs, nanos })
     }
 }

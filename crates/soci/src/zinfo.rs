@@ -132,7 +132,8 @@ impl SpanTable {
         Ok(SpanTable::Tar { span_size: span_size as u64, size: size as u64 })
     }
 
-    fn validate(&self) -> Result<(), ZinfoError> {
+    /// Checks what readers rely on (also run by [`SpanTable::parse_gzip`]).
+    pub fn validate(&self) -> Result<(), ZinfoError> {
         let SpanTable::Gzip { span_size, checkpoints } = self else { return Ok(()) };
         if *span_size == 0 {
             return Err(ZinfoError::ZeroSpanSize);

@@ -226,11 +226,21 @@ impl Ztoc {
                 return Err(ZtocError::BadSpanDigest { index, digest: d.clone() });
             }
         }
+        self.spans.validate()?;
         match &self.spans {
             SpanTable::Gzip { checkpoints, .. } => {
                 let last = checkpoints.last().expect("validated: at least one checkpoint");
                 if last.compressed > self.compressed_size {
                     return Err(ZtocError::SpanTableSize { table: last.compressed, archive: self.compressed_size });
+                }
+                // Deflate expands at most 1032:1: a larger claim is a lie that would make
+                // readers allocate for bytes the blob cannot hold.
+                let most = last.uncompressed.saturating_add((self.compressed_size - last.fetch_start()).saturating_mul(1032));
+                if self.uncompressed_size > most {
+                    return Err(ZtocError::Sizes(format!(
+                        "{} uncompressed bytes cannot come out of a {}-byte gzip blob",
+                        self.uncompressed_size, self.compressed_size
+                    )));
                 }
             }
             SpanTable::Tar { size, .. } => {

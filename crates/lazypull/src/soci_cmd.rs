@@ -1,0 +1,192 @@
+//! `lazypull soci …`: SOCI indexes for unmodified images (create v1, convert v2, inspect).
+
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use convert::Store;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use registry::manifest::Platform;
+use soci_image::{CreateOptions, Event};
+
+use crate::image::RegistryArgs;
+
+#[derive(Args, Clone)]
+pub struct IndexArgs {
+    /// Uncompressed bytes between checkpoints (each span is fetched and verified as a unit).
+    #[arg(long, default_value_t = soci::DEFAULT_SPAN_SIZE)]
+    span_size: u64,
+    /// Layers smaller than this get no zTOC (they are fetched whole).
+    #[arg(long, default_value_t = soci_image::create::DEFAULT_MIN_LAYER_SIZE)]
+    min_layer_size: u64,
+    /// Platform(s) to index from an image index (os/arch[/variant]); default: this machine's.
+    #[arg(long = "platform")]
+    platforms: Vec<String>,
+    #[arg(long)]
+    all_platforms: bool,
+    /// Layers indexed at once.
+    #[arg(long, default_value_t = 2)]
+    parallel_layers: usize,
+}
+
+impl IndexArgs {
+    fn options(&self) -> Result<CreateOptions> {
+        if self.span_size == 0 {
+            bail!("--span-size must be positive");
+        }
+        Ok(CreateOptions {
+            span_size: self.span_size,
+            min_layer_size: self.min_layer_size,
+            platforms: self.platforms.iter().map(|p| Platform::parse(p)).collect::<Result<_, _>>()?,
+            all_platforms: self.all_platforms,
+            parallel_layers: self.parallel_layers,
+            ..Default::default()
+        })
+    }
+}
+
+#[derive(Subcommand)]
+pub enum SociCommand {
+    /// Build a SOCI index (v1) for an image and store it beside the image, found through the
+    /// referrers API or its fallback tag; the image itself is not changed.
+    Create {
+        reference: String,
+        #[command(flatten)]
+        index: IndexArgs,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Copy an image to DST with a SOCI index v2 (annotated manifest under a new image index).
+    Convert {
+        src: String,
+        dst: String,
+        #[command(flatten)]
+        index: IndexArgs,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Show the SOCI index of an image (how it was found) and each layer's zTOC.
+    Inspect {
+        reference: String,
+        #[arg(long = "platform")]
+        platform: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+}
+
+pub fn run(cmd: SociCommand) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cmd {
+            SociCommand::Create { reference, index, registry } => {
+                let store = convert::parse_location(&reference, &registry.client()?)?;
+                let started = Instant::now();
+                let report = soci_image::create_v1(&store, &index.options()?, progress()).await?;
+                for (manifest, idx) in &report.indexes {
+                    println!("{manifest} -> SOCI index {idx}");
+                }
+                println!(
+                    "indexed {} layers ({} skipped) of {store} in {:.1} s",
+                    report.layers_indexed,
+                    report.layers_skipped,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            SociCommand::Convert { src, dst, index, registry } => {
+                let client = registry.client()?;
+                let (src, dst) = (convert::parse_location(&src, &client)?, convert::parse_location(&dst, &client)?);
+                let started = Instant::now();
+                let report = soci_image::convert_v2(&src, &dst, &index.options()?, progress()).await?;
+                println!(
+                    "converted {src} -> {dst} ({}, {} layers indexed, {} skipped) in {:.1} s",
+                    report.root.as_deref().unwrap_or("?"),
+                    report.layers_indexed,
+                    report.layers_skipped,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            SociCommand::Inspect { reference, platform, registry } => {
+                let store = convert::parse_location(&reference, &registry.client()?)?;
+                inspect(&store, platform.as_deref()).await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+async fn inspect(store: &Store, platform: Option<&str>) -> Result<()> {
+    let (_, root, root_digest) = store.root().await?;
+    let (m, digest) = crate::image::select_manifest_with_digest(store, root, &root_digest, platform).await?;
+    println!("image:    {store}");
+    println!("manifest: {digest}");
+    let Some(found) = soci_image::discover(store, &digest, &m, None).await? else {
+        println!("no SOCI index (none named by the manifest, none among its referrers)");
+        return Ok(());
+    };
+    println!("index:    {} (v{}, found via {})", found.digest, if found.index.version == soci_image::IndexVersion::V1 { 1 } else { 2 }, found.via.as_str());
+    for (i, l) in m.layers.iter().enumerate() {
+        match found.index.ztoc_for(&l.digest) {
+            None => println!("  layer {i} {} {:>11}  no zTOC (fetched whole)", l.digest, l.size),
+            Some(z) => {
+                let bytes = store.blob_bytes(&z.ztoc_digest).await?;
+                match soci::Ztoc::from_bytes(&bytes) {
+                    Ok(ztoc) => println!(
+                        "  layer {i} {} {:>11}  zTOC {} {} spans of {} B, {} files",
+                        l.digest,
+                        l.size,
+                        z.ztoc_digest,
+                        ztoc.spans.span_count(),
+                        z.span_size,
+                        ztoc.entries.len()
+                    ),
+                    Err(e) => println!("  layer {i} {} {:>11}  zTOC {} unusable: {e}", l.digest, l.size, z.ztoc_digest),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A bar per layer on a terminal, one line per event otherwise.
+fn progress() -> soci_image::Progress {
+    let tty = std::io::stderr().is_terminal();
+    let bars = MultiProgress::new();
+    let active: Mutex<Vec<(String, ProgressBar)>> = Mutex::new(Vec::new());
+    Arc::new(move |e: Event| match e {
+        Event::LayerStart { digest, size } => {
+            if tty {
+                let pb = bars.add(ProgressBar::new_spinner());
+                pb.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("template"));
+                pb.set_message(format!("indexing {} ({size} B)", short(&digest)));
+                pb.enable_steady_tick(std::time::Duration::from_millis(120));
+                active.lock().unwrap().push((digest, pb));
+            } else {
+                eprintln!("indexing {digest} ({size} B)");
+            }
+        }
+        Event::LayerIndexed { digest, ztoc, spans, files, seconds } => {
+            let line = format!("{} -> zTOC {} ({spans} spans, {files} files) in {seconds:.1} s", short(&digest), short(&ztoc));
+            let mut a = active.lock().unwrap();
+            match a.iter().position(|(d, _)| *d == digest) {
+                Some(i) => a.remove(i).1.finish_with_message(line),
+                None => eprintln!("{line}"),
+            }
+        }
+        Event::LayerSkipped { digest, reason } => eprintln!("{} skipped: {}", short(&digest), reason.as_str()),
+        Event::IndexStored { manifest, index, platform } => {
+            eprintln!("SOCI index {} for {}{}", short(&index), short(&manifest), platform.map(|p| format!(" ({p})")).unwrap_or_default())
+        }
+    })
+}
+
+fn short(d: &str) -> String {
+    d.chars().take(19).collect()
+}
+
+/// Whether any layer of `m` is plain gzip or tar (a SOCI index could make it lazy).
+pub fn may_have_soci(m: &registry::Manifest) -> bool {
+    m.layers.iter().any(|l| registry::manifest::is_gzip_layer(&l.media_type) || l.media_type.ends_with(".tar"))
+}
