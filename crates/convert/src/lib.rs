@@ -283,3 +283,40 @@ fn oci_media_type(mt: &str) -> String {
         other => other.into(),
     }
 }
+
+/// Copies an image unchanged (same manifest bytes, so the same digests): every platform of an
+/// index, config and layers by digest. Blobs go through a temporary file each.
+pub async fn copy_image(src: &Store, dst: &Store) -> Result<String> {
+    let (bytes, root, _) = src.root().await?;
+    let tmp = tempfile::tempdir().map_err(|e| Error::Io { context: "creating a temporary directory".into(), source: e })?;
+    let copy_manifest = |m: Manifest| {
+        let tmp = tmp.path().to_path_buf();
+        async move {
+            for blob in std::iter::once(&m.config).chain(&m.layers) {
+                let path = tmp.join("blob");
+                let n = src.blob_to_file(&blob.digest, &path).await?;
+                dst.put_blob_file(&blob.digest, n, &path, Some(src)).await?;
+            }
+            Ok::<_, Error>(())
+        }
+    };
+    match root {
+        ManifestKind::Image(m) => {
+            let media = m.media_type.clone().unwrap_or_else(|| manifest::OCI_MANIFEST.to_owned());
+            copy_manifest(m).await?;
+            dst.put_manifest(bytes, &media, true).await
+        }
+        ManifestKind::Index(index) => {
+            for d in &index.manifests {
+                let (child, kind) = src.manifest(&d.digest).await?;
+                match kind {
+                    ManifestKind::Image(m) => copy_manifest(m).await?,
+                    ManifestKind::Index(_) => return Err(Error::Invalid(format!("{src}: nested index {} is not supported", d.digest))),
+                }
+                dst.put_manifest(child, &d.media_type, false).await?;
+            }
+            let media = index.media_type.clone().unwrap_or_else(|| manifest::OCI_INDEX.to_owned());
+            dst.put_manifest(bytes, &media, true).await
+        }
+    }
+}

@@ -89,6 +89,13 @@ pub enum ImageCommand {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Copy an image unchanged (same digests) between registries and OCI layouts.
+    Copy {
+        src: String,
+        dst: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// Show an image's manifest, config and layers, and whether each layer can be lazily pulled.
     Inspect {
         reference: String,
@@ -103,6 +110,13 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cmd {
+            ImageCommand::Copy { src, dst, registry } => {
+                let client = registry.client()?;
+                let (src, dst) = (convert::parse_location(&src, &client)?, convert::parse_location(&dst, &client)?);
+                let digest = convert::copy_image(&src, &dst).await?;
+                println!("copied {src} -> {dst} ({digest})");
+                Ok(())
+            }
             ImageCommand::Convert {
                 src,
                 dst,
