@@ -1549,3 +1549,78 @@ fn in_process_mode_serves_layers_like_the_daemons() {
     assert_eq!(snap.fuse_mounts(), 0, "in-process layers still mounted after image removal");
     eprintln!("in-process mode: every layer remote, rootfs identical to overlayfs, removed cleanly");
 }
+
+/// Issue 18 through containerd: an unmodified gzip image (Docker media types, original blobs)
+/// with a v1 SOCI index beside it (Debian's registry: found through the fallback tag) and the
+/// same image converted to a v2 SOCI image. `lazypull rpull` through the snapshotter (layer
+/// daemons, the default) makes every indexed layer a remote snapshot, a container's `echo`
+/// fetches a small part of the image, and the rootfs listing (every file's metadata and
+/// sha256) equals overlayfs's of the same image.
+#[test]
+fn soci_indexed_images_run_lazily_in_containerd() {
+    if !can_serve_lazily("the SOCI containerd test") {
+        return;
+    }
+    let big = pseudo_random(24 << 20, 0x1357_9bdf_2468_ace0);
+    let img = build_image(&big);
+    let reg = TestRegistry::start(Auth::None);
+    let proxy = fault_proxy::FaultProxy::start(&reg.host);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = Client::new(RegistryConfig::default(), Credentials::anonymous()).unwrap();
+    let reference = |tag: &str| format!("{}/soci:{tag}", proxy.addr);
+    let scratch = tempfile::tempdir().unwrap();
+    let original = Store::Registry { client: client.clone(), reference: Reference::parse(&reference("plain")).unwrap() };
+    rt.block_on(push_original(&original, &img, scratch.path()));
+    let lazypull = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+        cmd.args(args);
+        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), scratch.path());
+        assert!(ok, "lazypull {args:?}: {out}\n{err}");
+        out
+    };
+    let plain = reference("plain");
+    let v2 = reference("v2");
+    lazypull(&["soci", "create", &plain, "--min-layer-size", "0", "--span-size", "1048576"]);
+    lazypull(&["soci", "convert", &plain, &v2, "--min-layer-size", "0", "--span-size", "1048576"]);
+    let layers: Vec<(String, u64)> = serde_json::from_slice::<serde_json::Value>(&img.manifest).unwrap()["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["digest"].as_str().unwrap().to_owned(), l["size"].as_u64().unwrap()))
+        .collect();
+    let image_bytes: u64 = layers.iter().map(|l| l.1).sum();
+
+    let snap_root = tempfile::Builder::new().prefix("lazypull-soci-").tempdir().unwrap();
+    let run_dir = PathBuf::from(format!("/run/lazypull-soci-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let sock = run_dir.join("s.sock");
+    let config = snap_root.path().join("config.toml");
+    std::fs::write(&config, "metrics_address = \"127.0.0.1:0\"\nbackground_fetch = false\n").unwrap();
+    let snap = SnapshotterDaemon::start(&snap_root.path().join("root"), &sock, &config, SocketMode::Bound);
+    let ctd = Containerd::start_with(&format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+
+    ctd.ctr_ok(&["image", "pull", "--plain-http", &plain], Duration::from_secs(60));
+    let want = ctd.run_report("overlayfs", &plain, &format!("lp-soci-ref-{}", std::process::id()), Duration::from_secs(60));
+    ctd.ctr_ok(&["image", "rm", "--sync", &plain], Duration::from_secs(30));
+
+    for (what, image) in [("v1 (referrers fallback tag)", &plain), ("v2 (annotated manifest)", &v2)] {
+        proxy.clear_requests();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+        cmd.args(["rpull", "--address", &ctd.sock, "--namespace", &namespace(), image]);
+        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root.path());
+        assert!(ok && out.contains("2 of 2 layers remote"), "{what}: rpull: {out}\n{err}\nsnapshotter log:\n{}", snap.log());
+        let id = format!("lp-soci-echo-{}", std::process::id());
+        let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", image, &id, "/bin/echo", "hi"], Duration::from_secs(60));
+        assert_eq!(out.trim(), "hi");
+        let fetched: u64 = layers.iter().map(|(d, s)| proxy.blob_bytes_requested(d, *s)).sum();
+        let pct = fetched as f64 * 100.0 / image_bytes as f64;
+        eprintln!("SOCI {what}: fetched before echo completed: {fetched} of {image_bytes} bytes ({pct:.2}%)");
+        assert!(pct < 10.0, "{what}: fetched {pct:.2}% of the image before echo completed");
+        let got = ctd.run_report("lazypull", image, &format!("lp-soci-{}", std::process::id()), Duration::from_secs(120));
+        assert!(got.listing == want.listing, "{what}: lazy rootfs differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want.listing, &got.listing));
+        ctd.ctr_ok(&["image", "rm", "--sync", image], Duration::from_secs(60));
+    }
+    let log = snap.log() + &daemon_logs(&snap_root.path().join("root").join("layers"));
+    assert!(log.contains("using a SOCI index"), "the snapshotter logs how it found the index:\n{log}");
+    assert_eq!(snap.log().matches("remote snapshot mounted lazily").count(), 4, "every layer of both images remote:\n{}", snap.log());
+}

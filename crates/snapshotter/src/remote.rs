@@ -76,6 +76,10 @@ pub struct RegistryRemote {
     tails: Option<TailCache>,
     /// Blobs whose TOC is being read ahead.
     warming: Arc<Mutex<HashSet<String>>>,
+    /// The platform manifest's digest by image reference (for SOCI discovery).
+    manifest_digests: Mutex<HashMap<String, String>>,
+    /// The SOCI index of each image looked up (`None`: it has none), once per image.
+    soci: Mutex<HashMap<String, Option<Arc<soci_image::SociIndex>>>>,
 }
 
 impl RegistryRemote {
@@ -89,6 +93,8 @@ impl RegistryRemote {
             mounts: Mutex::new(HashMap::new()),
             tails: None,
             warming: Arc::new(Mutex::new(HashSet::new())),
+            manifest_digests: Mutex::new(HashMap::new()),
+            soci: Mutex::new(HashMap::new()),
         }
     }
 
@@ -131,7 +137,7 @@ impl RegistryRemote {
             let manifest = match cached {
                 Some(m) => m,
                 None => match tokio::time::timeout(timeout, fetch_manifest(&client, &reference)).await {
-                    Ok(Ok(m)) => manifests.lock().unwrap().entry(image).or_insert_with(|| Arc::new(m)).clone(),
+                    Ok(Ok((m, _))) => manifests.lock().unwrap().entry(image).or_insert_with(|| Arc::new(m)).clone(),
                     _ => return done(&todo),
                 },
             };
@@ -169,8 +175,43 @@ impl RegistryRemote {
         let d = m.layers.iter().find(|l| l.digest == digest).ok_or_else(|| NotLazy::NotInManifest { image: image.to_string(), digest: digest.to_string() })?;
         let mut annotations = d.annotations.clone();
         annotations.extend(labels.iter().filter(|(k, _)| k.starts_with("containerd.io/snapshot/stargz/") || k.starts_with("io.containers.zstd-chunked.")).map(|(k, v)| (k.clone(), v.clone())));
-        let found = layer::detect(&d.media_type, &annotations)?;
-        Ok(remote(d.size, found.check))
+        match layer::detect(&d.media_type, &annotations) {
+            Ok(found) => Ok(remote(d.size, found.check)),
+            // Not eStargz: lazy through a SOCI index when the image has one with a zTOC for it.
+            Err(reason @ NotLazy::NoIndex { .. }) if registry::manifest::is_gzip_layer(&d.media_type) || d.media_type.ends_with(".tar") => {
+                let Some(index) = self.soci_index(image, &m)? else { return Err(reason) };
+                match index.ztoc_for(digest) {
+                    Some(z) => {
+                        let d_ztoc = z.ztoc_digest.parse().map_err(|_| NotLazy::IndexUnusable(format!("zTOC digest {:?}", z.ztoc_digest)))?;
+                        Ok(remote(d.size, layer::IndexCheck::SociZtoc(d_ztoc)))
+                    }
+                    None => Err(NotLazy::NoZtoc { index: image.to_string() }),
+                }
+            }
+            Err(reason) => Err(reason),
+        }
+    }
+
+    /// The image's SOCI index (looked up once per image: manifest annotation, then referrers).
+    fn soci_index(&self, image: &str, m: &registry::Manifest) -> Result<Option<Arc<soci_image::SociIndex>>, NotLazy> {
+        if let Some(found) = self.soci.lock().unwrap().get(image) {
+            return Ok(found.clone());
+        }
+        let digest = self.manifest_digests.lock().unwrap().get(image).cloned().unwrap_or_default();
+        let reference = Reference::parse(image).map_err(|e| NotLazy::BadAnnotation { key: "image reference".into(), value: format!("{image}: {e}") })?;
+        let store = convert::Store::Registry { client: self.client.clone(), reference };
+        let timeout = self.config.fetch_timeout;
+        let found = self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, soci_image::discover(&store, &digest, m, None)).await })
+            .map_err(|_| NotLazy::RegistryUnreachable(format!("no SOCI index answer for {image} within {timeout:?}")))?
+            .map_err(|e| NotLazy::Registry(format!("looking for a SOCI index of {image}: {e}")))?;
+        if let Some(f) = &found {
+            tracing::info!(image, index = %f.digest, via = f.via.as_str(), "using a SOCI index");
+        }
+        let found = found.map(|f| Arc::new(f.index));
+        self.soci.lock().unwrap().insert(image.to_string(), found.clone());
+        Ok(found)
     }
 
     fn manifest(&self, image: &str) -> Result<Arc<registry::Manifest>, NotLazy> {
@@ -185,8 +226,10 @@ impl RegistryRemote {
             .block_on(async move { tokio::time::timeout(timeout, fetch_manifest(&client, &r)).await })
             .map_err(|_| NotLazy::RegistryUnreachable(format!("no manifest for {image} within {timeout:?}")))?
             .map_err(|e| NotLazy::Registry(e.to_string()))?;
+        let (m, digest) = m;
         let m = Arc::new(m);
         self.manifests.lock().unwrap().insert(image.to_string(), m.clone());
+        self.manifest_digests.lock().unwrap().insert(image.to_string(), digest);
         Ok(m)
     }
 
@@ -218,9 +261,18 @@ impl Remote for RegistryRemote {
             self.runtime.clone(),
             self.config.fetch_timeout,
         ));
-        let opened = match &self.tails {
-            Some(tails) => lazyfs::open_layer_cached(source, Some(&want), self.store.clone(), self.config.fetch.clone(), tails),
-            None => lazyfs::open_layer(source, Some(&want), self.store.clone(), self.config.fetch.clone()),
+        let opened = match (&want, &self.tails) {
+            (layer::IndexCheck::SociZtoc(ztoc), _) => {
+                let (client, reference, timeout) = (self.client.clone(), Reference::parse(&layer.image_ref).expect("parsed above"), self.config.fetch_timeout);
+                let bytes = self
+                    .runtime
+                    .block_on(async move { tokio::time::timeout(timeout, client.get_blob_bytes(&reference, &ztoc.to_string(), 512 << 20)).await })
+                    .map_err(|_| NotLazy::RegistryUnreachable(format!("zTOC {ztoc} not fetched within {timeout:?}")))?
+                    .map_err(|e| NotLazy::Registry(format!("fetching zTOC {ztoc}: {e}")))?;
+                lazyfs::open_ztoc_layer(source, &bytes, &want, self.store.clone(), self.config.fetch.clone())
+            }
+            (_, Some(tails)) => lazyfs::open_layer_cached(source, Some(&want), self.store.clone(), self.config.fetch.clone(), tails),
+            (_, None) => lazyfs::open_layer(source, Some(&want), self.store.clone(), self.config.fetch.clone()),
         }
         .map_err(|e| NotLazy::IndexUnusable(e.to_string()))?;
         let options = ServeOptions {
@@ -255,15 +307,15 @@ impl Remote for RegistryRemote {
     }
 }
 
-/// The image manifest of `r` for this host's platform.
-async fn fetch_manifest(client: &Client, r: &Reference) -> registry::Result<registry::Manifest> {
+/// The image manifest of `r` for this host's platform, and its digest.
+async fn fetch_manifest(client: &Client, r: &Reference) -> registry::Result<(registry::Manifest, String)> {
     let fetched = client.get_manifest(r).await?;
     match fetched.manifest {
-        ManifestKind::Image(m) => Ok(m),
+        ManifestKind::Image(m) => Ok((m, fetched.digest)),
         ManifestKind::Index(i) => {
             let d = manifest::select_platform(&i, &Platform::host(), &r.to_string())?;
             match client.get_manifest(&r.with_digest(&d.digest)).await?.manifest {
-                ManifestKind::Image(m) => Ok(m),
+                ManifestKind::Image(m) => Ok((m, d.digest.clone())),
                 ManifestKind::Index(_) => Err(registry::Error::Config("nested index".into())),
             }
         }
