@@ -322,6 +322,9 @@ impl Served {
         if let Some(dev) = self.overlay {
             let _ = lazyfs::detach_if(&self.mountpoint, dev);
         }
+        // The pin keeps the detached overlay's superblock, and with it every layer mount below
+        // it, alive: release it first, or a layer's detach leaves it mounted.
+        self._overlay_pin = None;
         // Every layer's waiting readers fail fast before any mount is waited for.
         for s in self.servers() {
             s.close();

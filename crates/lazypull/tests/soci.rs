@@ -203,6 +203,10 @@ fn soci_indexed_gzip_image_mounts_lazily_and_identically() {
         assert!(!m.at.join("usr/share/doc/ünïcödé-mixed.txt").exists(), "the whiteout hides the lower file");
         let logs: Vec<String> = std::fs::read_dir(m.at.join("var/log")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert_eq!(logs, vec!["app.log".to_string()], "the opaque directory shows the upper layer only");
+        drop(m);
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let state = t.join("whole-state");
+        assert!(!mounts.contains(state.to_str().unwrap()), "umount left layer mounts behind:\n{mounts}");
     }
 
     // --- Integrity: a flipped byte in a span is EIO, with a log naming the range.

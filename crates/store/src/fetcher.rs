@@ -309,8 +309,23 @@ pub struct LayerFetcher {
     last_network_demand_us: AtomicU64,
     epoch: Instant,
     closed: AtomicBool,
+    /// Resumed-stream ranges (SOCI spans): how far into its output the layer's chunks reach,
+    /// and the last few inflated outputs, so that the many files of one span cost one
+    /// inflation of it, not one each from its checkpoint.
+    resumed_need: HashMap<(u64, u64), u64>,
+    resumed: Mutex<std::collections::VecDeque<ResumedSpan>>,
     pub stats: LayerStats,
 }
+
+/// The verified, inflated output of one resumed range.
+struct ResumedSpan {
+    offset: u64,
+    end: u64,
+    data: Arc<Vec<u8>>,
+}
+
+/// Inflated spans kept per layer (a few MiB each).
+const RESUMED_SPANS_KEPT: usize = 4;
 
 /// How a set of claims is turned into requests.
 #[derive(Debug, Clone, Copy)]
@@ -346,6 +361,11 @@ impl LayerFetcher {
             }
         }
         let parallel = config.parallel.max(1);
+        let mut resumed_need: HashMap<(u64, u64), u64> = HashMap::new();
+        for c in chunks.iter().filter(|c| c.resume.is_some()) {
+            let need = resumed_need.entry((c.offset, c.next_offset)).or_default();
+            *need = (*need).max(c.inner_offset.saturating_add(c.size));
+        }
         LayerFetcher {
             blob: blob.into(),
             present,
@@ -364,6 +384,8 @@ impl LayerFetcher {
             last_network_demand_us: AtomicU64::new(0),
             epoch: Instant::now(),
             closed: AtomicBool::new(false),
+            resumed_need,
+            resumed: Mutex::new(std::collections::VecDeque::new()),
             stats: LayerStats::default(),
         }
     }

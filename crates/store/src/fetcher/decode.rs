@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use index::Digest;
 
-use super::{Claim, LayerFetcher};
+use super::{Claim, LayerFetcher, ResumedSpan};
 use crate::error::{Error, Result};
 
 impl LayerFetcher {
@@ -40,6 +40,11 @@ impl LayerFetcher {
             .zip(c.next_offset.checked_sub(range_start))
             .and_then(|(from, to)| range.get(usize::try_from(from).ok()?..usize::try_from(to).ok()?))
             .ok_or_else(|| corrupt(format!("member {}..{} is not inside the fetched range starting at {range_start}", c.offset, c.next_offset)))?;
+        if let Some(data) = self.resumed_slice(c.offset, c.next_offset, c.inner_offset, c.size) {
+            // Inflated from this range's verified bytes before: no second hash or inflation.
+            self.store.put_alias(&cl.digest, &Digest::of(&data))?;
+            return Ok(data);
+        }
         if let Some(want) = c.compressed_digest {
             let got = Digest::of(member);
             if got != want {
@@ -47,7 +52,16 @@ impl LayerFetcher {
             }
         }
         let data = match (&c.resume, c.codec) {
-            (Some(resume), index::Codec::GzipResume) => index::decode_resumed(resume, member, c.inner_offset, c.size as usize),
+            (Some(resume), index::Codec::GzipResume) => {
+                // Inflate as far as any chunk of this range needs, once; slice this one out.
+                let need = self.resumed_need.get(&(c.offset, c.next_offset)).copied().unwrap_or(0).max(c.inner_offset + c.size);
+                let need = need.min(index::limits::MAX_CHUNK_SIZE.max(c.inner_offset + c.size));
+                let whole = index::decode_resumed(resume, member, 0, need as usize).map_err(|e| corrupt(e.to_string()))?;
+                let whole = Arc::new(whole);
+                let slice = whole[c.inner_offset as usize..(c.inner_offset + c.size) as usize].to_vec();
+                self.remember_resumed(c.offset, c.next_offset, whole);
+                Ok(slice)
+            }
             _ => index::decode(c.codec, member, c.inner_offset, c.size as usize),
         }
         .map_err(|e| corrupt(e.to_string()))?;
@@ -63,5 +77,20 @@ impl LayerFetcher {
             return Err(corrupt(format!("content hashes to {actual}")));
         }
         Ok(Arc::new(data))
+    }
+
+    /// A chunk's bytes from an already inflated (and verified) resumed range, if kept.
+    fn resumed_slice(&self, offset: u64, end: u64, inner: u64, size: u64) -> Option<Arc<Vec<u8>>> {
+        let kept = self.resumed.lock().unwrap();
+        let s = kept.iter().find(|s| s.offset == offset && s.end == end)?;
+        let to = inner.checked_add(size)?;
+        (to <= s.data.len() as u64).then(|| Arc::new(s.data[inner as usize..to as usize].to_vec()))
+    }
+
+    fn remember_resumed(&self, offset: u64, end: u64, data: Arc<Vec<u8>>) {
+        let mut kept = self.resumed.lock().unwrap();
+        kept.retain(|s| !(s.offset == offset && s.end == end));
+        kept.push_front(ResumedSpan { offset, end, data });
+        kept.truncate(super::RESUMED_SPANS_KEPT);
     }
 }
