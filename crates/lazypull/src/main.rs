@@ -18,7 +18,7 @@ mod snapshotter;
 mod soci_cmd;
 
 #[derive(Parser)]
-#[command(name = "lazypull", version, about = "Lazy-pulling container images (eStargz, zstd:chunked)")]
+#[command(name = "lazypull", version, about = "Lazy-pulling container images (eStargz, zstd:chunked, SOCI)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

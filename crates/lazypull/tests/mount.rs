@@ -23,17 +23,15 @@ mod support {
     pub mod tree;
 }
 
-use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fault_proxy::{Fault, FaultProxy};
-use sha2::{Digest as _, Sha256};
 use support::tree::{assert_same, sha_hex, snapshot};
 use test_registry::{Auth, TestRegistry};
 
