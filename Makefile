@@ -35,8 +35,10 @@ bench:
 	scripts/bench-fs.sh
 	scripts/bench-coldstart.sh
 	scripts/bench-start.sh
+	scripts/bench-soci-build.sh
 
-# Bounded fuzzing of footer+TOC parsing and tar conversion (FUZZ_SECONDS per target).
+# Bounded fuzzing of footer+TOC parsing, tar conversion, layer serving and zTOC reading
+# (FUZZ_SECONDS per target).
 FUZZ_SECONDS ?= 120
 fuzz:
 	scripts/install-deps.sh fuzz

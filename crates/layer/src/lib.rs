@@ -194,7 +194,7 @@ mod tests {
 
     #[test]
     fn checks_round_trip_through_their_text() {
-        for c in [IndexCheck::TocDigest(D1.parse().unwrap()), IndexCheck::ZstdManifestChecksum(D2.parse().unwrap())] {
+        for c in [IndexCheck::TocDigest(D1.parse().unwrap()), IndexCheck::ZstdManifestChecksum(D2.parse().unwrap()), IndexCheck::SociZtoc(D1.parse().unwrap())] {
             assert_eq!(IndexCheck::parse(&c.to_string()).unwrap(), c);
         }
         // Records written before zstd-only layers existed hold a bare TOC digest.

@@ -162,6 +162,37 @@ mod tests {
     }
 
     #[test]
+    fn a_ztoc_opens_only_with_its_digest_and_through_open_ztoc() {
+        let (tar_bytes, ztoc) = {
+            let mut tar = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(5);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            tar.append_data(&mut h, "etc/hello", &b"hello"[..]).unwrap();
+            let bytes = tar.into_inner().unwrap();
+            let z = soci::build_ztoc(&bytes[..], &soci::BuildOptions::default()).unwrap();
+            (bytes, z.to_bytes())
+        };
+        let right = IndexCheck::SociZtoc(Digest::of(&ztoc));
+        let opened = open_ztoc(&ztoc, &right).unwrap();
+        assert_eq!(opened.format, Format::Soci);
+        assert_eq!(opened.index.get(opened.index.resolve("etc/hello").unwrap()).unwrap().size, 5);
+        // A zTOC whose digest does not match the SOCI index: refused, the layer falls back.
+        let wrong = IndexCheck::SociZtoc(Digest::of(b"other"));
+        assert!(matches!(open_ztoc(&ztoc, &wrong), Err(OpenError::Check(m)) if m.contains("zTOC digest mismatch")));
+        // A SOCI check through the blob-reading entry point names the right one.
+        assert!(matches!(open(&tar_bytes, Some(&right), &OpenOptions::default()), Err(OpenError::Soci(m)) if m.contains("open_ztoc")));
+        // A garbage zTOC with a matching digest: a parse error, not a panic.
+        let junk = b"not a ztoc".to_vec();
+        assert!(matches!(open_ztoc(&junk, &IndexCheck::SociZtoc(Digest::of(&junk))), Err(OpenError::Soci(_))));
+    }
+
+    #[test]
     fn a_blob_that_is_not_stargz_is_a_format_error() {
         assert!(matches!(open(&vec![0u8; 100], None, &OpenOptions::default()), Err(OpenError::Stargz(_))));
     }

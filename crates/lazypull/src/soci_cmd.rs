@@ -67,6 +67,16 @@ pub enum SociCommand {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Build the zTOC of local layer blobs (gzip or tar) into DIR/<layer file name>.ztoc, in
+    /// parallel; prints each zTOC's digest, spans and files and the time taken.
+    Ztoc {
+        #[arg(required = true)]
+        layers: Vec<std::path::PathBuf>,
+        #[arg(long, short = 'o', value_name = "DIR")]
+        output: std::path::PathBuf,
+        #[arg(long, default_value_t = soci::DEFAULT_SPAN_SIZE)]
+        span_size: u64,
+    },
     /// Show the SOCI index of an image (how it was found) and each layer's zTOC.
     Inspect {
         reference: String,
@@ -108,6 +118,7 @@ pub fn run(cmd: SociCommand) -> Result<()> {
                     started.elapsed().as_secs_f64()
                 );
             }
+            SociCommand::Ztoc { layers, output, span_size } => build_local(&layers, &output, span_size)?,
             SociCommand::Inspect { reference, platform, registry } => {
                 let store = convert::parse_location(&reference, &registry.client()?)?;
                 inspect(&store, platform.as_deref()).await?;
@@ -147,6 +158,43 @@ async fn inspect(store: &Store, platform: Option<&str>) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn build_local(layers: &[std::path::PathBuf], output: &std::path::Path, span_size: u64) -> Result<()> {
+    std::fs::create_dir_all(output)?;
+    let started = Instant::now();
+    let opts = soci::BuildOptions { span_size, ..Default::default() };
+    let results: Vec<Result<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = layers
+            .iter()
+            .map(|path| {
+                let opts = opts.clone();
+                s.spawn(move || -> Result<String> {
+                    let t = Instant::now();
+                    let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+                    let z = soci::build_ztoc(f, &opts).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    let bytes = z.to_bytes();
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "layer".into());
+                    std::fs::write(output.join(format!("{name}.ztoc")), &bytes)?;
+                    Ok(format!(
+                        "{} -> {} ({} spans, {} files, {} B) in {:.2} s",
+                        path.display(),
+                        soci_image::manifest::sha256_digest(&bytes),
+                        z.spans.span_count(),
+                        z.entries.len(),
+                        bytes.len(),
+                        t.elapsed().as_secs_f64()
+                    ))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("zTOC builder thread")).collect()
+    });
+    for r in results {
+        println!("{}", r?);
+    }
+    println!("built {} zTOCs in {:.2} s", layers.len(), started.elapsed().as_secs_f64());
     Ok(())
 }
 

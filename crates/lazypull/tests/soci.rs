@@ -5,8 +5,9 @@
 //! unchanged:
 //!
 //! - `soci create` (v1) and `soci convert` (v2) make indexes that `soci inspect` finds, the
-//!   first through referrers, the second through the manifest annotation; the image digest is
-//!   unchanged by `create`;
+//!   first through referrers (the fallback tag; and, behind a proxy that adds the referrers
+//!   API, the API without any tag), the second through the manifest annotation; the image
+//!   digest is unchanged by `create`;
 //! - `lazypull mount` serves every layer lazily through its zTOC: each layer mounted alone
 //!   equals GNU tar's extraction of it (type, mode, owner, size, mtime, link target, nlink,
 //!   xattrs, sha256), the whole image applies the second layer's whiteouts;
@@ -228,6 +229,25 @@ fn soci_indexed_gzip_image_mounts_lazily_and_identically() {
     let m = Mounted::new(&v2, &t.join("v2"), &t.join("v2-state"), &[]);
     let got = std::fs::read(m.at.join("opt/data/blob1.bin")).unwrap();
     assert_eq!(sha_hex(&got), sha_hex(&std::fs::read(t.join("x1/opt/data/blob1.bin")).unwrap()));
+    for l in m.status()["layers"].as_array().unwrap() {
+        assert_eq!(l["fallback_reason"], serde_json::Value::Null);
+    }
+    drop(m);
+
+    // --- v1 on a registry with the referrers API (a proxy adds it): no fallback tag is written,
+    // and discovery goes through the API.
+    let api = FaultProxy::start(&reg.host);
+    api.serve_referrers_api();
+    let with_api = format!("{}/soci/api:v1", api.addr);
+    lazypull(&["image", "copy", &format!("oci:{}:latest", t.join("image-layout").display()), &with_api]);
+    lazypull(&["soci", "create", &with_api]);
+    assert_eq!(api.count("PUT", "/manifests/sha256-"), 0, "a registry with the referrers API needs no fallback tag");
+    api.clear_requests();
+    let inspect = lazypull(&["soci", "inspect", &with_api]);
+    assert!(inspect.contains("found via referrers"), "{inspect}");
+    assert!(api.count("GET", "/referrers/") > 0 && api.count("GET", "/manifests/sha256-") == 0, "found through the API, not the tag");
+    let m = Mounted::new(&with_api, &t.join("api"), &t.join("api-state"), &[]);
+    assert_eq!(std::fs::read(m.at.join("etc/hostname")).unwrap(), std::fs::read(t.join("x1/etc/hostname")).unwrap());
     for l in m.status()["layers"].as_array().unwrap() {
         assert_eq!(l["fallback_reason"], serde_json::Value::Null);
     }

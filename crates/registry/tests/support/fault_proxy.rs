@@ -14,6 +14,9 @@
 //! * `Location` headers pointing at the upstream are rewritten to the proxy's URL.
 //! * A request is recorded (see [`FaultProxy::requests`]) just before its response is written,
 //!   so the record is visible even when the client sees a dropped connection.
+//! * [`FaultProxy::serve_referrers_api`] adds the OCI referrers API in front of a registry that
+//!   lacks it (Debian's): manifests PUT with a `subject` are remembered, and
+//!   `GET /v2/<repo>/referrers/<digest>[?artifactType=T]` answers from that memory.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -106,6 +109,9 @@ struct Shared {
     stop: AtomicBool,
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
+    /// Referrers API emulation: on when set; (repository, subject digest) -> descriptors.
+    referrers_api: AtomicBool,
+    referrers: Mutex<HashMap<(String, String), Vec<serde_json::Value>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -132,6 +138,8 @@ impl FaultProxy {
             stop: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            referrers_api: AtomicBool::new(false),
+            referrers: Mutex::new(HashMap::new()),
         });
         let accept_shared = shared.clone();
         let accept_thread = thread::Builder::new()
@@ -173,6 +181,11 @@ impl FaultProxy {
             fault,
             remaining,
         });
+    }
+
+    /// Answer the OCI referrers API (see the module docs) from now on.
+    pub fn serve_referrers_api(&self) {
+        self.shared.referrers_api.store(true, Ordering::SeqCst);
     }
 
     /// Remove all injected faults (recorded requests are kept).
@@ -628,6 +641,13 @@ fn handle_request(
 
     let is_head = head.method.eq_ignore_ascii_case("HEAD");
     let keep_alive = !head.wants_close();
+    if shared.referrers_api.load(Ordering::SeqCst) {
+        if let Some(answer) = referrers_api(shared, head, body.as_deref()) {
+            record(shared, head, 200);
+            write_simple(writer, 200, &[("Content-Type", "application/vnd.oci.image.index.v1+json")], &answer, is_head, !keep_alive)?;
+            return Ok(keep_alive);
+        }
+    }
 
     let mut strip_range = false;
     let mut mode = BodyMode::Normal;
@@ -988,4 +1008,45 @@ fn forward(
             complete,
         });
     }
+}
+
+/// The referrers API emulation: remembers manifests with a subject (the request is forwarded
+/// as usual, `None`), and answers referrers queries (`Some(index body)`).
+fn referrers_api(shared: &Shared, head: &RequestHead, body: Option<&[u8]>) -> Option<Vec<u8>> {
+    let (path, query) = head.path.split_once('?').unwrap_or((&head.path, ""));
+    let rest = path.strip_prefix("/v2/")?;
+    if head.method.eq_ignore_ascii_case("PUT") {
+        let (repo, _) = rest.rsplit_once("/manifests/")?;
+        let body = body?;
+        let m: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let subject = m["subject"]["digest"].as_str()?.to_string();
+        let mut desc = serde_json::json!({
+            "mediaType": m["mediaType"].as_str().unwrap_or("application/vnd.oci.image.manifest.v1+json"),
+            "digest": format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body))),
+            "size": body.len(),
+        });
+        let artifact = m["artifactType"].as_str().or_else(|| m["config"]["mediaType"].as_str());
+        if let Some(t) = artifact {
+            desc["artifactType"] = serde_json::Value::String(t.to_string());
+        }
+        if m["annotations"].is_object() {
+            desc["annotations"] = m["annotations"].clone();
+        }
+        let mut all = lock(&shared.referrers);
+        let list = all.entry((repo.to_string(), subject)).or_default();
+        list.retain(|d| d["digest"] != desc["digest"]);
+        list.push(desc);
+        return None;
+    }
+    if !head.method.eq_ignore_ascii_case("GET") && !head.method.eq_ignore_ascii_case("HEAD") {
+        return None;
+    }
+    let (repo, digest) = rest.rsplit_once("/referrers/")?;
+    let want = query.split('&').find_map(|kv| kv.strip_prefix("artifactType=")).map(|t| t.replace("%2B", "+").replace("%2b", "+").replace("%2F", "/").replace("%2f", "/"));
+    let manifests: Vec<serde_json::Value> = lock(&shared.referrers)
+        .get(&(repo.to_string(), digest.to_string()))
+        .map(|l| l.iter().filter(|d| want.as_deref().is_none_or(|t| d["artifactType"] == t)).cloned().collect())
+        .unwrap_or_default();
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
+    Some(serde_json::to_vec(&index).unwrap())
 }
