@@ -23,7 +23,7 @@ pub use index::limits;
 pub mod path;
 pub mod reader;
 pub mod tar;
-mod time;
+pub mod time;
 pub mod toc;
 pub mod tree;
 pub mod verify;

@@ -207,19 +207,24 @@ pub enum ResumeError {
 /// bits). A gzip member that ends inside `data` is followed into the next one (trailer and
 /// header skipped, window empty), as the stream itself does. Inflation stops as soon as `out`
 /// is full.
-pub fn resume_inflate(resume: &Resume, mut data: &[u8], mut skip: u64, out: &mut [u8]) -> Result<(), ResumeError> {
+pub fn resume_inflate(resume: &Resume, data: &[u8], skip: u64, out: &mut [u8]) -> Result<(), ResumeError> {
+    inflate_from_checkpoint(resume.bits, &resume.window, data, skip, out)
+}
+
+/// [`resume_inflate`] with the checkpoint's parts borrowed (a zTOC's own checkpoint, not copied).
+pub fn inflate_from_checkpoint(bits: u8, window: &[u8], mut data: &[u8], mut skip: u64, out: &mut [u8]) -> Result<(), ResumeError> {
     let mut inflater = RawInflater::new();
-    if resume.bits > 7 {
-        return Err(InflateError(format!("{} leftover bits (at most 7)", resume.bits)).into());
+    if bits > 7 {
+        return Err(InflateError(format!("{bits} leftover bits (at most 7)")).into());
     }
-    if resume.bits != 0 {
+    if bits != 0 {
         let Some((&first, rest)) = data.split_first() else {
             return Err(ResumeError::Truncated { missing: out.len() as u64 });
         };
-        inflater.prime(resume.bits, first >> (8 - resume.bits))?;
+        inflater.prime(bits, first >> (8 - bits))?;
         data = rest;
     }
-    inflater.set_dictionary(&resume.window)?;
+    inflater.set_dictionary(window)?;
     let mut discard = vec![0u8; WINDOW_SIZE];
     let mut written = 0usize;
     while written < out.len() {

@@ -527,7 +527,7 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
             Ok(found) => return Ok(found.check),
             Err(reason) => reason,
         };
-        if !crate::soci_cmd::may_have_soci(&manifest) {
+        if !soci_image::indexable(&d.media_type) {
             return Err(reason);
         }
         let found = soci.get_or_insert_with(|| {

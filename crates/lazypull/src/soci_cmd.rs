@@ -233,8 +233,3 @@ fn progress() -> soci_image::Progress {
 fn short(d: &str) -> String {
     d.chars().take(19).collect()
 }
-
-/// Whether any layer of `m` is plain gzip or tar (a SOCI index could make it lazy).
-pub fn may_have_soci(m: &registry::Manifest) -> bool {
-    m.layers.iter().any(|l| registry::manifest::is_gzip_layer(&l.media_type) || l.media_type.ends_with(".tar"))
-}

@@ -20,6 +20,7 @@ mod fault_proxy;
 #[allow(dead_code)]
 mod corpus;
 mod support {
+    pub mod cli;
     pub mod tree;
 }
 
@@ -32,46 +33,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fault_proxy::{Fault, FaultProxy};
+use support::cli::{lazypull, prerequisites, BIN};
 use support::tree::{assert_same, sha_hex, snapshot};
 use test_registry::{Auth, TestRegistry};
-
-const BIN: &str = env!("CARGO_BIN_EXE_lazypull");
-
-fn required() -> bool {
-    std::env::var("LAZYPULL_INTEROP").as_deref() == Ok("required")
-}
-
-/// Whether the test can run here; panics if it must and cannot.
-fn prerequisites() -> bool {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root");
-    }
-    if !Path::new("/dev/fuse").exists() {
-        missing.push("/dev/fuse");
-    }
-    if !Path::new(test_registry::REGISTRY_BIN).exists() {
-        missing.push("docker-registry");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(!required(), "LAZYPULL_INTEROP=required but missing: {missing:?}");
-    eprintln!("skipping: missing {missing:?}");
-    false
-}
-
-fn lazypull(args: &[&str]) -> String {
-    let out = Command::new(BIN).args(args).output().expect("running lazypull");
-    assert!(
-        out.status.success(),
-        "lazypull {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A daemonized mount, unmounted on drop.
 struct Mounted {
@@ -142,7 +106,7 @@ impl Drop for Mounted {
 
 #[test]
 fn corpus_layers_mount_identical_to_their_extraction() {
-    if !prerequisites() {
+    if !prerequisites(&[]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -188,7 +152,7 @@ fn corpus_layers_mount_identical_to_their_extraction() {
 /// at once while the daemon survives and serves the honest files.
 #[test]
 fn user_mounts_ignore_setuid_and_devices_and_survive_hostile_chunks() {
-    if !prerequisites() {
+    if !prerequisites(&[]) {
         return;
     }
     use corpus::Item;
@@ -377,7 +341,7 @@ fn drop_page_cache() {
 
 #[test]
 fn registry_image_identity_laziness_integrity_concurrency() {
-    if !prerequisites() {
+    if !prerequisites(&[]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

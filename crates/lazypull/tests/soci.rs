@@ -21,6 +21,7 @@ mod test_registry;
 #[path = "../../registry/tests/support/fault_proxy.rs"]
 mod fault_proxy;
 mod support {
+    pub mod cli;
     pub mod tree;
 }
 
@@ -28,48 +29,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use fault_proxy::{Fault, FaultProxy};
+use support::cli::{lazypull, prerequisites, BIN};
 use support::tree::{assert_same, sha_hex, snapshot};
 use test_registry::{Auth, TestRegistry};
 
-const BIN: &str = env!("CARGO_BIN_EXE_lazypull");
 const MIXED: &str = "sha256:f3d4d29f3725c7e6cfbe88fd1400fe50264ee92ee85fbdabd8c2b965f21618cf";
 const MULTI: &str = "sha256:c513418e064b74dc8d6157cf124406cc95e4d49801f5c5c14c2a606a82c62092";
 const IMAGE: &str = "sha256:a35f15a4a74afc1b3c3a15193ac555b4c6b401b070f6d977019883c6b03d5e6e";
-
-fn prerequisites() -> bool {
-    let required = std::env::var("LAZYPULL_INTEROP").as_deref() == Ok("required");
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root");
-    }
-    if !Path::new("/dev/fuse").exists() {
-        missing.push("/dev/fuse");
-    }
-    if !Path::new(test_registry::REGISTRY_BIN).exists() {
-        missing.push("docker-registry");
-    }
-    if Command::new("python3").arg("-V").output().is_err() {
-        missing.push("python3");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(!required, "LAZYPULL_INTEROP=required but missing: {missing:?}");
-    eprintln!("skipping: missing {missing:?}");
-    false
-}
-
-fn lazypull(args: &[&str]) -> String {
-    let out = Command::new(BIN).args(args).output().expect("running lazypull");
-    assert!(
-        out.status.success(),
-        "lazypull {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A daemonized mount, unmounted on drop.
 struct Mounted {
@@ -144,7 +110,7 @@ fn without_implicit_dirs(mut m: std::collections::BTreeMap<String, String>) -> s
 
 #[test]
 fn soci_indexed_gzip_image_mounts_lazily_and_identically() {
-    if !prerequisites() {
+    if !prerequisites(&[("python3", "-V")]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -79,7 +79,7 @@ pub struct RegistryRemote {
     /// The platform manifest's digest by image reference (for SOCI discovery).
     manifest_digests: Mutex<HashMap<String, String>>,
     /// The SOCI index of each image looked up (`None`: it has none), once per image.
-    soci: Mutex<HashMap<String, Option<Arc<soci_image::SociIndex>>>>,
+    soci: Mutex<HashMap<String, Option<(String, Arc<soci_image::SociIndex>)>>>,
 }
 
 impl RegistryRemote {
@@ -178,22 +178,23 @@ impl RegistryRemote {
         match layer::detect(&d.media_type, &annotations) {
             Ok(found) => Ok(remote(d.size, found.check)),
             // Not eStargz: lazy through a SOCI index when the image has one with a zTOC for it.
-            Err(reason @ NotLazy::NoIndex { .. }) if registry::manifest::is_gzip_layer(&d.media_type) || d.media_type.ends_with(".tar") => {
-                let Some(index) = self.soci_index(image, &m)? else { return Err(reason) };
+            Err(reason @ NotLazy::NoIndex { .. }) if soci_image::indexable(&d.media_type) => {
+                let Some((index_digest, index)) = self.soci_index(image, &m)? else { return Err(reason) };
                 match index.ztoc_for(digest) {
                     Some(z) => {
                         let d_ztoc = z.ztoc_digest.parse().map_err(|_| NotLazy::IndexUnusable(format!("zTOC digest {:?}", z.ztoc_digest)))?;
                         Ok(remote(d.size, layer::IndexCheck::SociZtoc(d_ztoc)))
                     }
-                    None => Err(NotLazy::NoZtoc { index: image.to_string() }),
+                    None => Err(NotLazy::NoZtoc { index: index_digest }),
                 }
             }
             Err(reason) => Err(reason),
         }
     }
 
-    /// The image's SOCI index (looked up once per image: manifest annotation, then referrers).
-    fn soci_index(&self, image: &str, m: &registry::Manifest) -> Result<Option<Arc<soci_image::SociIndex>>, NotLazy> {
+    /// The image's SOCI index and its digest (looked up once per image: manifest annotation,
+    /// then referrers).
+    fn soci_index(&self, image: &str, m: &registry::Manifest) -> Result<Option<(String, Arc<soci_image::SociIndex>)>, NotLazy> {
         if let Some(found) = self.soci.lock().unwrap().get(image) {
             return Ok(found.clone());
         }
@@ -209,7 +210,7 @@ impl RegistryRemote {
         if let Some(f) = &found {
             tracing::info!(image, index = %f.digest, via = f.via.as_str(), "using a SOCI index");
         }
-        let found = found.map(|f| Arc::new(f.index));
+        let found = found.map(|f| (f.digest, Arc::new(f.index)));
         self.soci.lock().unwrap().insert(image.to_string(), found.clone());
         Ok(found)
     }

@@ -13,7 +13,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use registry::manifest::{self, Descriptor, Index, Manifest, ManifestKind, Platform};
 use soci::BuildOptions;
 
-use crate::manifest::{annotate_manifest, sha256_digest, IndexVersion, LayerZtoc, SociIndex, EMPTY_CONFIG, INDEX_V1_TYPE};
+use crate::manifest::{annotate_manifest, sha256_digest, IndexVersion, LayerZtoc, SociIndex, EMPTY_CONFIG};
 use crate::{Error, Result};
 
 /// Upstream's default: smaller layers are fetched whole rather than indexed.
@@ -111,7 +111,9 @@ async fn selected(store: &Store, opts: &CreateOptions) -> Result<(ManifestKind, 
     }
 }
 
-fn indexable(media_type: &str) -> bool {
+/// Whether a layer of this media type can have a zTOC (gzip or uncompressed tar): the one
+/// answer for `soci create`, `lazypull mount` and the snapshotter.
+pub fn indexable(media_type: &str) -> bool {
     manifest::is_gzip_layer(media_type)
         || media_type == "application/vnd.oci.image.layer.v1.tar"
         || media_type == "application/vnd.docker.image.rootfs.diff.tar"
@@ -182,9 +184,7 @@ pub async fn create_v1(store: &Store, opts: &CreateOptions, progress: Progress) 
         let (mut index, skipped) = index_layers(store, store, &m, IndexVersion::V1, opts, &progress).await?;
         report.layers_indexed += index.ztocs.len();
         report.layers_skipped += skipped;
-        let mut subject = Descriptor::new(&desc.media_type, desc.digest.clone(), desc.size);
-        subject.annotations.clear();
-        index.subject = Some(subject);
+        index.subject = Some(Descriptor::new(&desc.media_type, desc.digest.clone(), desc.size));
         let bytes = index.to_bytes();
         let digest = store.put_manifest(Bytes::from(bytes.clone()), manifest::OCI_MANIFEST, false).await?;
         let index_desc = index.descriptor(&bytes, None);
@@ -267,6 +267,3 @@ async fn config_platform(store: &Store, m: &Manifest) -> Result<Option<Platform>
     }
     Ok(Platform::parse(&spec).ok())
 }
-
-/// The artifact type a v1 index is registered under.
-pub const V1_ARTIFACT_TYPE: &str = INDEX_V1_TYPE;

@@ -10,7 +10,7 @@ pub mod create;
 pub mod manifest;
 pub mod referrers;
 
-pub use create::{convert_v2, create_v1, CreateOptions, Event, Progress, Report, SkipReason};
+pub use create::{convert_v2, create_v1, indexable, CreateOptions, Event, Progress, Report, SkipReason};
 pub use manifest::{IndexVersion, LayerZtoc, SociIndex};
 pub use referrers::{discover, Found, Via};
 

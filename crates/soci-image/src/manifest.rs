@@ -76,8 +76,7 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 impl SociIndex {
     /// The index manifest document.
     pub fn to_manifest(&self) -> Manifest {
-        let mut config = Descriptor::new(self.version.artifact_type(), sha256_digest(EMPTY_CONFIG), EMPTY_CONFIG.len() as u64);
-        config.annotations.clear();
+        let config = Descriptor::new(self.version.artifact_type(), sha256_digest(EMPTY_CONFIG), EMPTY_CONFIG.len() as u64);
         let layers = self
             .ztocs
             .iter()

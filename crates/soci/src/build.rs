@@ -389,9 +389,9 @@ impl<R: Read> SpanCutter<R> {
 
     /// The span table, span digests, compressed size and uncompressed size.
     fn finish(mut self) -> (SpanTable, Vec<String>, u64, u64) {
+        // The last span ends with the blob; `cut` closes it (the span it opens is never used).
         self.hashes.cut(0);
-        let mut digests = self.hashes.digests;
-        digests.truncate(self.checkpoints.len());
+        let digests = self.hashes.digests;
         let table = SpanTable::Gzip { span_size: self.span_size, checkpoints: self.checkpoints };
         (table, digests, self.compressed, self.uncompressed)
     }

@@ -9,7 +9,7 @@
 
 use sha2::{Digest as _, Sha256};
 
-use index::zran::{resume_inflate, InflateError, Resume, ResumeError};
+use index::zran::{inflate_from_checkpoint, InflateError, ResumeError};
 use crate::zinfo::{Checkpoint, SpanTable};
 use crate::ztoc::{Entry, EntryKind, Ztoc};
 
@@ -73,8 +73,7 @@ pub fn inflate_at(
 }
 
 fn inflate_from(cp: &Checkpoint, span: usize, data: &[u8], skip: u64, out: &mut [u8]) -> Result<(), ExtractError> {
-    let resume = Resume { bits: cp.bits, window: cp.window.clone() };
-    resume_inflate(&resume, data, skip, out).map_err(|e| match e {
+    inflate_from_checkpoint(cp.bits, &cp.window, data, skip, out).map_err(|e| match e {
         ResumeError::Inflate(source) => ExtractError::Inflate { span, source },
         ResumeError::Truncated { missing } => ExtractError::Truncated { span, missing },
         ResumeError::Framing(reason) => ExtractError::Framing { span, reason },
