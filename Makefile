@@ -36,6 +36,11 @@ bench:
 	scripts/bench-coldstart.sh
 	scripts/bench-start.sh
 	scripts/bench-soci-build.sh
+	MODES="overlayfs lazypull lazypull-soci" NETS="loopback 1gbit-2ms" RESULTS=results-soci.jsonl REPORT=soci \
+	  scripts/bench-coldstart.sh
+	# SOCI on the peers' unmodified images (fallback tag, referrers API, v2): issue 18's check.
+	LAZYPULL_PEER_REGISTRY=127.0.0.1:5000 LAZYPULL_INTEROP=required \
+	  cargo test --release --locked -p lazypull --test containerd soci_indexes_of_the_peer_images -- --nocapture
 
 # Bounded fuzzing of footer+TOC parsing, tar conversion, layer serving and zTOC reading
 # (FUZZ_SECONDS per target).

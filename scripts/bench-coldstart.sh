@@ -7,6 +7,10 @@
 #                  with `lazypull rpull`
 #   lazypull-prio  the same, image rebuilt with the files the workload opened prioritized (the
 #                  list comes from a recording run: the layer daemons' `opened_files`)
+#   lazypull-soci  `lazypull snapshotter` on the *unmodified* gzip image, made lazy by a SOCI index
+#                  (`lazypull soci create`, v1 behind the OCI fallback tag), pulled with
+#                  `lazypull rpull` (not in the default MODES: `make bench` runs it in a second
+#                  pass with RESULTS=results-soci.jsonl REPORT=soci, see the Makefile)
 # Workloads: busybox `echo`, a small script on Debian, and on test/big:1 (~550 MB) a read of ≈5%
 # and a read of everything. Networks: loopback, and two shaped links (registry in a network
 # namespace whose lo has a tbf qdisc; `lazypull-linkem` relays into it adding the round trip).
@@ -14,7 +18,8 @@
 # Results: .work/bench-cold/results.jsonl; report: docs/benchmarks.md section "coldstart" and
 # docs/bench-coldstart.png (scripts/bench-coldstart-report.py).
 #
-# Knobs: REPS (3), NETS ("loopback 1gbit-2ms 100mbit-20ms"), WORKLOADS, MODES, APPEND, and
+# Knobs: REPS (3), NETS ("loopback 1gbit-2ms 100mbit-20ms"), WORKLOADS, MODES, APPEND, RESULTS
+# (file name under the work dir), REPORT (report | soci: which section is written), and
 # LP_CONFIG_EXTRA (lines added to the lazypull snapshotter's TOML, e.g. "readahead_bytes = 0").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +32,8 @@ NETS=${NETS:-"loopback 1gbit-2ms 100mbit-20ms"}
 WORKLOADS=${WORKLOADS:-"busybox-echo debian-script big-5pct big-all"}
 MODES=${MODES:-"overlayfs stargz lazypull lazypull-prio"}
 work=${BENCH_DIR:-$root/.work/bench-cold}
+RESULTS=${RESULTS:-results.jsonl}
+REPORT=${REPORT:-report}
 RUN=${RUN:-/tmp/peer-run}
 NS=lpbench
 NETNS=lpbench-link
@@ -129,6 +136,14 @@ for src in test/busybox:1 test/debian:12 test/big:1; do
   fi
 done
 
+# SOCI indexes of the unmodified images (the index is pushed behind the fallback tag; the image
+# digest does not change, so the overlayfs mode pulls exactly the same image).
+if [[ " $MODES " == *" lazypull-soci "* ]]; then
+  for src in test/busybox:1 test/debian:12 test/big:1; do
+    "$bin" soci create "$REG/$src" >/dev/null
+  done
+fi
+
 ref_of() { # mode workload host -> reference
   local src=${SRC[$2]} repo tag
   repo=${src%:*}; tag=${src#*:}
@@ -137,6 +152,7 @@ ref_of() { # mode workload host -> reference
     stargz) echo "$3/$repo:$tag-esgz" ;;
     lazypull) echo "$3/$repo:$tag-lazypull" ;;
     lazypull-prio) echo "$3/$repo:$tag-prio-$2" ;;
+    lazypull-soci) echo "$3/$repo:$tag" ;;
   esac
 }
 snapshotter_of() { case "$1" in overlayfs) echo overlayfs ;; stargz) echo stargz ;; *) echo lazypull ;; esac; }
@@ -254,7 +270,7 @@ cold overlayfs
 for wl in $WORKLOADS; do warm_floor "$wl" >> "$work/warm.jsonl"; done
 
 # APPEND=1 adds to the previous results (e.g. NETS=100mbit-20ms APPEND=1 after a cut-short run).
-[ "${APPEND:-0}" = 1 ] || : > "$work/results.jsonl"
+[ "${APPEND:-0}" = 1 ] || : > "$work/$RESULTS"
 for net in $NETS; do
   case "$net" in
     loopback) link_down; host=$REG ;;
@@ -263,11 +279,14 @@ for net in $NETS; do
   for wl in $WORKLOADS; do
     for mode in $MODES; do
       for rep in $(seq 1 "$REPS"); do
-        one_run "$net" "$wl" "$mode" "$host" "$rep" | tee -a "$work/results.jsonl"
+        one_run "$net" "$wl" "$mode" "$host" "$rep" | tee -a "$work/$RESULTS"
       done
     done
   done
 done
 cold overlayfs; cold lazypull
 link_down
-/usr/bin/python3 "$root/scripts/bench-coldstart-report.py" report "$work" "$root/docs/benchmarks.md" "$root/docs/bench-coldstart.png" "$REPS"
+case "$REPORT" in
+  report) /usr/bin/python3 "$root/scripts/bench-coldstart-report.py" report "$work" "$root/docs/benchmarks.md" "$root/docs/bench-coldstart.png" "$REPS" ;;
+  soci) /usr/bin/python3 "$root/scripts/bench-coldstart-report.py" soci "$work" "$root/docs/benchmarks.md" "$REPS" ;;
+esac

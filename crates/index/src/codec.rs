@@ -176,10 +176,15 @@ mod tests {
 }
 
 /// Decodes bytes `skip..skip + len` of a gzip stream resumed at `resume`; `compressed` starts at
-/// the checkpoint's fetch offset. Stops inflating as soon as `len` bytes are out.
+/// the checkpoint's fetch offset. Stops inflating as soon as `len` bytes are out; output that
+/// starts at the checkpoint and reaches its span's end is checked against the next checkpoint's
+/// window ([`crate::zran::Resume::check_span_end`]).
 pub fn decode_resumed(resume: &crate::zran::Resume, compressed: &[u8], skip: u64, len: usize) -> Result<Vec<u8>, DecodeError> {
     let mut out = vec![0u8; len];
-    crate::zran::resume_inflate(resume, compressed, skip, &mut out)
-        .map_err(|e| DecodeError { codec: Codec::GzipResume.name(), reason: e.to_string() })?;
+    let err = |e: crate::zran::ResumeError| DecodeError { codec: Codec::GzipResume.name(), reason: e.to_string() };
+    crate::zran::resume_inflate(resume, compressed, skip, &mut out).map_err(err)?;
+    if skip == 0 {
+        resume.check_span_end(&out).map_err(err)?;
+    }
     Ok(out)
 }

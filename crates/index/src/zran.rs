@@ -183,6 +183,46 @@ impl Drop for RawInflater {
 pub struct Resume {
     pub bits: u8,
     pub window: Box<[u8]>,
+    /// Where this checkpoint's span ends and what its output must end with (the next
+    /// checkpoint's window); `None` for the last span.
+    pub span_end: Option<SpanEnd>,
+}
+
+/// The end of a checkpoint's span: `len` uncompressed bytes after the checkpoint, whose last
+/// bytes are the next checkpoint's `window`.
+///
+/// Why it is here: a SOCI span digest covers the *compressed* bytes only, so a zTOC with a wrong
+/// window would inflate verified bytes into wrong output unnoticed. Output that reaches the span
+/// end is compared with the next window ([`Resume::check_span_end`]): a wrong window of this
+/// checkpoint changes the output, a wrong window of the next one differs from it, and either is
+/// an error instead of wrong bytes. (A zTOC forged consistently from one span to the layer's end
+/// is only caught by the layer's DiffID; see docs/design.md.)
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpanEnd {
+    pub len: u64,
+    pub window: Box<[u8]>,
+}
+
+impl Resume {
+    /// Checks output inflated from this checkpoint (starting at it) against the next
+    /// checkpoint's window, when the output reaches the span's end; shorter output passes.
+    pub fn check_span_end(&self, out: &[u8]) -> Result<(), ResumeError> {
+        let Some(end) = &self.span_end else { return Ok(()) };
+        let Ok(len) = usize::try_from(end.len) else { return Ok(()) };
+        if out.len() < len {
+            return Ok(());
+        }
+        let k = end.window.len().min(len);
+        let (tail, window) = (&out[len - k..len], &end.window[end.window.len() - k..]);
+        // A window taken soon after a gzip member boundary is zero-filled at the front (a
+        // member cannot refer to the one before it), so only its bytes after the fill must match.
+        let same = tail.iter().rev().zip(window.iter().rev()).take_while(|(a, b)| a == b).count();
+        if same == k || window[..k - same].iter().all(|&b| b == 0) {
+            Ok(())
+        } else {
+            Err(ResumeError::WindowMismatch { len: end.len })
+        }
+    }
 }
 
 impl std::fmt::Debug for Resume {
@@ -200,6 +240,8 @@ pub enum ResumeError {
     Truncated { missing: u64 },
     #[error("{0}")]
     Framing(String),
+    #[error("the {len} bytes inflated up to the next checkpoint do not end with its window: the zTOC's checkpoint windows are wrong")]
+    WindowMismatch { len: u64 },
 }
 
 /// Fills `out` with the bytes that start `skip` bytes after the checkpoint. `data` is the

@@ -77,6 +77,8 @@ fn inflate_from(cp: &Checkpoint, span: usize, data: &[u8], skip: u64, out: &mut 
         ResumeError::Inflate(source) => ExtractError::Inflate { span, source },
         ResumeError::Truncated { missing } => ExtractError::Truncated { span, missing },
         ResumeError::Framing(reason) => ExtractError::Framing { span, reason },
+        // `inflate_from_checkpoint` does not check span ends (`index::decode_resumed` does).
+        e @ ResumeError::WindowMismatch { .. } => ExtractError::Framing { span, reason: e.to_string() },
     })
 }
 

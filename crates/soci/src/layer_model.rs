@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use estargz::toc::{EntryType, Toc, TocEntry};
 use estargz::tree::Tree;
-use index::zran::Resume;
+use index::zran::{Resume, SpanEnd};
 use index::{Chunk, Codec, Digest, LayerIndex, Verify};
 
 use crate::zinfo::SpanTable;
@@ -51,7 +51,8 @@ pub fn layer_index(ztoc: &Ztoc) -> Result<LayerIndex, ModelError> {
         resumes.push(match spans {
             SpanTable::Gzip { checkpoints, .. } => {
                 let c = &checkpoints[span];
-                Some(Arc::new(Resume { bits: c.bits, window: c.window.clone() }))
+                let span_end = checkpoints.get(span + 1).map(|n| SpanEnd { len: n.uncompressed - c.uncompressed, window: n.window.clone() });
+                Some(Arc::new(Resume { bits: c.bits, window: c.window.clone(), span_end }))
             }
             SpanTable::Tar { .. } => None,
         });

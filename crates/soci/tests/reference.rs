@@ -228,6 +228,30 @@ fn read_through_model(idx: &index::LayerIndex, data: &[u8], ino: u64) -> Vec<u8>
     out
 }
 
+/// Every span of every reference zTOC inflated from its checkpoint to its end: the output ends
+/// with the next checkpoint's window (the check the serving path makes against wrong windows),
+/// across member boundaries too.
+#[test]
+fn every_reference_span_ends_with_the_next_checkpoints_window() {
+    for (stem, layer_name, _) in ZTOCS {
+        let (bytes, _) = reference(stem);
+        let z = Ztoc::from_bytes(&bytes).unwrap();
+        let idx = soci::layer_model::layer_index(&z).unwrap();
+        let data = layer(layer_name);
+        let mut checked = std::collections::BTreeSet::new();
+        for c in idx.chunks() {
+            let Some(r) = &c.resume else { continue };
+            let Some(end) = &r.span_end else { continue };
+            if !checked.insert(c.offset) {
+                continue;
+            }
+            let range = &data[c.offset as usize..c.end as usize];
+            index::decode_resumed(r, range, 0, end.len as usize).unwrap_or_else(|e| panic!("{stem}: span at {}: {e}", c.offset));
+        }
+        println!("{stem}: {} spans end with the next window", checked.len());
+    }
+}
+
 #[test]
 fn the_layer_model_of_each_reference_ztoc_serves_every_file() {
     for (stem, layer_name, _) in ZTOCS {

@@ -7,6 +7,10 @@ use index::Digest;
 use super::{Claim, LayerFetcher, ResumedSpan};
 use crate::error::{Error, Result};
 
+/// How far short of its span's end an inflation may stop and still be carried to the end (to
+/// check the next checkpoint's window): a few milliseconds of inflating at most.
+const SPAN_END_SLACK: u64 = 512 << 10;
+
 impl LayerFetcher {
     /// Decompresses and verifies one claimed chunk from the bytes of the range holding it.
     ///
@@ -54,7 +58,14 @@ impl LayerFetcher {
         let data = match (&c.resume, c.codec) {
             (Some(resume), index::Codec::GzipResume) => {
                 // Inflate as far as any chunk of this range needs, once; slice this one out.
-                let need = self.resumed_need.get(&(c.offset, c.next_offset)).copied().unwrap_or(0).max(c.inner_offset + c.size);
+                let mut need = self.resumed_need.get(&(c.offset, c.next_offset)).copied().unwrap_or(0).max(c.inner_offset + c.size);
+                // Close to the span's end, inflate to it: the output is then checked against
+                // the next checkpoint's window (a wrong window is an error, not wrong bytes).
+                if let Some(end) = &resume.span_end {
+                    if end.len.saturating_sub(need) <= SPAN_END_SLACK {
+                        need = need.max(end.len);
+                    }
+                }
                 let need = need.min(index::limits::MAX_CHUNK_SIZE.max(c.inner_offset + c.size));
                 let whole = index::decode_resumed(resume, member, 0, need as usize).map_err(|e| corrupt(e.to_string()))?;
                 let whole = Arc::new(whole);
