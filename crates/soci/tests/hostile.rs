@@ -392,6 +392,46 @@ fn a_wrong_window_is_an_error_where_a_span_is_inflated_to_its_end() {
 }
 
 #[test]
+fn a_tar_that_ends_right_after_its_last_files_data_is_indexed_but_cut_data_is_an_error() {
+    // Seen in the peers' test/big:1 (written by umoci): no padding after the last file, no
+    // zero blocks. Go's archive/tar reads it to the end, and so must the zTOC builder.
+    let mut b = tar::Builder::new(Vec::new());
+    let files: Vec<(String, Vec<u8>)> = (0..5).map(|i| (format!("app/f{i}.txt"), format!("{i} ").repeat(100 + 77 * i).into_bytes())).collect();
+    for (name, data) in &files {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    let full = b.into_inner().unwrap();
+    let (_, last) = files.last().unwrap();
+    let mut archive = tar::Archive::new(&full[..]);
+    let data_end = archive.entries().unwrap().last().unwrap().unwrap().raw_file_position() as usize + last.len();
+    assert_ne!(data_end % 512, 0, "the cut must drop padding too");
+    let gz = |tar: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        e.write_all(tar).unwrap();
+        e.finish().unwrap()
+    };
+    let opts = BuildOptions { span_size: 1024, ..Default::default() };
+    for (what, blob) in [("gzip", gz(&full[..data_end])), ("tar", full[..data_end].to_vec())] {
+        let z = build_ztoc(&blob[..], &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(z.uncompressed_size, data_end as u64, "{what}");
+        for (name, data) in &files {
+            let e = z.entries.iter().find(|e| &e.name == name).unwrap();
+            assert_eq!(&read_entry(&z, &blob[..], e).unwrap(), data, "{what}: {name}");
+        }
+    }
+    for (what, blob) in [("gzip", gz(&full[..data_end - 1])), ("tar", full[..data_end - 1].to_vec())] {
+        let err = build_ztoc(&blob[..], &opts).unwrap_err().to_string();
+        assert!(err.contains("EOF") || err.contains("end"), "{what}: {err}");
+    }
+}
+
+#[test]
 fn a_truncated_layer_blob_is_an_error() {
     let l = layer();
     for (z, blob) in [(&l.ztoc, &l.gz), (&l.tar_ztoc, &l.tar)] {
