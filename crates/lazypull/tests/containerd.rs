@@ -19,6 +19,11 @@
 //! registry bytes before `echo` completes counted by a proxy, a plain gzip image's fallback
 //! (rpull has containerd unpack it) checked in the snapshotter's log, and image removal checked to unmount and free snapshots.
 //!
+//! The SOCI tests run unmodified gzip images indexed by `lazypull soci create`/`convert` the
+//! same way (v1 through the fallback tag and the referrers API, v2), with restart adoption; the
+//! peers' own images when `LAZYPULL_PEER_REGISTRY` names their registry (`make bench`). They
+//! live here because they share this file's containerd and snapshotter harness.
+//!
 //! Needs root, `containerd`, `ctr`, `runc`, Debian's `docker-registry` and a static
 //! `/bin/busybox` (and `ctr-remote`, /dev/fuse for the second test); skipped without them
 //! unless `LAZYPULL_INTEROP=required`.
@@ -1588,8 +1593,6 @@ fn soci_indexed_images_run_lazily_in_containerd() {
         .iter()
         .map(|l| (l["digest"].as_str().unwrap().to_owned(), l["size"].as_u64().unwrap()))
         .collect();
-    let image_bytes: u64 = layers.iter().map(|l| l.1).sum();
-
     let snap_root = tempfile::Builder::new().prefix("lazypull-soci-").tempdir().unwrap();
     let run_dir = PathBuf::from(format!("/run/lazypull-soci-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir).unwrap();
@@ -1604,23 +1607,155 @@ fn soci_indexed_images_run_lazily_in_containerd() {
     ctd.ctr_ok(&["image", "rm", "--sync", &plain], Duration::from_secs(30));
 
     for (what, image) in [("v1 (referrers fallback tag)", &plain), ("v2 (annotated manifest)", &v2)] {
-        proxy.clear_requests();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
-        cmd.args(["rpull", "--address", &ctd.sock, "--namespace", &namespace(), image]);
-        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root.path());
-        assert!(ok && out.contains("2 of 2 layers remote"), "{what}: rpull: {out}\n{err}\nsnapshotter log:\n{}", snap.log());
-        let id = format!("lp-soci-echo-{}", std::process::id());
-        let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", image, &id, "/bin/echo", "hi"], Duration::from_secs(60));
-        assert_eq!(out.trim(), "hi");
-        let fetched: u64 = layers.iter().map(|(d, s)| proxy.blob_bytes_requested(d, *s)).sum();
-        let pct = fetched as f64 * 100.0 / image_bytes as f64;
-        eprintln!("SOCI {what}: fetched before echo completed: {fetched} of {image_bytes} bytes ({pct:.2}%)");
-        assert!(pct < 10.0, "{what}: fetched {pct:.2}% of the image before echo completed");
-        let got = ctd.run_report("lazypull", image, &format!("lp-soci-{}", std::process::id()), Duration::from_secs(120));
-        assert!(got.listing == want.listing, "{what}: lazy rootfs differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want.listing, &got.listing));
-        ctd.ctr_ok(&["image", "rm", "--sync", image], Duration::from_secs(60));
+        let case = SociCase { what, image, proxy: &proxy, layers: &layers, remote: layers.len() };
+        check_soci_case(&ctd, &snap, snap_root.path(), &want, &case);
     }
     let log = snap.log() + &daemon_logs(&snap_root.path().join("root").join("layers"));
     assert!(log.contains("using a SOCI index"), "the snapshotter logs how it found the index:\n{log}");
     assert_eq!(snap.log().matches("remote snapshot mounted lazily").count(), 4, "every layer of both images remote:\n{}", snap.log());
+
+
+    // Restart adoption as for eStargz: kill -9 of the snapshotter while a container runs on
+    // SOCI layers; the restarted snapshotter adopts the live mounts (their index check is the
+    // zTOC digest), and the container still reads the whole big file correctly.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+    cmd.args(["rpull", "--address", &ctd.sock, "--namespace", &namespace(), &plain]);
+    let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root.path());
+    assert!(ok && out.contains("2 of 2 layers remote"), "rpull before the restart: {out}\n{err}");
+    let long = format!("lp-soci-long-{}", std::process::id());
+    ctd.containers.borrow_mut().push(long.clone());
+    ctd.ctr_ok(&["run", "-d", "--snapshotter", "lazypull", &plain, &long, "/bin/busybox", "sleep", "600"], Duration::from_secs(60));
+    let m = snap.metrics();
+    assert!(m.contains(&format!("lazypull_fetched_bytes_total{{layer=\"{}\"}}", layers[0].0)), "SOCI layers are counted like any other:\n{m}");
+    let state = snap_root.path().join("root");
+    let (snap, r) = crash_and_restart(&ctd, snap, || SnapshotterDaemon::start(&state, &sock, &config, SocketMode::Bound), &plain);
+    eprintln!("SOCI restart: {} ls calls, {} failed; kill → container output {} ms", r.calls, r.failed.len(), r.to_container.as_millis());
+    let out = ctd.ctr_ok(&["task", "exec", "--exec-id", "sum", &long, "/bin/sha256sum", "/data/big.bin"], Duration::from_secs(60));
+    assert_eq!(out.split_whitespace().next(), Some(sha_hex(&big).as_str()), "read of a SOCI layer after the restart");
+    assert!(snap.log().contains("remote snapshot still served"), "restart did not adopt the SOCI mounts:\n{}", snap.log());
+    let _ = ctd.ctr(&["task", "kill", "--signal", "SIGKILL", &long], Duration::from_secs(10));
+    let _ = ctd.ctr(&["task", "delete", "--force", &long], Duration::from_secs(10));
+    ctd.ctr_ok(&["container", "delete", &long], Duration::from_secs(30));
+    ctd.containers.borrow_mut().retain(|c| c != &long);
+}
+
+/// One SOCI-indexed image pulled lazily through our snapshotter: `lazypull rpull` makes the
+/// `remote` indexed layers remote snapshots, `echo` runs having fetched < 10% of the image (bytes
+/// counted by `proxy`, which the image is pulled through), and the rootfs listing equals `want`
+/// (the same image through overlayfs). The image is removed again afterwards.
+struct SociCase<'a> {
+    what: &'a str,
+    image: &'a str,
+    proxy: &'a fault_proxy::FaultProxy,
+    layers: &'a [(String, u64)],
+    remote: usize,
+}
+
+fn check_soci_case(ctd: &Containerd, snap: &SnapshotterDaemon, scratch: &Path, want: &Report, case: &SociCase) {
+    let SociCase { what, image, proxy, layers, remote } = *case;
+    let image_bytes: u64 = layers.iter().map(|l| l.1).sum();
+    proxy.clear_requests();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+    cmd.args(["rpull", "--address", &ctd.sock, "--namespace", &namespace(), image]);
+    let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(300), scratch);
+    let expect = format!("{remote} of {} layers remote", layers.len());
+    assert!(ok && out.contains(&expect), "{what}: rpull (want {expect:?}): {out}\n{err}\nsnapshotter log:\n{}", snap.log());
+    let id = format!("lp-soci-echo-{}", std::process::id());
+    let out = ctd.ctr_ok(&["run", "--rm", "--snapshotter", "lazypull", image, &id, "/bin/echo", "hi"], Duration::from_secs(120));
+    assert_eq!(out.trim(), "hi");
+    let fetched: u64 = layers.iter().map(|(d, s)| proxy.blob_bytes_requested(d, *s)).sum();
+    let pct = fetched as f64 * 100.0 / image_bytes as f64;
+    eprintln!("SOCI {what}: fetched before echo completed: {fetched} of {image_bytes} bytes ({pct:.2}%)");
+    assert!(pct < 10.0, "{what}: fetched {pct:.2}% of the image before echo completed");
+    let got = ctd.run_report("lazypull", image, &format!("lp-soci-{}", std::process::id()), Duration::from_secs(600));
+    assert!(got.listing == want.listing, "{what}: lazy rootfs differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want.listing, &got.listing));
+    ctd.ctr_ok(&["image", "rm", "--sync", image], Duration::from_secs(120));
+}
+
+/// Issue 18's acceptance on the peers' unmodified images (`test/debian:12`, `test/big:1` from
+/// `../shared/peer/02-build-images.sh`), copied into Debian's `docker-registry`: indexed with
+/// `lazypull soci create` (1 MiB spans; layers under upstream's 10 MiB minimum not indexed) and
+/// found through the OCI fallback tag, the same behind a proxy that adds the referrers API, and
+/// a `soci convert` v2 image. Each: the image digest is unchanged by indexing, every indexed
+/// layer is a remote snapshot, < 10% fetched before `echo`, rootfs equal to overlayfs. Needs the
+/// peer registry, so it runs only with `LAZYPULL_PEER_REGISTRY=127.0.0.1:5000` (`make bench`).
+#[test]
+fn soci_indexes_of_the_peer_images_run_lazily() {
+    let Ok(peer) = std::env::var("LAZYPULL_PEER_REGISTRY") else {
+        eprintln!("skipping the peer-image SOCI test: LAZYPULL_PEER_REGISTRY is not set");
+        return;
+    };
+    if !can_serve_lazily("the peer-image SOCI test") {
+        return;
+    }
+    let reg = TestRegistry::start(Auth::None);
+    let plain_proxy = fault_proxy::FaultProxy::start(&reg.host);
+    let api_proxy = fault_proxy::FaultProxy::start(&reg.host);
+    api_proxy.serve_referrers_api();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = Client::new(RegistryConfig::default(), Credentials::anonymous()).unwrap();
+    let digest_of = |r: &str| rt.block_on(client.get_manifest(&Reference::parse(r).unwrap())).unwrap_or_else(|e| panic!("{r}: {e}")).digest;
+    let scratch = tempfile::tempdir().unwrap();
+    let lazypull = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+        cmd.args(args);
+        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(600), scratch.path());
+        assert!(ok, "lazypull {args:?}: {out}\n{err}");
+        out
+    };
+
+    let snap_root = tempfile::Builder::new().prefix("lazypull-soci-peer-").tempdir().unwrap();
+    let run_dir = PathBuf::from(format!("/run/lazypull-soci-peer-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let sock = run_dir.join("s.sock");
+    let config = snap_root.path().join("config.toml");
+    std::fs::write(&config, "metrics_address = \"127.0.0.1:0\"\nbackground_fetch = false\n").unwrap();
+    let snap = SnapshotterDaemon::start(&snap_root.path().join("root"), &sock, &config, SocketMode::Bound);
+    let ctd = Containerd::start_with(&format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+
+    // 1 MiB spans: with upstream's 4 MiB default, `echo` on Debian reads two spans of its one
+    // 51 MB layer (15% of the image; measured 2026-12-02), more than the 10% asked for.
+    const SPAN: &str = "1048576";
+    for src in ["test/debian:12", "test/big:1"] {
+        let name = src.trim_start_matches("test/");
+        let original = format!("{peer}/{src}");
+        let plain = format!("{}/fallback/{name}", plain_proxy.addr);
+        let api = format!("{}/api/{name}", api_proxy.addr);
+        let v2 = format!("{}/v2/{name}", plain_proxy.addr);
+        lazypull(&["image", "copy", &original, &plain]);
+        lazypull(&["image", "copy", &original, &api]);
+        let digest = digest_of(&original);
+        assert_eq!(digest_of(&plain), digest, "{src}: the copy keeps the image digest");
+        lazypull(&["soci", "create", "--span-size", SPAN, &plain]);
+        lazypull(&["soci", "create", "--span-size", SPAN, &api]);
+        lazypull(&["soci", "convert", "--span-size", SPAN, &plain, &v2]);
+        assert_eq!(digest_of(&plain), digest, "{src}: soci create leaves the image digest unchanged");
+        assert_eq!(digest_of(&api), digest, "{src}: soci create (referrers API) leaves the image digest unchanged");
+        assert_eq!(api_proxy.count("PUT", "/manifests/sha256-"), 0, "{src}: no fallback tag where the referrers API exists");
+        let inspect = lazypull(&["soci", "inspect", &api]);
+        assert!(inspect.contains("found via referrers"), "{src}: {inspect}");
+
+        let manifest: serde_json::Value = serde_json::from_slice(&rt.block_on(client.get_manifest(&Reference::parse(&plain).unwrap())).unwrap().bytes).unwrap();
+        let layers: Vec<(String, u64)> = manifest["layers"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{src}: single-platform manifest expected"))
+            .iter()
+            .map(|l| (l["digest"].as_str().unwrap().to_owned(), l["size"].as_u64().unwrap()))
+            .collect();
+        let remote = layers.iter().filter(|l| l.1 >= 10 << 20).count();
+        assert!(remote > 0, "{src}: no layer reaches the 10 MiB minimum");
+
+        ctd.ctr_ok(&["image", "pull", "--plain-http", &plain], Duration::from_secs(300));
+        let want = ctd.run_report("overlayfs", &plain, &format!("lp-soci-peer-ref-{}", std::process::id()), Duration::from_secs(600));
+        ctd.ctr_ok(&["image", "rm", "--sync", &plain], Duration::from_secs(120));
+        for (what, image, proxy) in [
+            (format!("{src} v1 (fallback tag)"), &plain, &plain_proxy),
+            (format!("{src} v1 (referrers API)"), &api, &api_proxy),
+            (format!("{src} v2 (annotated manifest)"), &v2, &plain_proxy),
+        ] {
+            check_soci_case(&ctd, &snap, snap_root.path(), &want, &SociCase { what: &what, image, proxy, layers: &layers, remote });
+        }
+    }
+    let log = snap.log();
+    assert!(log.contains("referrers") && log.contains("manifest_annotation"), "the snapshotter logs how it found each index:\n{log}");
 }
