@@ -18,6 +18,7 @@ soci DIR MARKDOWN REPS
 import gzip
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -123,11 +124,12 @@ def soci(d, md, reps):
            "lazypull-soci\" RESULTS=results-soci.jsonl REPORT=soci`, REPS=%s, medians)\n" % reps]
     out.append("Measured by `make bench` on %s, %s cores, the same containerd, cold runs and links as the section "
                "above, in one run. `lazypull-soci` runs the **unmodified** gzip image (its digest unchanged) with "
-               "a v1 SOCI index made by `lazypull soci create` (4 MiB spans, layers under 10 MiB not indexed "
+               "a v1 SOCI index made by `lazypull soci create` (%s-byte spans, layers under 10 MiB not indexed "
                "and pulled whole, as upstream); `lazypull` runs our eStargz conversion of the same image; "
                "overlayfs is containerd's full pull of the same unmodified image.\n" % (
                    datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                   subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()))
+                   subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(),
+                   os.environ.get("SOCI_SPAN", "4194304")))
     out.append("| link | workload | mode | pull (s) | create (s) | run (s) | **total (s)** | registry MB |")
     out.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for net in nets:

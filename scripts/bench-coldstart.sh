@@ -19,7 +19,8 @@
 # docs/bench-coldstart.png (scripts/bench-coldstart-report.py).
 #
 # Knobs: REPS (3), NETS ("loopback 1gbit-2ms 100mbit-20ms"), WORKLOADS, MODES, APPEND, RESULTS
-# (file name under the work dir), REPORT (report | soci: which section is written), and
+# (file name under the work dir), REPORT (report | soci: which section is written), SOCI_SPAN
+# (span size of the SOCI indexes, default upstream's 4 MiB), and
 # LP_CONFIG_EXTRA (lines added to the lazypull snapshotter's TOML, e.g. "readahead_bytes = 0").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -140,7 +141,7 @@ done
 # digest does not change, so the overlayfs mode pulls exactly the same image).
 if [[ " $MODES " == *" lazypull-soci "* ]]; then
   for src in test/busybox:1 test/debian:12 test/big:1; do
-    "$bin" soci create "$REG/$src" >/dev/null
+    "$bin" soci create --span-size "${SOCI_SPAN:-4194304}" "$REG/$src" >/dev/null
   done
 fi
 
