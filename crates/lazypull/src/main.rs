@@ -10,12 +10,14 @@ use clap::{Parser, Subcommand};
 mod cache;
 mod fallback;
 mod image;
+mod image_layers;
 mod layer;
 mod metrics;
 mod mount;
 mod rpull_cmd;
 mod snapshotter;
 mod soci_cmd;
+mod warm_cmd;
 
 #[derive(Parser)]
 #[command(name = "lazypull", version, about = "Lazy-pulling container images (eStargz, zstd:chunked, SOCI)")]
@@ -40,6 +42,9 @@ enum Command {
     /// Pull an image through containerd so a lazy snapshotter mounts its eStargz layers
     /// (like `ctr-remote image rpull`); other layers are fetched and unpacked as usual.
     Rpull(rpull_cmd::RpullArgs),
+    /// Pre-pull images into this node (containerd + our snapshotter) and fill its chunk store:
+    /// every chunk, the prioritized files only, or the most valuable chunks within a budget.
+    Warm(warm_cmd::WarmArgs),
     /// Serve containerd's snapshots API (proxy plugin) with lazily mounted eStargz layers.
     Snapshotter(snapshotter::SnapshotterArgs),
     /// Show and prune the node's chunk store (per image and layer).
@@ -76,6 +81,7 @@ fn main() {
         Command::Cache(c) => cache::run(c),
         Command::Snapshotter(a) => snapshotter::run(a),
         Command::Rpull(a) => rpull_cmd::run(a),
+        Command::Warm(a) => warm_cmd::run(a),
         Command::Umount { mountpoint, state_dir } => mount::umount(&mountpoint, &state_dir),
         Command::Status { mountpoint, state_dir, json } => mount::status(&mountpoint, &state_dir, json),
     };

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use estargz::Digest;
 use lazyfs::{is_mountpoint, FsOptions, LayerServer, MountedLayer, ServeOptions};
-use store::{ChunkStore, FetchConfig, FileRangeSource, LayerFetcher, RangeSource, RegistryRangeSource, StoreConfig};
+use store::{ChunkStore, FetchConfig, FileRangeSource, LayerFetcher, RangeSource, StoreConfig};
 use tracing::{info, warn};
 
 use crate::image::RegistryArgs;
@@ -188,7 +188,7 @@ fn daemonize(serve: &ServeArgs, mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
-fn open_store(serve: &ServeArgs) -> Result<Arc<ChunkStore>> {
+pub(crate) fn open_store(serve: &ServeArgs) -> Result<Arc<ChunkStore>> {
     let state = StateDir::new(&serve.state_dir);
     let mut cfg = StoreConfig::new(state.cache_dir());
     cfg.disk_limit = serve.cache_size;
@@ -196,7 +196,7 @@ fn open_store(serve: &ServeArgs) -> Result<Arc<ChunkStore>> {
     Ok(ChunkStore::open(cfg)?)
 }
 
-fn fetch_config(serve: &ServeArgs) -> FetchConfig {
+pub(crate) fn fetch_config(serve: &ServeArgs) -> FetchConfig {
     FetchConfig {
         parallel: serve.parallel.max(1),
         readahead: serve.readahead,
@@ -354,7 +354,7 @@ pub fn tails_dir(state: &Path) -> PathBuf {
 }
 
 /// Records what layer `blob_digest` keeps in the store (see [`node::refs`]).
-fn write_refs(state: &Path, blob_digest: &str, fetcher: &LayerFetcher) -> Result<()> {
+pub(crate) fn write_refs(state: &Path, blob_digest: &str, fetcher: &LayerFetcher) -> Result<()> {
     let items = fetcher.chunks().iter().filter_map(|c| match (&c.slot, c.digest) {
         (Some(slot), _) => Some(StoredItem::Object(slot.file)),
         (None, Some(d)) => Some(StoredItem::Chunk(d)),
@@ -518,38 +518,11 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
         })?,
     };
     // The SOCI index, looked up once, the first time a layer is not eStargz.
-    let mut soci: Option<Option<soci_image::Found>> = None;
+    let mut image = crate::image_layers::ImageLayers::new(&location, manifest.clone(), manifest_digest, args.soci_index.clone());
     let mut decide = |d: &registry::Descriptor| -> Result<layer::IndexCheck, layer::NotLazy> {
-        if let Some((_, _, check)) = &known {
-            return Ok(*check);
-        }
-        let reason = match layer::detect(&d.media_type, &d.annotations) {
-            Ok(found) => return Ok(found.check),
-            Err(reason) => reason,
-        };
-        if !soci_image::indexable(&d.media_type) {
-            return Err(reason);
-        }
-        let found = soci.get_or_insert_with(|| {
-            let res = rt.block_on(soci_image::discover(&location, &manifest_digest, &manifest, args.soci_index.as_deref()));
-            match res {
-                Ok(Some(f)) => {
-                    info!(manifest = %manifest_digest, index = %f.digest, via = f.via.as_str(), "using a SOCI index");
-                    Some(f)
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    warn!(manifest = %manifest_digest, error = %e, "cannot look for a SOCI index");
-                    None
-                }
-            }
-        });
-        match found {
-            None => Err(reason),
-            Some(f) => match f.index.ztoc_for(&d.digest) {
-                Some(z) => z.ztoc_digest.parse().map(layer::IndexCheck::SociZtoc).map_err(|_| layer::NotLazy::IndexUnusable(format!("zTOC digest {:?}", z.ztoc_digest))),
-                None => Err(layer::NotLazy::NoZtoc { index: f.digest.clone() }),
-            },
+        match &known {
+            Some((_, _, check)) => Ok(*check),
+            None => image.check(&rt, d),
         }
     };
     let by_digest = match &args.layer_digest {
@@ -570,31 +543,16 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
     for &i in &indices {
         let d = &manifest.layers[i];
         // The one decision every caller shares (layer crate): lazy, and checked how, or why not.
-        let lazy = match decide(d) {
-            Ok(check) => {
-                let source: Arc<dyn RangeSource> = Arc::new(RegistryRangeSource::new(
-                    client.clone(),
-                    reference.clone(),
-                    d.digest.clone(),
-                    d.size,
-                    rt.handle().clone(),
-                    Duration::from_secs(args.serve.fetch_timeout.max(1)),
-                ));
-                match check {
-                    layer::IndexCheck::SociZtoc(ztoc) => rt
-                        .block_on(location.blob_bytes(&ztoc.to_string()))
-                        .map_err(|e| layer::NotLazy::Registry(format!("fetching zTOC {ztoc}: {e}")))
-                        .and_then(|bytes| {
-                            lazyfs::open_ztoc_layer(source, &bytes, &check, store.clone(), fetch_config(&args.serve)).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
-                        }),
-                    _ => {
-                        let tails = store::TailCache::new(tails_dir(&args.serve.state_dir));
-                        lazyfs::open_layer_cached(source, Some(&check), store.clone(), fetch_config(&args.serve), &tails).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
-                    }
-                }
-            }
-            Err(reason) => Err(reason),
+        let open_at = crate::image_layers::OpenAt {
+            rt: &rt,
+            client: &client,
+            reference,
+            store: &store,
+            fetch: fetch_config(&args.serve),
+            state_dir: &args.serve.state_dir,
+            fetch_timeout: Duration::from_secs(args.serve.fetch_timeout.max(1)),
         };
+        let lazy = decide(d).and_then(|check| crate::image_layers::open_lazy(&open_at, &location, d, check));
         match lazy {
             Ok(opened) => {
                 let at = if single { args.mountpoint.clone() } else { dir.join("layers").join(i.to_string()) };

@@ -1759,3 +1759,77 @@ fn soci_indexes_of_the_peer_images_run_lazily() {
     let log = snap.log();
     assert!(log.contains("referrers") && log.contains("manifest_annotation"), "the snapshotter logs how it found each index:\n{log}");
 }
+
+/// Issue 19: `lazypull warm` on a running node (containerd + our snapshotter with its layer
+/// daemons), then the registry stopped: containers of each warmed image (an eStargz image with
+/// lazy layers, a plain gzip one unpacked by containerd) start and read every file correctly
+/// with no registry request; the images are labelled for CRI; a second warm fetches nothing.
+#[test]
+fn warmed_images_run_with_the_registry_stopped() {
+    if !can_serve_lazily("the warm test") {
+        return;
+    }
+    let big = pseudo_random(8 << 20, 0x77a2_3c11_9e0f_5b4d);
+    let img = build_image(&big);
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(layout.path(), &img);
+    let reg = TestRegistry::start(Auth::None);
+    let proxy = fault_proxy::FaultProxy::start(&reg.host);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = Client::new(RegistryConfig::default(), Credentials::anonymous()).unwrap();
+    let reference = |tag: &str| format!("{}/warm:{tag}", proxy.addr);
+    let store = |tag: &str| Store::Registry { client: client.clone(), reference: Reference::parse(&reference(tag)).unwrap() };
+    rt.block_on(async {
+        let scratch = tempfile::tempdir().unwrap();
+        push_original(&store("plain"), &img, scratch.path()).await;
+        let from_layout = Store::Layout { dir: layout.path().to_path_buf(), tag: "v1".into() };
+        convert_image(&from_layout, &store("esgz"), &ConvertOptions { chunk_size: 1 << 20, ..Default::default() }, Arc::new(|_| {})).await.unwrap();
+    });
+    let (plain, esgz) = (reference("plain"), reference("esgz"));
+
+    let snap_root = tempfile::Builder::new().prefix("lazypull-warm-").tempdir().unwrap();
+    let run_dir = PathBuf::from(format!("/run/lazypull-warm-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let sock = run_dir.join("s.sock");
+    let config = snap_root.path().join("config.toml");
+    // No background fill: whatever is in the store afterwards was put there by `warm`.
+    std::fs::write(&config, "background_fetch = false\nsmall_layer_prefetch_bytes = 0\nfetch_timeout_secs = 5\n").unwrap();
+    let state = snap_root.path().join("root");
+    let snap = SnapshotterDaemon::start(&state, &sock, &config, SocketMode::Bound);
+    let ctd = Containerd::start_with(&format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+
+    ctd.ctr_ok(&["image", "pull", "--plain-http", &plain], Duration::from_secs(60));
+    let want = ctd.run_report("overlayfs", &plain, &format!("lp-warm-ref-{}", std::process::id()), Duration::from_secs(60));
+    ctd.ctr_ok(&["image", "rm", "--sync", &plain], Duration::from_secs(30));
+
+    let warm = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+        cmd.args(["warm", "--address", &ctd.sock, "--namespace", &namespace(), "--root", state.to_str().unwrap(), &esgz, &plain]);
+        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root.path());
+        assert!(ok, "lazypull warm: {out}\n{err}");
+        eprintln!("{out}");
+        out
+    };
+    let out = warm();
+    assert!(out.contains(&format!("{esgz}: 2 lazy layers (0 unpacked by containerd)")) && out.contains("(100.0% of the lazy layers"), "{out}");
+    assert!(out.contains(&format!("{plain}: 0 lazy layers (2 unpacked by containerd)")), "{out}");
+    assert!(out.contains("warmed 2 of 2 images"), "{out}");
+    let again = warm();
+    let esgz_line = again.lines().find(|l| l.starts_with(&format!("{esgz}:"))).unwrap();
+    assert!(esgz_line.contains(" 0 bytes fetched from the registry"), "a second warm fetches nothing: {esgz_line}\nsnapshotter log:\n{}", snap.log());
+    let images = ctd.ctr_ok(&["image", "ls"], Duration::from_secs(30));
+    for r in [&esgz, &plain] {
+        let line = images.lines().find(|l| l.starts_with(r.as_str())).unwrap_or_else(|| panic!("{r} not listed:\n{images}"));
+        assert!(line.contains("io.cri-containerd.image=managed") && line.contains("io.cri-containerd.pinned=pinned"), "{line}");
+    }
+
+    // The registry goes away; the proxy stays to count what is still asked of it.
+    drop(reg);
+    proxy.clear_requests();
+    let (_, want_listing): (Vec<String>, Vec<String>) = want.listing.iter().cloned().partition(|l| ESTARGZ_METADATA.contains(&path_of(l)));
+    let got = ctd.run_report("lazypull", &esgz, &format!("lp-warm-esgz-{}", std::process::id()), Duration::from_secs(120));
+    assert!(got.listing == want_listing, "warmed eStargz rootfs differs from overlayfs (- overlayfs, + lazypull):\n{}", diff(&want_listing, &got.listing));
+    let got = ctd.run_report("lazypull", &plain, &format!("lp-warm-plain-{}", std::process::id()), Duration::from_secs(120));
+    assert!(got.listing == want.listing, "warmed gzip rootfs differs from overlayfs:\n{}", diff(&want.listing, &got.listing));
+    assert_eq!(proxy.count("GET", "/blobs/"), 0, "blob requests after warming: {:?}", proxy.requests().iter().map(|r| r.path.clone()).collect::<Vec<_>>());
+}

@@ -238,14 +238,17 @@ impl Containerd {
         Ok(resp.into_inner().applied.map(|d| d.digest).unwrap_or_default())
     }
 
-    /// Creates the image record `name` → `target`, or points an existing one at `target`.
-    pub async fn put_image(&self, name: &str, target: Descriptor) -> Result<()> {
-        let image = Image { name: name.to_string(), target: Some(target), ..Default::default() };
+    /// Creates the image record `name` → `target` with `labels`, or points an existing one at
+    /// `target` and sets those labels on it (others it has are kept).
+    pub async fn put_image(&self, name: &str, target: Descriptor, labels: &HashMap<String, String>) -> Result<()> {
+        let image = Image { name: name.to_string(), target: Some(target), labels: labels.clone(), ..Default::default() };
         let mut client = ImagesClient::new(self.channel.clone());
         match client.create(self.req(images::CreateImageRequest { image: Some(image.clone()) })).await {
             Ok(_) => Ok(()),
             Err(s) if s.code() == Code::AlreadyExists => {
-                let mask = prost_types::FieldMask { paths: vec!["target".into()] };
+                let mut paths = vec!["target".to_string()];
+                paths.extend(labels.keys().map(|k| format!("labels.{k}")));
+                let mask = prost_types::FieldMask { paths };
                 client
                     .update(self.req(images::UpdateImageRequest { image: Some(image), update_mask: Some(mask) }))
                     .await

@@ -21,11 +21,13 @@ pub struct PullOptions {
     pub platform: Platform,
     /// How long containerd keeps the pull's lease if the pull dies without releasing it.
     pub lease_expiry: Duration,
+    /// Labels of the image record (e.g. `io.cri-containerd.image=managed` so that CRI lists it).
+    pub image_labels: std::collections::HashMap<String, String>,
 }
 
 impl Default for PullOptions {
     fn default() -> Self {
-        PullOptions { snapshotter: "lazypull".into(), platform: Platform::host(), lease_expiry: Duration::from_secs(3600) }
+        PullOptions { snapshotter: "lazypull".into(), platform: Platform::host(), lease_expiry: Duration::from_secs(3600), image_labels: Default::default() }
     }
 }
 
@@ -178,7 +180,7 @@ async fn pull_under_lease(
     if !top_chain.is_empty() {
         ctd.add_labels(&manifest.config.digest, HashMap::from([(labels::gc_snapshot_label(&opts.snapshotter), top_chain)])).await?;
     }
-    ctd.put_image(name, pb_descriptor(top_desc)).await?;
+    ctd.put_image(name, pb_descriptor(top_desc), &opts.image_labels).await?;
     Ok((outcomes, unpacked_bytes))
 }
 

@@ -18,6 +18,23 @@ use crate::error::{Error, Result};
 impl LayerFetcher {
     /// Removes `cl`'s flight from the in-flight table, unless a later claim of the same digest
     /// has replaced it there.
+    /// Waits (at most `timeout`) until no chunk of this layer is in flight, i.e. every chunk
+    /// fetched so far is in the store: [`LayerFetcher::get_many`] returns as soon as *its*
+    /// chunks are verified and stores them on a helper thread, so a process that exits right
+    /// after (`lazypull warm`) must wait for this or lose those writes. True if settled.
+    pub fn wait_settled(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.inflight.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     pub(super) fn release(&self, cl: &Claim) {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if inflight.get(&cl.digest).is_some_and(|f| Arc::ptr_eq(f, &cl.flight)) {

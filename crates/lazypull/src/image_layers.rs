@@ -1,0 +1,96 @@
+//! An image's layers as every caller that serves or warms them sees them: which are lazy and
+//! how each index is checked (eStargz/zstd:chunked annotations, else a SOCI index looked up once
+//! per image), and opening a lazy one over the node's chunk store.
+//!
+//! Why here: `lazypull mount` and `lazypull warm` must agree on exactly this (a layer warmed
+//! must be the layer the daemons serve, keyed the same way in the store); the snapshotter makes
+//! the same decision through the same `layer` and `soci_image` calls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use store::{ChunkStore, FetchConfig, RangeSource, RegistryRangeSource};
+use tracing::{info, warn};
+
+/// One image's manifest and the SOCI lookup, done at most once.
+pub struct ImageLayers<'a> {
+    pub location: &'a convert::Store,
+    pub manifest: registry::Manifest,
+    pub manifest_digest: String,
+    /// A SOCI index digest given by the user, used instead of discovery.
+    pub soci_index: Option<String>,
+    soci: Option<Option<soci_image::Found>>,
+}
+
+impl<'a> ImageLayers<'a> {
+    pub fn new(location: &'a convert::Store, manifest: registry::Manifest, manifest_digest: String, soci_index: Option<String>) -> ImageLayers<'a> {
+        ImageLayers { location, manifest, manifest_digest, soci_index, soci: None }
+    }
+
+    /// The one decision every caller shares (layer crate): lazy, and checked how, or why not.
+    pub fn check(&mut self, rt: &tokio::runtime::Runtime, d: &registry::Descriptor) -> Result<layer::IndexCheck, layer::NotLazy> {
+        let reason = match layer::detect(&d.media_type, &d.annotations) {
+            Ok(found) => return Ok(found.check),
+            Err(reason) => reason,
+        };
+        if !soci_image::indexable(&d.media_type) {
+            return Err(reason);
+        }
+        let (location, manifest, digest, explicit) = (self.location, &self.manifest, &self.manifest_digest, self.soci_index.as_deref());
+        let found = self.soci.get_or_insert_with(|| match rt.block_on(soci_image::discover(location, digest, manifest, explicit)) {
+            Ok(Some(f)) => {
+                info!(manifest = %digest, index = %f.digest, via = f.via.as_str(), "using a SOCI index");
+                Some(f)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(manifest = %digest, error = %e, "cannot look for a SOCI index");
+                None
+            }
+        });
+        match found {
+            None => Err(reason),
+            Some(f) => match f.index.ztoc_for(&d.digest) {
+                Some(z) => z.ztoc_digest.parse().map(layer::IndexCheck::SociZtoc).map_err(|_| layer::NotLazy::IndexUnusable(format!("zTOC digest {:?}", z.ztoc_digest))),
+                None => Err(layer::NotLazy::NoZtoc { index: f.digest.clone() }),
+            },
+        }
+    }
+}
+
+/// Where and how a lazy layer is opened.
+pub struct OpenAt<'a> {
+    pub rt: &'a tokio::runtime::Runtime,
+    pub client: &'a registry::Client,
+    pub reference: &'a registry::Reference,
+    pub store: &'a Arc<ChunkStore>,
+    pub fetch: FetchConfig,
+    /// The state directory (its tails cache holds layer TOCs).
+    pub state_dir: &'a std::path::Path,
+    pub fetch_timeout: Duration,
+}
+
+/// Opens lazy layer `d` of the image at `location`, checked by `check`: its index (a zTOC from
+/// the registry by digest, or the footer and TOC through the tails cache) and a fetcher over
+/// the node's store.
+pub fn open_lazy(at: &OpenAt, location: &convert::Store, d: &registry::Descriptor, check: layer::IndexCheck) -> Result<lazyfs::OpenedLayer, layer::NotLazy> {
+    let source: Arc<dyn RangeSource> = Arc::new(RegistryRangeSource::new(
+        at.client.clone(),
+        at.reference.clone(),
+        d.digest.clone(),
+        d.size,
+        at.rt.handle().clone(),
+        at.fetch_timeout,
+    ));
+    match check {
+        layer::IndexCheck::SociZtoc(ztoc) => at
+            .rt
+            .block_on(location.blob_bytes(&ztoc.to_string()))
+            .map_err(|e| layer::NotLazy::Registry(format!("fetching zTOC {ztoc}: {e}")))
+            .and_then(|bytes| lazyfs::open_ztoc_layer(source, &bytes, &check, at.store.clone(), at.fetch.clone()).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))),
+        _ => {
+            let tails = store::TailCache::new(crate::mount::tails_dir(at.state_dir));
+            lazyfs::open_layer_cached(source, Some(&check), at.store.clone(), at.fetch.clone(), &tails).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
+        }
+    }
+}
