@@ -550,6 +550,8 @@ impl LayerFetcher {
                 let last = all.iter().map(|c| c.idx).max().expect("non-empty");
                 all.extend(self.claim_following(last, self.config.readahead));
             }
+            let siblings = self.claim_range_siblings(&all);
+            all.extend(siblings);
             let fetched = self.fetch_claims(all, self.demand_shape(), Some(self));
             for (k, idx) in mine {
                 match fetched.get(&idx) {
@@ -646,6 +648,43 @@ impl LayerFetcher {
 
     /// Claims the uncached, unclaimed chunks after `last`, stopping at the first one that is
     /// stored or in flight, or when `budget` compressed bytes are covered.
+    /// The other chunks decoded from the same resumed range (a SOCI span) as one of `claimed`:
+    /// the whole span is fetched and verified for any piece of it, so its other files' pieces
+    /// come along (decoded and stored after the urgent ones) instead of costing the span again
+    /// when they are read. Measured before: reading all of test/big:1 through SOCI fetched
+    /// 613 MB of its 576 MB (a span shared by two files was fetched for each).
+    fn claim_range_siblings(&self, claimed: &[Claim]) -> Vec<Claim> {
+        let mut out = Vec::new();
+        let mut ranges = std::collections::HashSet::new();
+        let taken: std::collections::HashSet<usize> = claimed.iter().map(|c| c.idx).collect();
+        let same = |a: usize, b: usize| self.chunks[a].offset == self.chunks[b].offset && self.chunks[a].next_offset == self.chunks[b].next_offset;
+        for cl in claimed {
+            let c = &self.chunks[cl.idx];
+            if c.resume.is_none() || !ranges.insert((c.offset, c.next_offset)) {
+                continue;
+            }
+            let (mut lo, mut hi) = (cl.idx, cl.idx);
+            while lo > 0 && same(lo - 1, cl.idx) {
+                lo -= 1;
+            }
+            while hi + 1 < self.chunks.len() && same(hi + 1, cl.idx) {
+                hi += 1;
+            }
+            for j in lo..=hi {
+                if taken.contains(&j) || self.present[j].load(Ordering::Relaxed) {
+                    continue;
+                }
+                let Some(d) = self.chunks[j].digest else { continue };
+                match self.claim(j, d) {
+                    Ok(Some(c)) => out.push(c),
+                    Ok(None) => self.mark_present(j),
+                    Err(_) => {}
+                }
+            }
+        }
+        out
+    }
+
     fn claim_following(&self, last: usize, budget: u64) -> Vec<Claim> {
         let mut out = Vec::new();
         let start = self.chunks[last].next_offset;
