@@ -1593,14 +1593,8 @@ fn soci_indexed_images_run_lazily_in_containerd() {
         .iter()
         .map(|l| (l["digest"].as_str().unwrap().to_owned(), l["size"].as_u64().unwrap()))
         .collect();
-    let snap_root = tempfile::Builder::new().prefix("lazypull-soci-").tempdir().unwrap();
-    let run_dir = PathBuf::from(format!("/run/lazypull-soci-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir).unwrap();
-    let sock = run_dir.join("s.sock");
-    let config = snap_root.path().join("config.toml");
-    std::fs::write(&config, "metrics_address = \"127.0.0.1:0\"\nbackground_fetch = false\n").unwrap();
-    let snap = SnapshotterDaemon::start(&snap_root.path().join("root"), &sock, &config, SocketMode::Bound);
-    let ctd = Containerd::start_with(&format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+    let node = lazy_node("soci", "metrics_address = \"127.0.0.1:0\"\nbackground_fetch = false\n");
+    let (ctd, snap_root) = (&node.ctd, node.dir.path());
 
     ctd.ctr_ok(&["image", "pull", "--plain-http", &plain], Duration::from_secs(60));
     let want = ctd.run_report("overlayfs", &plain, &format!("lp-soci-ref-{}", std::process::id()), Duration::from_secs(60));
@@ -1608,11 +1602,11 @@ fn soci_indexed_images_run_lazily_in_containerd() {
 
     for (what, image) in [("v1 (referrers fallback tag)", &plain), ("v2 (annotated manifest)", &v2)] {
         let case = SociCase { what, image, proxy: &proxy, layers: &layers, remote: layers.len() };
-        check_soci_case(&ctd, &snap, snap_root.path(), &want, &case);
+        check_soci_case(ctd, &node.snap, snap_root, &want, &case);
     }
-    let log = snap.log() + &daemon_logs(&snap_root.path().join("root").join("layers"));
+    let log = node.snap.log() + &daemon_logs(&node.state.join("layers"));
     assert!(log.contains("using a SOCI index"), "the snapshotter logs how it found the index:\n{log}");
-    assert_eq!(snap.log().matches("remote snapshot mounted lazily").count(), 4, "every layer of both images remote:\n{}", snap.log());
+    assert_eq!(node.snap.log().matches("remote snapshot mounted lazily").count(), 4, "every layer of both images remote:\n{}", node.snap.log());
 
 
     // Restart adoption as for eStargz: kill -9 of the snapshotter while a container runs on
@@ -1620,15 +1614,15 @@ fn soci_indexed_images_run_lazily_in_containerd() {
     // zTOC digest), and the container still reads the whole big file correctly.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
     cmd.args(["rpull", "--address", &ctd.sock, "--namespace", &namespace(), &plain]);
-    let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root.path());
+    let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root);
     assert!(ok && out.contains("2 of 2 layers remote"), "rpull before the restart: {out}\n{err}");
     let long = format!("lp-soci-long-{}", std::process::id());
     ctd.containers.borrow_mut().push(long.clone());
     ctd.ctr_ok(&["run", "-d", "--snapshotter", "lazypull", &plain, &long, "/bin/busybox", "sleep", "600"], Duration::from_secs(60));
-    let m = snap.metrics();
+    let m = node.snap.metrics();
     assert!(m.contains(&format!("lazypull_fetched_bytes_total{{layer=\"{}\"}}", layers[0].0)), "SOCI layers are counted like any other:\n{m}");
-    let state = snap_root.path().join("root");
-    let (snap, r) = crash_and_restart(&ctd, snap, || SnapshotterDaemon::start(&state, &sock, &config, SocketMode::Bound), &plain);
+    let (state, sock, config) = (&node.state, &node.sock, &node.config);
+    let (snap, r) = crash_and_restart(ctd, node.snap, || SnapshotterDaemon::start(state, sock, config, SocketMode::Bound), &plain);
     eprintln!("SOCI restart: {} ls calls, {} failed; kill → container output {} ms", r.calls, r.failed.len(), r.to_container.as_millis());
     let out = ctd.ctr_ok(&["task", "exec", "--exec-id", "sum", &long, "/bin/sha256sum", "/data/big.bin"], Duration::from_secs(60));
     assert_eq!(out.split_whitespace().next(), Some(sha_hex(&big).as_str()), "read of a SOCI layer after the restart");
@@ -1704,14 +1698,8 @@ fn soci_indexes_of_the_peer_images_run_lazily() {
         out
     };
 
-    let snap_root = tempfile::Builder::new().prefix("lazypull-soci-peer-").tempdir().unwrap();
-    let run_dir = PathBuf::from(format!("/run/lazypull-soci-peer-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir).unwrap();
-    let sock = run_dir.join("s.sock");
-    let config = snap_root.path().join("config.toml");
-    std::fs::write(&config, "metrics_address = \"127.0.0.1:0\"\nbackground_fetch = false\n").unwrap();
-    let snap = SnapshotterDaemon::start(&snap_root.path().join("root"), &sock, &config, SocketMode::Bound);
-    let ctd = Containerd::start_with(&format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+    let node = lazy_node("soci-peer", "metrics_address = \"127.0.0.1:0\"\nbackground_fetch = false\n");
+    let (ctd, snap, snap_root) = (&node.ctd, &node.snap, node.dir.path());
 
     // 1 MiB spans: with upstream's 4 MiB default, `echo` on Debian reads two spans of its one
     // 51 MB layer (15% of the image; measured 2026-12-02), more than the 10% asked for.
@@ -1753,7 +1741,7 @@ fn soci_indexes_of_the_peer_images_run_lazily() {
             (format!("{src} v1 (referrers API)"), &api, &api_proxy),
             (format!("{src} v2 (annotated manifest)"), &v2, &plain_proxy),
         ] {
-            check_soci_case(&ctd, &snap, snap_root.path(), &want, &SociCase { what: &what, image, proxy, layers: &layers, remote });
+            check_soci_case(ctd, snap, snap_root, &want, &SociCase { what: &what, image, proxy, layers: &layers, remote });
         }
     }
     let log = snap.log();
@@ -1787,16 +1775,9 @@ fn warmed_images_run_with_the_registry_stopped() {
     });
     let (plain, esgz) = (reference("plain"), reference("esgz"));
 
-    let snap_root = tempfile::Builder::new().prefix("lazypull-warm-").tempdir().unwrap();
-    let run_dir = PathBuf::from(format!("/run/lazypull-warm-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir).unwrap();
-    let sock = run_dir.join("s.sock");
-    let config = snap_root.path().join("config.toml");
     // No background fill: whatever is in the store afterwards was put there by `warm`.
-    std::fs::write(&config, "background_fetch = false\nsmall_layer_prefetch_bytes = 0\nfetch_timeout_secs = 5\n").unwrap();
-    let state = snap_root.path().join("root");
-    let snap = SnapshotterDaemon::start(&state, &sock, &config, SocketMode::Bound);
-    let ctd = Containerd::start_with(&format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+    let node = lazy_node("warm", "background_fetch = false\nsmall_layer_prefetch_bytes = 0\nfetch_timeout_secs = 5\n");
+    let (ctd, snap, state, snap_root) = (&node.ctd, &node.snap, &node.state, node.dir.path());
 
     ctd.ctr_ok(&["image", "pull", "--plain-http", &plain], Duration::from_secs(60));
     let want = ctd.run_report("overlayfs", &plain, &format!("lp-warm-ref-{}", std::process::id()), Duration::from_secs(60));
@@ -1805,7 +1786,7 @@ fn warmed_images_run_with_the_registry_stopped() {
     let warm = || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
         cmd.args(["warm", "--address", &ctd.sock, "--namespace", &namespace(), "--root", state.to_str().unwrap(), &esgz, &plain]);
-        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root.path());
+        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(120), snap_root);
         assert!(ok, "lazypull warm: {out}\n{err}");
         eprintln!("{out}");
         out
@@ -1832,4 +1813,29 @@ fn warmed_images_run_with_the_registry_stopped() {
     let got = ctd.run_report("lazypull", &plain, &format!("lp-warm-plain-{}", std::process::id()), Duration::from_secs(120));
     assert!(got.listing == want.listing, "warmed gzip rootfs differs from overlayfs:\n{}", diff(&want.listing, &got.listing));
     assert_eq!(proxy.count("GET", "/blobs/"), 0, "blob requests after warming: {:?}", proxy.requests().iter().map(|r| r.path.clone()).collect::<Vec<_>>());
+}
+
+/// A lazypull snapshotter (its own root, socket and TOML `config`) registered with a private
+/// containerd as the `lazypull` proxy plugin. Fields drop in order: containerd first.
+struct LazyNode {
+    ctd: Containerd,
+    snap: SnapshotterDaemon,
+    /// The snapshotter's root.
+    state: PathBuf,
+    sock: PathBuf,
+    config: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn lazy_node(name: &str, config: &str) -> LazyNode {
+    let dir = tempfile::Builder::new().prefix(&format!("lazypull-{name}-")).tempdir().unwrap();
+    let run_dir = PathBuf::from(format!("/run/lazypull-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let sock = run_dir.join("s.sock");
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let state = dir.path().join("root");
+    let snap = SnapshotterDaemon::start(&state, &sock, &config_path, SocketMode::Bound);
+    let ctd = Containerd::start_with(&format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+    LazyNode { ctd, snap, state, sock, config: config_path, dir }
 }
