@@ -14,16 +14,16 @@ use tracing::{info, warn};
 
 /// One image's manifest and the SOCI lookup, done at most once.
 pub struct ImageLayers<'a> {
-    pub location: &'a convert::Store,
-    pub manifest: registry::Manifest,
-    pub manifest_digest: String,
+    location: &'a convert::Store,
+    manifest: &'a registry::Manifest,
+    manifest_digest: &'a str,
     /// A SOCI index digest given by the user, used instead of discovery.
-    pub soci_index: Option<String>,
+    soci_index: Option<&'a str>,
     soci: Option<Option<soci_image::Found>>,
 }
 
 impl<'a> ImageLayers<'a> {
-    pub fn new(location: &'a convert::Store, manifest: registry::Manifest, manifest_digest: String, soci_index: Option<String>) -> ImageLayers<'a> {
+    pub fn new(location: &'a convert::Store, manifest: &'a registry::Manifest, manifest_digest: &'a str, soci_index: Option<&'a str>) -> ImageLayers<'a> {
         ImageLayers { location, manifest, manifest_digest, soci_index, soci: None }
     }
 
@@ -36,7 +36,7 @@ impl<'a> ImageLayers<'a> {
         if !soci_image::indexable(&d.media_type) {
             return Err(reason);
         }
-        let (location, manifest, digest, explicit) = (self.location, &self.manifest, &self.manifest_digest, self.soci_index.as_deref());
+        let (location, manifest, digest, explicit) = (self.location, self.manifest, self.manifest_digest, self.soci_index);
         let found = self.soci.get_or_insert_with(|| match rt.block_on(soci_image::discover(location, digest, manifest, explicit)) {
             Ok(Some(f)) => {
                 info!(manifest = %digest, index = %f.digest, via = f.via.as_str(), "using a SOCI index");

@@ -518,7 +518,7 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
         })?,
     };
     // The SOCI index, looked up once, the first time a layer is not eStargz.
-    let mut image = crate::image_layers::ImageLayers::new(&location, manifest.clone(), manifest_digest, args.soci_index.clone());
+    let mut image = crate::image_layers::ImageLayers::new(&location, &manifest, &manifest_digest, args.soci_index.as_deref());
     let mut decide = |d: &registry::Descriptor| -> Result<layer::IndexCheck, layer::NotLazy> {
         match &known {
             Some((_, _, check)) => Ok(*check),

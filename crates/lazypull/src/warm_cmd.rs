@@ -114,6 +114,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
     let bar = if std::io::stderr().is_terminal() { ProgressBar::new(plan.bytes) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let mut planned = plan.layers.iter();
+    let settle_timeout = Duration::from_secs(serve.fetch_timeout.max(1) * 2);
     for p in &pulled {
         let t0 = Instant::now();
         let (mut chunks, mut bytes, mut hot, mut errors) = (0usize, 0u64, 0usize, Vec::new());
@@ -134,8 +135,8 @@ pub fn run(a: WarmArgs) -> Result<()> {
                 }
             }
             // The last batch's chunks are stored on a helper thread: wait for it.
-            if !layer.fetcher.wait_settled(Duration::from_secs(serve.fetch_timeout.max(1) * 2)) {
-                errors.push(format!("layer {digest}: chunks still being stored after {} s", serve.fetch_timeout.max(1) * 2));
+            if !layer.fetcher.wait_settled(settle_timeout) {
+                errors.push(format!("layer {digest}: chunks still being stored after {} s", settle_timeout.as_secs()));
             }
             chunks += want.chunks.len();
             bytes += want.bytes;
@@ -195,7 +196,7 @@ fn pull_and_open(a: &WarmArgs, rt: &tokio::runtime::Runtime, client: &registry::
         let (_, root, digest) = location.root().await?;
         crate::image::select_manifest_with_digest(&location, root, &digest, None).await
     })?;
-    let mut image = ImageLayers::new(&location, manifest.clone(), digest, None);
+    let mut image = ImageLayers::new(&location, &manifest, &digest, None);
     let at = OpenAt {
         rt,
         client,
