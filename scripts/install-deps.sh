@@ -10,8 +10,9 @@ target="${1:-test}"
 # compare against (gzip, tar, zstd), and the Go reference library for the interop tests.
 # The lazy filesystem and snapshotter tests add containerd, runc and ctr-remote (package
 # stargz-snapshotter: `image rpull` sets the remote-snapshot labels). python3 regenerates the SOCI
-# fixture layers (crates/soci/tests/fixtures/gen_layers.py).
-pkgs=(build-essential pkg-config gzip tar zstd attr curl openssl apache2-utils docker-registry containerd runc busybox-static ca-certificates python3
+# fixture layers (crates/soci/tests/fixtures/gen_layers.py). e2fsprogs and mount: `bake` makes and
+# loop-mounts ext4 volume images.
+pkgs=(build-essential pkg-config gzip tar zstd attr curl openssl apache2-utils docker-registry containerd runc busybox-static ca-certificates python3 e2fsprogs mount
       golang-go golang-github-containerd-stargz-snapshotter-dev stargz-snapshotter)
 case "$target" in
   test|fuzz) ;;

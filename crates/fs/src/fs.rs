@@ -224,8 +224,16 @@ impl LayerFs {
         let c = &self.fetcher.chunks()[first.chunk];
         match (&c.slot, i.extents.len()) {
             // A chunk file is written whole and renamed into place under its digest; it is the
-            // file only if the file is that whole chunk.
-            (None, 1) if first.chunk_offset == 0 && first.len == c.size && i.size == c.size => std::fs::File::open(self.fetcher.store().disk_path(&c.digest?)?).ok(),
+            // file only if the file is that whole chunk. The kernel reads a passthrough file
+            // without us, so the opened file is hashed first (once per file): a chunk damaged
+            // on disk (a bad volume, a bit flip) is then read through the daemon, which drops
+            // and refetches it, instead of being handed out as is.
+            (None, 1) if first.chunk_offset == 0 && first.len == c.size && i.size == c.size => {
+                let d = c.digest?;
+                let f = std::fs::File::open(self.fetcher.store().disk_path(&d)?).ok()?;
+                let want = self.fetcher.store().content_digest(&d);
+                self.verify_whole(i, &f, want).then_some(f)
+            }
             // An object is assembled in place by any daemon and may be evicted and begun again
             // by another while our index still calls it complete; the kernel reads a
             // passthrough file without us. So the opened file itself is hashed, chunk by chunk
@@ -236,6 +244,23 @@ impl LayerFs {
             }
             _ => None,
         }
+    }
+
+    /// Whether the opened chunk file `f` holds exactly the bytes hashing to `want`.
+    fn verify_whole(&self, i: &Inode, f: &std::fs::File, want: index::Digest) -> bool {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let Ok(md) = f.metadata() else { return false };
+        let id = (md.dev(), md.ino(), md.ctime(), md.ctime_nsec());
+        if self.verified_backing.lock().unwrap().contains(&id) {
+            return true;
+        }
+        let mut buf = vec![0u8; i.size as usize];
+        if md.len() != i.size || f.read_exact_at(&mut buf, 0).is_err() || index::Digest::of(&buf) != want {
+            tracing::warn!(path = %i.path, "stored chunk file does not hold this file's bytes; not passing it through");
+            return false;
+        }
+        self.verified_backing.lock().unwrap().insert(id);
+        true
     }
 
     fn verify_backing(&self, i: &Inode, f: &std::fs::File) -> bool {

@@ -82,15 +82,34 @@ pub fn open_lazy(at: &OpenAt, location: &convert::Store, d: &registry::Descripto
         at.rt.handle().clone(),
         at.fetch_timeout,
     ));
+    let tails = store::TailCache::new(crate::mount::tails_dir(at.state_dir));
     match check {
-        layer::IndexCheck::SociZtoc(ztoc) => at
-            .rt
-            .block_on(location.blob_bytes(&ztoc.to_string()))
-            .map_err(|e| layer::NotLazy::Registry(format!("fetching zTOC {ztoc}: {e}")))
-            .and_then(|bytes| lazyfs::open_ztoc_layer(source, &bytes, &check, at.store.clone(), at.fetch.clone()).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))),
-        _ => {
-            let tails = store::TailCache::new(crate::mount::tails_dir(at.state_dir));
-            lazyfs::open_layer_cached(source, Some(&check), at.store.clone(), at.fetch.clone(), &tails).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
+        layer::IndexCheck::SociZtoc(ztoc) => {
+            let bytes = match cached_ztoc(&tails, &ztoc) {
+                Some(b) => b,
+                None => {
+                    let b = at.rt.block_on(location.blob_bytes(&ztoc.to_string())).map_err(|e| layer::NotLazy::Registry(format!("fetching zTOC {ztoc}: {e}")))?.to_vec();
+                    if let Err(e) = tails.save(&ztoc.to_string(), 0, &b) {
+                        tracing::warn!(%ztoc, error = %e, "zTOC not cached (a remount will fetch it again)");
+                    }
+                    b
+                }
+            };
+            lazyfs::open_ztoc_layer(source, &bytes, &check, at.store.clone(), at.fetch.clone()).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
         }
+        _ => lazyfs::open_layer_cached(source, Some(&check), at.store.clone(), at.fetch.clone(), &tails).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}"))),
     }
+}
+
+/// A zTOC from the tails cache (kept under its own digest next to the eStargz TOCs, so a
+/// remount after a restart, or on a node started from a baked volume, needs no registry),
+/// if its bytes still hash to `ztoc`; a damaged entry is dropped.
+fn cached_ztoc(tails: &store::TailCache, ztoc: &estargz::Digest) -> Option<Vec<u8>> {
+    let (_, bytes) = tails.load(&ztoc.to_string())?;
+    if estargz::Digest::of(&bytes) == *ztoc {
+        return Some(bytes);
+    }
+    tracing::warn!(%ztoc, "cached zTOC does not match its digest; fetching it again");
+    tails.remove(&ztoc.to_string());
+    None
 }

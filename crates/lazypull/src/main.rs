@@ -7,10 +7,14 @@
 
 use clap::{Parser, Subcommand};
 
+mod bake_cmd;
+mod bake_node;
+mod bake_verify;
 mod cache;
 mod fallback;
 mod image;
 mod image_layers;
+mod install_cmd;
 mod layer;
 mod metrics;
 mod mount;
@@ -45,6 +49,14 @@ enum Command {
     /// Pre-pull images into this node (containerd + our snapshotter) and fill its chunk store:
     /// every chunk, the prioritized files only, or the most valuable chunks within a budget.
     Warm(warm_cmd::WarmArgs),
+    /// Build a node cache volume (directory or ext4 image) holding images and their chunks,
+    /// for new nodes to start from; `bake verify VOLUME` re-checks every digest in one.
+    Bake(bake_cmd::BakeCommand),
+    /// Set this node's containerd up for the lazypull snapshotter (config.toml merge, systemd
+    /// units, FUSE at boot); idempotent, `--dry-run` prints the changes.
+    Install(install_cmd::InstallArgs),
+    /// Undo `lazypull install` (restores containerd's original config.toml byte for byte).
+    Uninstall(install_cmd::InstallArgs),
     /// Serve containerd's snapshots API (proxy plugin) with lazily mounted eStargz layers.
     Snapshotter(snapshotter::SnapshotterArgs),
     /// Show and prune the node's chunk store (per image and layer).
@@ -82,6 +94,9 @@ fn main() {
         Command::Snapshotter(a) => snapshotter::run(a),
         Command::Rpull(a) => rpull_cmd::run(a),
         Command::Warm(a) => warm_cmd::run(a),
+        Command::Bake(c) => bake_cmd::run(c),
+        Command::Install(a) => install_cmd::run(a, false),
+        Command::Uninstall(a) => install_cmd::run(a, true),
         Command::Umount { mountpoint, state_dir } => mount::umount(&mountpoint, &state_dir),
         Command::Status { mountpoint, state_dir, json } => mount::status(&mountpoint, &state_dir, json),
     };

@@ -270,7 +270,8 @@ impl Remote for DaemonRemote {
             }
             Err(e) => warn!(error = %e, "cache GC skipped"),
         }
-        let live_digests: std::collections::HashSet<&str> = live.iter().map(|l| l.digest.as_str()).collect();
+        // Layers' tails, and the zTOCs of live SOCI layers (cached under their own digest).
+        let live_digests: std::collections::HashSet<&str> = live.iter().flat_map(|l| std::iter::once(l.digest.as_str()).chain(l.index_check.strip_prefix("soci-ztoc:"))).collect();
         store::TailCache::new(crate::mount::tails_dir(&self.args.state)).retain(|d| live_digests.contains(d));
         // References of layers no longer in use.
         let live_hex: std::collections::HashSet<String> = live.iter().map(|l| l.digest.trim_start_matches("sha256:").to_string()).collect();

@@ -32,48 +32,63 @@ const FILL_BATCH: usize = 64;
 pub struct WarmArgs {
     /// Image references, e.g. registry.example.com/app:1.
     #[arg(required = true)]
-    references: Vec<String>,
+    pub(crate) references: Vec<String>,
     /// Every chunk of every lazy layer (the default).
     #[arg(long, conflicts_with_all = ["prioritized", "budget"])]
-    full: bool,
+    pub(crate) full: bool,
     /// Only the chunks of prioritized files (eStargz `.prefetch.landmark`) and of `--files`.
     #[arg(long, conflicts_with = "budget")]
-    prioritized: bool,
+    pub(crate) prioritized: bool,
     /// At most this many stored bytes over all images: prioritized and recorded files first,
     /// then in image order.
     #[arg(long, value_name = "BYTES")]
-    budget: Option<u64>,
+    pub(crate) budget: Option<u64>,
     /// Paths a recording run opened (one per line, e.g. the `opened_files` of `lazypull status`),
     /// counted as prioritized in every layer that has them.
     #[arg(long, value_name = "FILE")]
-    files: Option<PathBuf>,
+    pub(crate) files: Option<PathBuf>,
     /// containerd's socket.
     #[arg(long, default_value = "/run/containerd/containerd.sock", value_name = "SOCKET")]
-    address: PathBuf,
+    pub(crate) address: PathBuf,
     /// containerd namespace (CRI's is k8s.io).
     #[arg(long, short = 'n', default_value = "k8s.io")]
-    namespace: String,
+    pub(crate) namespace: String,
     /// Snapshotter (proxy plugin name) that mounts layers lazily.
     #[arg(long, default_value = "lazypull")]
-    snapshotter: String,
+    pub(crate) snapshotter: String,
     /// The snapshotter's root (its `root` setting): where its store and settings are.
     #[arg(long, default_value = "/var/lib/lazypull/snapshotter", value_name = "DIR")]
-    root: PathBuf,
+    pub(crate) root: PathBuf,
     /// Do not label the images for CRI (`io.cri-containerd.image=managed`, `…pinned=pinned`).
     #[arg(long)]
-    no_cri_labels: bool,
+    pub(crate) no_cri_labels: bool,
     #[command(flatten)]
-    registry: RegistryArgs,
+    pub(crate) registry: RegistryArgs,
 }
 
 /// One image's lazy layers, opened over the node's store.
 struct Pulled {
     reference: String,
+    manifest_digest: String,
     layers: Vec<(String, lazyfs::OpenedLayer)>,
     not_lazy: usize,
 }
 
+/// What warming did to one image (what `bake` records in a volume's manifest).
+pub(crate) struct Warmed {
+    pub reference: String,
+    pub manifest_digest: String,
+    pub lazy_layers: Vec<warm::VolumeLayer>,
+    pub unpacked_layers: usize,
+}
+
 pub fn run(a: WarmArgs) -> Result<()> {
+    warm_images(&a).map(|_| ())
+}
+
+/// Warms every image of `a`, printing one summary line per image; the images warmed, or an
+/// error naming the ones that were not (after trying all of them).
+pub(crate) fn warm_images(a: &WarmArgs) -> Result<Vec<Warmed>> {
     let mode = match (a.prioritized, a.budget) {
         (true, _) => warm::Mode::Prioritized,
         (_, Some(b)) => warm::Mode::Budget(b),
@@ -95,7 +110,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
     let mut failed = Vec::new();
     let mut pulled = Vec::new();
     for reference in &a.references {
-        match pull_and_open(&a, &rt, &client, &serve, &store, reference) {
+        match pull_and_open(a, &rt, &client, &serve, &store, reference) {
             Ok(p) => pulled.push(p),
             Err(e) => {
                 eprintln!("{reference}: not warmed: {e:#}");
@@ -115,9 +130,11 @@ pub fn run(a: WarmArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let mut planned = plan.layers.iter();
     let settle_timeout = Duration::from_secs(serve.fetch_timeout.max(1) * 2);
+    let mut warmed = Vec::new();
     for p in &pulled {
         let t0 = Instant::now();
         let (mut chunks, mut bytes, mut hot, mut errors) = (0usize, 0u64, 0usize, Vec::new());
+        let mut layers = Vec::new();
         let lazy_bytes: u64 = p.layers.iter().map(|(_, l)| l.fetcher.chunks().iter().map(|c| c.size).sum::<u64>()).sum();
         for (digest, layer) in &p.layers {
             let want = planned.next().expect("one planned layer per opened layer");
@@ -140,6 +157,13 @@ pub fn run(a: WarmArgs) -> Result<()> {
             }
             chunks += want.chunks.len();
             bytes += want.bytes;
+            layers.push(warm::VolumeLayer {
+                digest: digest.clone(),
+                chunks: layer.fetcher.chunks().len(),
+                stored_chunks: want.chunks.len(),
+                bytes: layer.fetcher.chunks().iter().map(|c| c.size).sum(),
+                stored_bytes: want.bytes,
+            });
             hot += want.hot_chunks;
             layer.fetcher.close();
         }
@@ -158,7 +182,9 @@ pub fn run(a: WarmArgs) -> Result<()> {
         for e in &errors {
             eprintln!("{}: {e}", p.reference);
         }
-        if !errors.is_empty() {
+        if errors.is_empty() {
+            warmed.push(Warmed { reference: p.reference.clone(), manifest_digest: p.manifest_digest.clone(), lazy_layers: layers, unpacked_layers: p.not_lazy });
+        } else {
             failed.push(p.reference.clone());
         }
     }
@@ -167,7 +193,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
     if !failed.is_empty() {
         bail!("not warmed: {}", failed.join(", "));
     }
-    Ok(())
+    Ok(warmed)
 }
 
 fn short(digest: &str) -> &str {
@@ -225,5 +251,5 @@ fn pull_and_open(a: &WarmArgs, rt: &tokio::runtime::Runtime, client: &registry::
     if remote < layers.len() {
         tracing::warn!(image = %reference, remote, lazy = layers.len(), "containerd unpacked layers the snapshotter could have served lazily (see its log)");
     }
-    Ok(Pulled { reference: reference.to_string(), layers, not_lazy })
+    Ok(Pulled { reference: reference.to_string(), manifest_digest: digest.clone(), layers, not_lazy })
 }

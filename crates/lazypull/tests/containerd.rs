@@ -364,6 +364,11 @@ impl Containerd {
 
     /// With `extra_config` (TOML tables, e.g. proxy plugins) appended to the generated config.
     fn start_with(extra_config: &str) -> Containerd {
+        Self::start_at(None, extra_config)
+    }
+
+    /// containerd with its root at `root` (a baked volume's) instead of a fresh directory.
+    fn start_at(containerd_root: Option<&Path>, extra_config: &str) -> Containerd {
         // Per instance: the tests of this file run in parallel, each with its own containerd.
         static INSTANCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -391,7 +396,7 @@ disabled_plugins = [{cri}"io.containerd.internal.v1.opt", "io.containerd.snapsho
 [plugins."io.containerd.metadata.v1.bolt"]
   content_sharing_policy = "isolated"
 "#,
-            root = q(&root.path().join("root")),
+            root = q(&containerd_root.map_or_else(|| root.path().join("root"), Path::to_path_buf)),
             state = q(&state),
             sock = q(Path::new(&sock)),
             ttrpc = q(Path::new(&format!("{sock}.ttrpc"))),
@@ -1813,6 +1818,235 @@ fn warmed_images_run_with_the_registry_stopped() {
     let got = ctd.run_report("lazypull", &plain, &format!("lp-warm-plain-{}", std::process::id()), Duration::from_secs(120));
     assert!(got.listing == want.listing, "warmed gzip rootfs differs from overlayfs:\n{}", diff(&want.listing, &got.listing));
     assert_eq!(proxy.count("GET", "/blobs/"), 0, "blob requests after warming: {:?}", proxy.requests().iter().map(|r| r.path.clone()).collect::<Vec<_>>());
+}
+
+/// Issue 19's volume: `lazypull bake` on "node A" (the private containerd + snapshotter that bake
+/// runs over the volume's directories) makes an ext4 image; "node B" is a fresh containerd and
+/// snapshotter whose roots are only that image, loop-mounted, with every registry request
+/// failing. Both images are listed (CRI-managed) and start with rootfs listings equal to
+/// overlayfs, and nothing is asked of the registry. Then the volume is damaged: `bake verify`
+/// names a flipped byte in a chunk and one in a content blob, node B still serves correct
+/// bytes (the bad chunk is refetched once the registry answers), and a volume of another format
+/// version or a truncated image is refused with a clear error.
+#[test]
+fn a_baked_volume_starts_images_on_a_fresh_node_without_the_registry() {
+    if !can_serve_lazily("the bake test") {
+        return;
+    }
+    if find_in_path("mkfs.ext4").is_none() || find_in_path("e2fsck").is_none() {
+        assert!(!interop_required(), "LAZYPULL_INTEROP=required but mkfs.ext4/e2fsck (e2fsprogs) are missing");
+        eprintln!("skipping the bake test: no e2fsprogs");
+        return;
+    }
+    let big = pseudo_random(8 << 20, 0x5eed_ba4e_0011_2233);
+    let img = build_image(&big);
+    // A second unmodified image, lazy through a SOCI index (its zTOCs must come from the volume).
+    let img_soci = build_image(&pseudo_random(6 << 20, 0x0dd_ba4e_4455_6677));
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(layout.path(), &img);
+    let reg = TestRegistry::start(Auth::None);
+    let proxy = fault_proxy::FaultProxy::start(&reg.host);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = Client::new(RegistryConfig::default(), Credentials::anonymous()).unwrap();
+    let reference = |tag: &str| format!("{}/bake:{tag}", proxy.addr);
+    let store = |tag: &str| Store::Registry { client: client.clone(), reference: Reference::parse(&reference(tag)).unwrap() };
+    rt.block_on(async {
+        let scratch = tempfile::tempdir().unwrap();
+        push_original(&store("plain"), &img, scratch.path()).await;
+        push_original(&store("soci"), &img_soci, scratch.path()).await;
+        let from_layout = Store::Layout { dir: layout.path().to_path_buf(), tag: "v1".into() };
+        convert_image(&from_layout, &store("esgz"), &ConvertOptions { chunk_size: 1 << 20, ..Default::default() }, Arc::new(|_| {})).await.unwrap();
+    });
+    let (plain, esgz, soci) = (reference("plain"), reference("esgz"), reference("soci"));
+
+    // The warm floor and the reference listings: the images already local under overlayfs.
+    let (want, want_soci, floor) = {
+        let ctd = Containerd::start();
+        ctd.ctr_ok(&["image", "pull", "--plain-http", &plain], Duration::from_secs(60));
+        ctd.ctr_ok(&["image", "pull", "--plain-http", &soci], Duration::from_secs(60));
+        let t = Instant::now();
+        let want = ctd.run_report("overlayfs", &plain, &format!("lp-bake-ref-{}", std::process::id()), Duration::from_secs(60));
+        let floor = t.elapsed();
+        let want_soci = ctd.run_report("overlayfs", &soci, &format!("lp-bake-ref2-{}", std::process::id()), Duration::from_secs(60));
+        (want, want_soci, floor)
+    };
+    let (_, want_esgz): (Vec<String>, Vec<String>) = want.listing.iter().cloned().partition(|l| ESTARGZ_METADATA.contains(&path_of(l)));
+
+    let work = tempfile::Builder::new().prefix("lazypull-bake-").tempdir().unwrap();
+    let volume = work.path().join("node-cache.img");
+    let lazypull = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+        cmd.args(args).env("LAZYPULL_LOG", "info");
+        run_timeout(&mut cmd, Duration::from_secs(240), work.path())
+    };
+    let vol = volume.to_str().unwrap();
+    let (ok, out, err) = lazypull(&["soci", "create", &soci, "--min-layer-size", "0", "--span-size", "1048576"]);
+    assert!(ok, "lazypull soci create: {out}\n{err}");
+    let (ok, out, err) = lazypull(&["bake", "--output", vol, "--namespace", &namespace(), &esgz, &plain, &soci]);
+    assert!(ok, "lazypull bake: {out}\n{err}");
+    eprintln!("{out}");
+    assert!(out.contains("(3 images, ") && out.contains(&format!("baked {vol}")), "{out}");
+    assert!(out.contains(&format!("{soci}: 2 lazy layers (0 unpacked")), "the SOCI image is lazy: {out}");
+    let (ok, out, err) = lazypull(&["bake", "verify", vol]);
+    assert!(ok && out.contains(": OK"), "bake verify of a good volume: {out}\n{err}");
+
+    // Node B, registry unreachable: every request is answered 503 (and counted).
+    let mnt = work.path().join("mnt");
+    proxy.inject_always(None, "", fault_proxy::Fault::Status(503));
+    proxy.clear_requests();
+    let times = {
+        let node = NodeB::start(&volume, &mnt, "fetch_timeout_secs = 5\n");
+        let images = node.ctd.ctr_ok(&["image", "ls"], Duration::from_secs(30));
+        for r in [&esgz, &plain, &soci] {
+            let line = images.lines().find(|l| l.starts_with(r.as_str())).unwrap_or_else(|| panic!("{r} not in node B's images:\n{images}"));
+            assert!(line.contains("io.cri-containerd.image=managed"), "{line}");
+        }
+        let t = Instant::now();
+        let got = node.ctd.run_report("lazypull", &esgz, &format!("lp-bake-esgz-{}", std::process::id()), Duration::from_secs(120));
+        let t_esgz = t.elapsed();
+        assert!(got.listing == want_esgz, "baked eStargz rootfs differs from overlayfs (- overlayfs, + node B):\n{}\nsnapshotter log:\n{}", diff(&want_esgz, &got.listing), node.snap.log());
+        let t = Instant::now();
+        let got = node.ctd.run_report("lazypull", &plain, &format!("lp-bake-plain-{}", std::process::id()), Duration::from_secs(120));
+        let t_plain = t.elapsed();
+        assert!(got.listing == want.listing, "baked gzip rootfs differs from overlayfs:\n{}", diff(&want.listing, &got.listing));
+        let t = Instant::now();
+        let got = node.ctd.run_report("lazypull", &soci, &format!("lp-bake-soci-{}", std::process::id()), Duration::from_secs(120));
+        let t_soci = t.elapsed();
+        assert!(got.listing == want_soci.listing, "baked SOCI rootfs differs from overlayfs:\n{}\nsnapshotter log:\n{}", diff(&want_soci.listing, &got.listing), node.snap.log());
+        (t_esgz, t_plain, t_soci)
+    };
+    let asked: Vec<String> = proxy.requests().iter().map(|r| format!("{} {}", r.method, r.path)).collect();
+    assert!(asked.is_empty(), "node B asked the registry for: {asked:?}");
+    eprintln!(
+        "container start + full read: overlayfs (image local) {:.2} s; node B from the baked volume: eStargz {:.2} s, gzip {:.2} s, SOCI {:.2} s",
+        floor.as_secs_f64(),
+        times.0.as_secs_f64(),
+        times.1.as_secs_f64(),
+        times.2.as_secs_f64()
+    );
+
+    // Damage: one byte of a chunk, one of a content blob (the plain image's largest layer).
+    let (chunk, blob) = {
+        let _m = LoopMount::new(&volume, &mnt, false);
+        // The largest single chunk: a whole file the listing reads (not a metadata file).
+        let chunks = files_under(&mnt.join("lazypull/layers/cache/chunks"));
+        let chunk = chunks.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).expect("chunks in the volume").clone();
+        let blobs = files_under(&mnt.join("containerd/io.containerd.content.v1.content/blobs/sha256"));
+        let blob = blobs.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap().clone();
+        flip_byte(&chunk, 0);
+        flip_byte(&blob, std::fs::metadata(&blob).unwrap().len() / 2);
+        (chunk.file_name().unwrap().to_str().unwrap().to_string(), blob.file_name().unwrap().to_str().unwrap().to_string())
+    };
+    let (ok, out, err) = lazypull(&["bake", "verify", vol]);
+    assert!(!ok && err.contains(&chunk) && err.contains(&blob) && err.contains("2 problems found"), "bake verify must name the chunk {chunk} and the blob {blob}:\n{out}\n{err}");
+
+    // Node B on the damaged volume, registry reachable: the bad chunk is not served, but
+    // fetched again, and the container reads the right bytes.
+    proxy.clear();
+    proxy.clear_requests();
+    {
+        let node = NodeB::start(&volume, &mnt, "fetch_timeout_secs = 5\nbackground_fetch = false\n");
+        let got = node.ctd.run_report("lazypull", &esgz, &format!("lp-bake-esgz2-{}", std::process::id()), Duration::from_secs(120));
+        assert!(got.listing == want_esgz, "node B served damaged bytes (- overlayfs, + node B):\n{}", diff(&want_esgz, &got.listing));
+        let got = node.ctd.run_report("lazypull", &soci, &format!("lp-bake-soci2-{}", std::process::id()), Duration::from_secs(120));
+        assert!(got.listing == want_soci.listing, "node B served damaged bytes (- overlayfs, + node B):\n{}\ndaemons:\n{}", diff(&want_soci.listing, &got.listing), daemon_logs(&mnt.join("lazypull/layers")));
+    }
+    assert!(proxy.count("GET", "/blobs/") > 0, "the damaged chunk was not fetched again: {:?}", proxy.requests().iter().map(|r| r.path.clone()).collect::<Vec<_>>());
+
+    // Another volume format version, then a truncated image.
+    {
+        let _m = LoopMount::new(&volume, &mnt, false);
+        let p = mnt.join("lazypull-volume.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        v["format_version"] = 99.into();
+        std::fs::write(&p, v.to_string()).unwrap();
+    }
+    let (ok, _, err) = lazypull(&["bake", "verify", vol]);
+    assert!(!ok && err.contains("volume format 99") && err.contains("bake the volume again"), "{err}");
+    let len = std::fs::metadata(&volume).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&volume).unwrap().set_len(len / 2).unwrap();
+    let (ok, _, err) = lazypull(&["bake", "verify", vol]);
+    assert!(!ok && err.contains("truncated or damaged"), "{err}");
+}
+
+/// An ext4 image loop-mounted at a directory; unmounted when dropped.
+struct LoopMount(PathBuf);
+
+impl LoopMount {
+    fn new(image: &Path, at: &Path, read_only: bool) -> LoopMount {
+        std::fs::create_dir_all(at).unwrap();
+        let opts = if read_only { "loop,ro" } else { "loop" };
+        let out = Command::new("mount").args(["-o", opts]).arg(image).arg(at).output().unwrap();
+        assert!(out.status.success(), "mount -o {opts} {}: {}", image.display(), String::from_utf8_lossy(&out.stderr));
+        LoopMount(at.to_path_buf())
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        // Layer daemons whose FUSE mounts were detached exit soon after, closing their files in
+        // the volume; until then the file system is busy. A lazy unmount would leave it mounted
+        // while the next step mounts the same image again, so wait for the real unmount.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("umount").arg(&self.0).stderr(Stdio::null()).status();
+            if out.is_ok_and(|s| s.success()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+                assert!(std::thread::panicking(), "{} still busy 30 s after its daemons were stopped", self.0.display());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// "Node B": a containerd and a lazypull snapshotter whose roots are a baked volume's, mounted
+/// from its image. Fields drop in order: containerd, snapshotter, then the volume.
+struct NodeB {
+    ctd: Containerd,
+    snap: SnapshotterDaemon,
+    _volume: LoopMount,
+}
+
+impl NodeB {
+    fn start(image: &Path, mnt: &Path, config: &str) -> NodeB {
+        let volume = LoopMount::new(image, mnt, false);
+        let run_dir = PathBuf::from(format!("/run/lazypull-nodeb-{}", std::process::id()));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let sock = run_dir.join("s.sock");
+        let config_path = run_dir.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let snap = SnapshotterDaemon::start(&mnt.join("lazypull"), &sock, &config_path, SocketMode::Bound);
+        let ctd = Containerd::start_at(Some(&mnt.join("containerd")), &format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", serde_json::to_string(sock.to_str().unwrap()).unwrap()));
+        NodeB { ctd, snap, _volume: volume }
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
 }
 
 /// A lazypull snapshotter (its own root, socket and TOML `config`) registered with a private

@@ -21,6 +21,7 @@ pub mod link;
 mod lru;
 pub mod source;
 pub mod tails;
+pub mod verify;
 
 pub use chunks::{ChunkStore, FileSlot, StoreConfig, StoreStats, StoreUsage};
 pub use error::{Error, Result};

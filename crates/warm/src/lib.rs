@@ -8,5 +8,7 @@
 //! containerd and the registry stay with the caller.
 
 pub mod select;
+pub mod volume;
 
 pub use select::{plan, LayerInput, Mode, Plan, PlannedLayer, Tier};
+pub use volume::{VolumeError, VolumeImage, VolumeLayer, VolumeManifest};
