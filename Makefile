@@ -41,6 +41,10 @@ bench:
 	# SOCI on the peers' unmodified images (fallback tag, referrers API, v2): issue 18's check.
 	LAZYPULL_PEER_REGISTRY=127.0.0.1:5000 LAZYPULL_INTEROP=required \
 	  cargo test --release --locked -p lazypull --test containerd soci_indexes_of_the_peer_images -- --nocapture
+	# Baked node cache volumes of the peers' images: start time vs the warm floor, budget run
+	# (issue 19's check).
+	LAZYPULL_PEER_REGISTRY=127.0.0.1:5000 LAZYPULL_INTEROP=required \
+	  cargo test --release --locked -p lazypull --test containerd baked_volumes_of_the_peer_images -- --nocapture
 
 # Bounded fuzzing of footer+TOC parsing, tar conversion, layer serving and zTOC reading
 # (FUZZ_SECONDS per target).

@@ -1969,6 +1969,204 @@ fn a_baked_volume_starts_images_on_a_fresh_node_without_the_registry() {
     assert!(!ok && err.contains("truncated or damaged"), "{err}");
 }
 
+/// Issue 19's volume acceptance on the peers' images (`make bench`; needs the peer registry,
+/// `LAZYPULL_PEER_REGISTRY=127.0.0.1:5000`). test/big:1 and test/debian:12 converted to eStargz
+/// by us, and test/debian:12 unmodified (gzip, unpacked), all in one run:
+/// - cold: a fresh lazypull node pulls and runs the `scripts/bench-coldstart.sh` workloads
+///   (Debian script, 5% of big) and records the files they open;
+/// - full volume: `bake` of the three images into one ext4 image; "node B" on the loop-mounted
+///   image with every registry request answered 503: each image starts (`ctr run --rm IMAGE
+///   /bin/true`, median of 3) within 1.2x of the warm floor (the same image local under
+///   overlayfs in another containerd, measured alternately), its rootfs listing (sha256 of
+///   every file) equals overlayfs, and nothing is asked of the registry;
+/// - budget volume: `bake --budget` 10% of the images' size with the recorded files: on node B
+///   the workloads make no registry request; their times are printed next to the cold and
+///   full-volume ones.
+#[test]
+fn baked_volumes_of_the_peer_images_start_at_the_warm_floor() {
+    const REPS: usize = 3;
+    let Ok(peer) = std::env::var("LAZYPULL_PEER_REGISTRY") else {
+        eprintln!("skipping the peer-image bake test: LAZYPULL_PEER_REGISTRY is not set");
+        return;
+    };
+    if !can_serve_lazily("the peer-image bake test") {
+        return;
+    }
+    let reg = TestRegistry::start(Auth::None);
+    let proxy = fault_proxy::FaultProxy::start(&reg.host);
+    let work = tempfile::Builder::new().prefix("lazypull-bake-peer-").tempdir().unwrap();
+    let lazypull = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+        cmd.args(args).env("LAZYPULL_LOG", "info");
+        let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(900), work.path());
+        assert!(ok, "lazypull {args:?}: {out}\n{err}");
+        out
+    };
+    // (original for the floor and the listing, image on node B, is it eStargz)
+    let mut cases: Vec<(String, String, bool)> = Vec::new();
+    let mut esgz_bytes = 0u64;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = Client::new(RegistryConfig::default(), Credentials::anonymous()).unwrap();
+    for src in ["test/big:1", "test/debian:12"] {
+        let name = src.trim_start_matches("test/");
+        let original = format!("{}/orig/{name}", proxy.addr);
+        let esgz = format!("{}/esgz/{name}", proxy.addr);
+        lazypull(&["image", "copy", &format!("{peer}/{src}"), &original]);
+        lazypull(&["image", "convert", &original, &esgz]);
+        let m: serde_json::Value = serde_json::from_slice(&rt.block_on(client.get_manifest(&Reference::parse(&esgz).unwrap())).unwrap().bytes).unwrap();
+        esgz_bytes += m["layers"].as_array().unwrap().iter().map(|l| l["size"].as_u64().unwrap()).sum::<u64>();
+        cases.push((original.clone(), esgz, true));
+        if src == "test/debian:12" {
+            cases.push((original.clone(), original, false));
+        }
+    }
+    // The bench-coldstart workloads on the images the volume holds.
+    let workloads: Vec<(&str, String, &str)> = vec![
+        ("debian-script", cases[1].1.clone(), "dpkg -l >/dev/null; apt-get --version >/dev/null; gzip --version >/dev/null; ls -lR /usr/share/doc >/dev/null; cat /etc/os-release"),
+        ("big-5pct", cases[0].1.clone(), "cat /data1/rand1.bin /etc/os-release >/dev/null"),
+    ];
+    let run_cmd = |ctd: &Containerd, snapshotter: &str, image: &str, tag: &str, cmd: &[&str]| -> Duration {
+        let id = format!("lp-bakepeer-{tag}-{}", std::process::id());
+        let mut args = vec!["run", "--rm", "--snapshotter", snapshotter, image, &id];
+        args.extend_from_slice(cmd);
+        let t = Instant::now();
+        ctd.ctr_ok(&args, Duration::from_secs(600));
+        t.elapsed()
+    };
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+
+    let reference = Containerd::start();
+    let mut wants = Vec::new();
+    for (original, _, _) in &cases {
+        reference.ctr_ok(&["image", "pull", "--plain-http", original], Duration::from_secs(600));
+        wants.push(reference.run_report("overlayfs", original, &format!("lp-bakepeer-ref-{}", std::process::id()), Duration::from_secs(900)));
+    }
+
+    // Cold, and the recording of the files the workloads open.
+    let recorded = work.path().join("recorded.txt");
+    let mut cold = Vec::new();
+    {
+        let node = lazy_node("bake-rec", "background_fetch = false\n");
+        let mut files: Vec<String> = Vec::new();
+        for (name, image, script) in &workloads {
+            let t = Instant::now();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+            cmd.args(["rpull", "--address", &node.ctd.sock, "--namespace", &namespace(), image]);
+            let (ok, out, err) = run_timeout(&mut cmd, Duration::from_secs(300), work.path());
+            assert!(ok, "rpull {image}: {out}\n{err}");
+            let exited = std::time::SystemTime::now();
+            run_cmd(&node.ctd, "lazypull", image, &format!("rec-{name}"), &["/bin/sh", "-c", script]);
+            cold.push(t.elapsed());
+            files.extend(recorded_files(&node.state.join("layers"), exited));
+        }
+        files.sort();
+        files.dedup();
+        assert!(!files.is_empty(), "the recording run saw no opened file");
+        std::fs::write(&recorded, files.join("\n") + "\n").unwrap();
+        eprintln!("recorded {} opened files", files.len());
+    }
+
+    let images: Vec<&str> = cases.iter().map(|c| c.1.as_str()).collect();
+    let bake = |volume: &Path, extra: &[&str]| {
+        let vol = volume.to_str().unwrap();
+        let ns = namespace();
+        let mut args = vec!["bake", "--output", vol, "--namespace", &ns];
+        args.extend_from_slice(extra);
+        args.extend(images.iter().copied());
+        let t = Instant::now();
+        let out = lazypull(&args);
+        eprintln!("{out}bake took {:.1} s, image file {} MB", t.elapsed().as_secs_f64(), std::fs::metadata(volume).unwrap().len() >> 20);
+        let out = lazypull(&["bake", "verify", vol]);
+        assert!(out.contains(": OK"), "{out}");
+    };
+
+    // Full volume: start times against the warm floor, listings, no registry.
+    let full = work.path().join("full.img");
+    bake(&full, &[]);
+    let mnt = work.path().join("mnt");
+    proxy.inject_always(None, "", fault_proxy::Fault::Status(503));
+    proxy.clear_requests();
+    let mut table = String::from("| image | warm floor (overlayfs, local) | node B (full volume) | ratio |\n|---|---|---|---|\n");
+    let mut misses = Vec::new();
+    let mut full_times = Vec::new();
+    {
+        let node = NodeB::start(&full, &mnt, "fetch_timeout_secs = 5\n");
+        for (i, (original, image, is_esgz)) in cases.iter().enumerate() {
+            // Alternating, so both see the same machine load.
+            let (mut floor, mut baked) = (Vec::new(), Vec::new());
+            for r in 0..REPS {
+                floor.push(run_cmd(&reference, "overlayfs", original, &format!("f{i}{r}"), &["/bin/true"]));
+                baked.push(run_cmd(&node.ctd, "lazypull", image, &format!("b{i}{r}"), &["/bin/true"]));
+            }
+            let (floor, baked) = (median(floor), median(baked));
+            let ratio = baked.as_secs_f64() / floor.as_secs_f64();
+            let what = format!("{}{}", original.rsplit('/').next().unwrap(), if *is_esgz { " (eStargz)" } else { " (gzip)" });
+            table.push_str(&format!("| {what} | {:.3} s | {:.3} s | {ratio:.2}x |\n", floor.as_secs_f64(), baked.as_secs_f64()));
+            if ratio > 1.2 {
+                misses.push(format!("{what}: {ratio:.2}x"));
+            }
+            let got = node.ctd.run_report("lazypull", image, &format!("lp-bakepeer-l{i}-{}", std::process::id()), Duration::from_secs(900));
+            let keep = |v: &[String]| -> Vec<String> { v.iter().filter(|l| !*is_esgz || !ESTARGZ_METADATA.contains(&path_of(l))).cloned().collect() };
+            let (want, got) = (keep(&wants[i].listing), keep(&got.listing));
+            assert!(got == want, "{what}: node B's rootfs differs from overlayfs:\n{}", diff(&want, &got));
+        }
+        for (name, image, script) in &workloads {
+            full_times.push(run_cmd(&node.ctd, "lazypull", image, &format!("full-{name}"), &["/bin/sh", "-c", script]));
+        }
+    }
+    let asked: Vec<String> = proxy.requests().iter().map(|r| format!("{} {}", r.method, r.path)).collect();
+    assert!(asked.is_empty(), "node B (full volume) asked the registry for: {asked:?}");
+
+    // Budget volume: 10% of the images' size, recorded files first; the registry answers again.
+    let budget = (esgz_bytes / 10).to_string();
+    proxy.clear();
+    eprintln!("container start (ctr run --rm IMAGE /bin/true, median of {REPS}), side by side:\n{table}");
+    let part = work.path().join("budget.img");
+    bake(&part, &["--budget", &budget, "--files", recorded.to_str().unwrap()]);
+    let mut budget_rows = String::from("| workload | cold (pull + run) | node B, budget volume | node B, full volume | registry requests (budget) |\n|---|---|---|---|---|\n");
+    let mut budget_requests = Vec::new();
+    {
+        let node = NodeB::start(&part, &mnt, "fetch_timeout_secs = 5\nbackground_fetch = false\nsmall_layer_prefetch_bytes = 0\n");
+        for (k, (name, image, script)) in workloads.iter().enumerate() {
+            proxy.clear_requests();
+            let t = run_cmd(&node.ctd, "lazypull", image, &format!("budget-{name}"), &["/bin/sh", "-c", script]);
+            let n = proxy.count("GET", "/blobs/");
+            budget_rows.push_str(&format!("| {name} | {:.3} s | {:.3} s | {:.3} s | {n} |\n", cold[k].as_secs_f64(), t.as_secs_f64(), full_times[k].as_secs_f64()));
+            if n > 0 {
+                budget_requests.push(format!("{name}: {n} blob requests: {:?}", proxy.requests().iter().map(|r| r.path.clone()).collect::<Vec<_>>()));
+            }
+        }
+    }
+    eprintln!("workloads (budget {budget} bytes = 10% of {esgz_bytes}):\n{budget_rows}");
+    assert!(budget_requests.is_empty(), "recorded reads on the budget volume reached the registry: {budget_requests:?}");
+    assert!(misses.is_empty(), "start time above 1.2x the warm floor: {misses:?}\n{table}");
+}
+
+/// The files opened in the lazy layers served under `state` (the layer daemons' status files),
+/// once every status was written after `since` (they are rewritten every second).
+fn recorded_files(state: &Path, since: std::time::SystemTime) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let statuses: Vec<PathBuf> = std::fs::read_dir(state.join("mounts")).into_iter().flatten().flatten().map(|e| e.path().join("status.json")).filter(|p| p.exists()).collect();
+        let fresh = statuses.iter().all(|p| std::fs::metadata(p).and_then(|m| m.modified()).is_ok_and(|t| t > since));
+        if fresh && !statuses.is_empty() {
+            let mut out = Vec::new();
+            for p in statuses {
+                let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+                for l in v["layers"].as_array().into_iter().flatten() {
+                    out.extend(l["opened_files"].as_array().into_iter().flatten().filter_map(|f| f.as_str().map(str::to_owned)));
+                }
+            }
+            return out;
+        }
+        assert!(Instant::now() < deadline, "layer status files under {} not rewritten within 20 s", state.display());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// An ext4 image loop-mounted at a directory; unmounted when dropped.
 struct LoopMount(PathBuf);
 
