@@ -46,6 +46,12 @@ impl RegistryArgs {
     }
 
     pub fn client(&self) -> Result<Client> {
+        self.client_with(None)
+    }
+
+    /// The client, asking `source` first for each repository's credentials (the CRI pull
+    /// credentials the snapshotter keeps, directly or through its broker socket).
+    pub fn client_with(&self, source: Option<std::sync::Arc<dyn registry::CredentialSource>>) -> Result<Client> {
         let mut cfg = match &self.registry_config {
             Some(p) => RegistryConfig::load(p)?,
             None => RegistryConfig::default(),
@@ -53,10 +59,13 @@ impl RegistryArgs {
         for h in &self.plain_http {
             cfg = cfg.plain_http(h);
         }
-        let creds = match &self.docker_config {
+        let mut creds = match &self.docker_config {
             Some(p) => Credentials::from_docker_config(p),
             None => Credentials::from_environment(),
         };
+        if let Some(source) = source {
+            creds = creds.with_source(source);
+        }
         Ok(Client::new(cfg, creds)?)
     }
 }

@@ -88,6 +88,11 @@ pub struct ServeArgs {
     /// grants. The snapshotter sets it for its layers, which sit below a root-only directory.
     #[arg(long)]
     pub allow_setuid: bool,
+    /// The snapshotter's credential broker (the CRI pull credentials it keeps), asked whenever
+    /// a registry answers 401. Set by the snapshotter in the daemons' settings file only.
+    #[arg(skip)]
+    #[serde(default)]
+    pub credentials_socket: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -488,7 +493,8 @@ pub fn image_mount(mut args: MountArgs) -> Result<()> {
     }
     let started = Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let client = args.registry.client()?;
+    let broker = args.serve.credentials_socket.as_ref().map(|p| Arc::new(cri_proxy::BrokerClient::new(p)) as Arc<dyn registry::CredentialSource>);
+    let client = args.registry.client_with(broker)?;
     let location = convert::parse_location(&args.reference, &client)?;
     let convert::Store::Registry { reference, .. } = &location else { bail!("mount needs a registry reference, not an OCI layout") };
     // Everything needed is known (the snapshotter's daemons): a one-layer manifest and its

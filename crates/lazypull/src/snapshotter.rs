@@ -39,6 +39,13 @@ pub struct SnapshotterArgs {
     /// Unix socket containerd connects to.
     #[arg(long, value_name = "SOCKET")]
     address: Option<PathBuf>,
+    /// Also serve a CRI image service here (kubelet's `--image-service-endpoint`): every call
+    /// goes on to `--cri-backend` unchanged, and each pull's credentials serve its lazy mounts.
+    #[arg(long, value_name = "SOCKET")]
+    cri_listen: Option<PathBuf>,
+    /// containerd's CRI socket (default /run/containerd/containerd.sock).
+    #[arg(long, value_name = "SOCKET")]
+    cri_backend: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -67,6 +74,12 @@ struct FileConfig {
     layer_daemons: Option<bool>,
     /// `HOST:PORT` of the Prometheus endpoint (`/metrics`); unset: no endpoint.
     metrics_address: Option<String>,
+    /// CRI image service proxy socket (see `--cri-listen`); unset: no proxy.
+    cri_listen: Option<PathBuf>,
+    /// containerd's CRI socket the proxy forwards to.
+    cri_backend: Option<PathBuf>,
+    /// How long kept pull credentials stay usable without a new pull, in seconds.
+    cri_credential_ttl_secs: Option<u64>,
 }
 
 pub fn run(args: SnapshotterArgs) -> Result<()> {
@@ -80,11 +93,27 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
     // the slow recovery below.
     let (sock, origin) = listener::listen(&address).with_context(|| format!("listening on {}", address.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let (store_cfg, cfg, daemon_args) = settings(&file, &root, args.registry.to_args());
+    let (store_cfg, cfg, mut daemon_args) = settings(&file, &root, args.registry.to_args());
     let store = ChunkStore::open(store_cfg)?;
     let daemons = file.layer_daemons.unwrap_or(true);
     let tails = store::TailCache::new(crate::mount::tails_dir(&daemon_args.state));
-    let resolver = Arc::new(RegistryRemote::new(args.registry.client()?, rt.handle().clone(), store, cfg).with_tail_cache(tails));
+    // CRI pull credentials: kept by the proxy, read by our own registry client directly and by
+    // the layer daemons through the broker socket. Both sockets are up before any daemon starts.
+    let cri_listen = args.cri_listen.clone().or(file.cri_listen.clone());
+    let credentials = match &cri_listen {
+        Some(listen) => {
+            let backend = args.cri_backend.clone().or(file.cri_backend.clone()).unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
+            let ttl = Duration::from_secs(file.cri_credential_ttl_secs.unwrap_or(cri_proxy::store::DEFAULT_TTL.as_secs()));
+            let creds = cri_proxy::CredentialStore::new(cri_proxy::StoreConfig { ttl, ..Default::default() });
+            let broker = daemon_args.state.join("credentials.sock");
+            start_cri_proxy(&rt, listen, &backend, &broker, &creds)?;
+            daemon_args.serve.credentials_socket = Some(broker);
+            Some(creds)
+        }
+        None => None,
+    };
+    let client = args.registry.client_with(credentials.as_ref().map(cri_proxy::broker::source))?;
+    let resolver = Arc::new(RegistryRemote::new(client, rt.handle().clone(), store, cfg).with_tail_cache(tails));
     if daemons {
         daemon_args.write_serve_config()?;
     }
@@ -123,6 +152,41 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
         };
         snapshotter::service::serve(snap.clone(), sock, shutdown).await
     })?;
+    Ok(())
+}
+
+/// Binds a unix socket only root can connect to (it carries pull secrets), replacing a stale one.
+fn bind_private(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing the old socket {}", path.display())),
+        _ => {}
+    }
+    let l = std::os::unix::net::UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("restricting {}", path.display()))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// The CRI image service proxy on `listen` (forwarding to `backend`) and the credential broker
+/// on `broker`, both answering from `creds`.
+fn start_cri_proxy(rt: &tokio::runtime::Runtime, listen: &std::path::Path, backend: &std::path::Path, broker: &std::path::Path, creds: &cri_proxy::CredentialStore) -> Result<()> {
+    let cri = bind_private(listen)?;
+    let broker_listener = bind_private(broker)?;
+    let _enter = rt.enter();
+    let broker_listener = tokio::net::UnixListener::from_std(broker_listener)?;
+    rt.spawn(cri_proxy::serve_broker(broker_listener, creds.clone()));
+    let proxy = cri_proxy::ImageServiceProxy::new(cri_proxy::ProxyConfig::new(backend), creds.clone());
+    let (listen_s, backend_s) = (listen.display().to_string(), backend.display().to_string());
+    rt.spawn(async move {
+        if let Err(e) = cri_proxy::serve(proxy, cri, std::future::pending()).await {
+            warn!(socket = %listen_s, error = %e, "CRI image service proxy stopped");
+        }
+    });
+    info!(socket = %listen.display(), backend = %backend_s, "serving the CRI image service (pull credentials kept for lazy mounts)");
     Ok(())
 }
 
@@ -168,6 +232,8 @@ fn settings(file: &FileConfig, root: &std::path::Path, registry: Vec<std::ffi::O
         // Container rootfs layers: setuid binaries must work; the snapshotter's root is
         // root-only (0700), so no other user reaches these mounts.
         allow_setuid: true,
+        // Set by `run` when the CRI proxy (and its broker) is on.
+        credentials_socket: None,
     };
     let daemon_args = DaemonArgs { serve_config: state.join("serve.json"), state, serve, registry };
     (store_cfg, cfg, daemon_args)
@@ -319,6 +385,9 @@ mod tests {
             small_layer_prefetch_bytes = 999
             layer_daemons = false
             metrics_address = "127.0.0.1:0"
+            cri_listen = "/c.sock"
+            cri_backend = "/b.sock"
+            cri_credential_ttl_secs = 60
         "#;
         // The test covers the shipped file: a key added there must be added here.
         let shipped = include_str!("../../../contrib/snapshotter.toml");

@@ -434,8 +434,12 @@ disabled_plugins = [{cri}"io.containerd.internal.v1.opt", "io.containerd.snapsho
 
     /// `ctr -a SOCK -n NS ARGS…`: (success, stdout, stderr).
     fn ctr(&self, args: &[&str], timeout: Duration) -> (bool, String, String) {
+        self.ctr_in(&namespace(), args, timeout)
+    }
+
+    fn ctr_in(&self, ns: &str, args: &[&str], timeout: Duration) -> (bool, String, String) {
         let mut cmd = Command::new(ctr_bin());
-        cmd.args(["--address", &self.sock, "--namespace", &namespace()]).args(args);
+        cmd.args(["--address", &self.sock, "--namespace", ns]).args(args);
         run_timeout(&mut cmd, timeout, self.root.path())
     }
 
@@ -443,12 +447,19 @@ disabled_plugins = [{cri}"io.containerd.internal.v1.opt", "io.containerd.snapsho
     /// in a bind-mounted host directory, not through ctr's stdout: under load `ctr run` was
     /// seen to exit 0 with the tail of a long output missing.
     fn run_report(&self, snapshotter: &str, image: &str, id: &str, timeout: Duration) -> Report {
+        self.run_report_in(&namespace(), snapshotter, image, id, timeout)
+    }
+
+    /// [`Containerd::run_report`] in namespace `ns` (CRI's images are in `k8s.io`).
+    fn run_report_in(&self, ns: &str, snapshotter: &str, image: &str, id: &str, timeout: Duration) -> Report {
         let out = self.root.path().join(format!("out-{id}"));
         std::fs::create_dir_all(&out).unwrap();
         let mount = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
         let script = format!("( {SCRIPT} ) > /out/report");
         self.containers.borrow_mut().push(id.to_string());
-        self.ctr_ok(&["run", "--rm", "--snapshotter", snapshotter, "--mount", &mount, image, id, "/bin/sh", "-c", &script], timeout);
+        let args = ["run", "--rm", "--snapshotter", snapshotter, "--mount", &mount, image, id, "/bin/sh", "-c", &script];
+        let (ok, stdout, stderr) = self.ctr_in(ns, &args, timeout);
+        assert!(ok, "ctr {args:?} failed:\nstdout: {stdout}\nstderr: {stderr}\ncontainerd log:\n{}", self.log_tail());
         self.containers.borrow_mut().retain(|c| c != id);
         let text = std::fs::read_to_string(out.join("report")).unwrap();
         let _ = std::fs::remove_dir_all(&out);
@@ -678,9 +689,18 @@ mod cri {
         pub image: String,
     }
     #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AuthConfig {
+        #[prost(string, tag = "1")]
+        pub username: String,
+        #[prost(string, tag = "2")]
+        pub password: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
     pub struct PullImageRequest {
         #[prost(message, optional, tag = "1")]
         pub image: Option<ImageSpec>,
+        #[prost(message, optional, tag = "2")]
+        pub auth: Option<AuthConfig>,
     }
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct PullImageResponse {
@@ -717,10 +737,16 @@ mod cri {
 
     /// `runtime.v1.ImageService/PullImage` over containerd's unix socket.
     pub async fn pull(socket: &str, image: &str) -> Result<String, String> {
+        pull_with(socket, image, None).await
+    }
+
+    /// `PullImage` with kubelet's `AuthConfig` (an image pull secret).
+    pub async fn pull_with(socket: &str, image: &str, auth: Option<(&str, &str)>) -> Result<String, String> {
         let channel = containerd_api::unix_channel(socket);
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.map_err(|e| e.to_string())?;
-        let req = PullImageRequest { image: Some(ImageSpec { image: image.to_string() }) };
+        let auth = auth.map(|(u, p)| AuthConfig { username: u.into(), password: p.into() });
+        let req = PullImageRequest { image: Some(ImageSpec { image: image.to_string() }), auth };
         let resp: tonic::Response<PullImageResponse> = grpc
             .unary(tonic::Request::new(req), http::uri::PathAndQuery::from_static("/runtime.v1.ImageService/PullImage"), tonic_prost::ProstCodec::default())
             .await
@@ -2320,6 +2346,102 @@ fn flip_byte(path: &Path, at: u64) {
     let mut b = [0u8];
     f.read_exact_at(&mut b, at).unwrap();
     f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+}
+
+/// Issue 20: a private image through kubelet's path. The snapshotter serves the CRI image
+/// service (`cri_listen`, forwarding to containerd's CRI); a `PullImage` carrying an
+/// `AuthConfig` — for a registry with htpasswd basic auth, then one with bearer tokens that
+/// expire after 2 s — makes every eStargz layer a remote snapshot (no fallback; the snapshotter
+/// has no other credentials), the container reads every file correctly (after the tokens have
+/// expired: the layer daemons ask the snapshotter's broker again on 401), wrong credentials fail
+/// the pull with an error naming the registry, and the password appears in no log, status or
+/// settings file of ours.
+#[test]
+fn cri_pull_credentials_reach_the_lazy_mounts() {
+    const SECRET: &str = "s3cret-hunter2-lazypull";
+    if !can_serve_lazily("the CRI credentials test") {
+        return;
+    }
+    let img = build_image(&pseudo_random(4 << 20, 0x5ec2_e7c2_1dd1_0042));
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(layout.path(), &img);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for (what, auth) in [
+        ("basic", Auth::Basic { user: "kube".into(), pass: SECRET.into() }),
+        ("token", Auth::Token { user: "kube".into(), pass: SECRET.into(), ttl_secs: 2 }),
+    ] {
+        let reg = TestRegistry::start(auth);
+        let client = Client::new(RegistryConfig::default(), Credentials::anonymous().with(&reg.host, registry::Credential::Basic { username: "kube".into(), password: SECRET.into() })).unwrap();
+        let (plain, esgz) = (format!("{}/private/app:plain", reg.host), format!("{}/private/app:esgz", reg.host));
+        rt.block_on(async {
+            let scratch = tempfile::tempdir().unwrap();
+            push_original(&Store::Registry { client: client.clone(), reference: Reference::parse(&plain).unwrap() }, &img, scratch.path()).await;
+            let from = Store::Layout { dir: layout.path().to_path_buf(), tag: "v1".into() };
+            let to = Store::Registry { client: client.clone(), reference: Reference::parse(&esgz).unwrap() };
+            convert_image(&from, &to, &ConvertOptions { chunk_size: 1 << 20, ..Default::default() }, Arc::new(|_| {})).await.unwrap();
+        });
+
+        let dir = tempfile::Builder::new().prefix("lazypull-cricreds-").tempdir().unwrap();
+        let run_dir = PathBuf::from(format!("/run/lazypull-cricreds-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let (snap_sock, cri_sock, backend) = (run_dir.join("s.sock"), run_dir.join("cri.sock"), run_dir.join("containerd.sock"));
+        let q = |p: &Path| serde_json::to_string(p.to_str().unwrap()).unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, format!("background_fetch = false\nsmall_layer_prefetch_bytes = 0\nfetch_timeout_secs = 10\ncri_listen = {}\ncri_backend = {}\n", q(&cri_sock), q(&backend))).unwrap();
+        let state = dir.path().join("root");
+        let snap = SnapshotterDaemon::start(&state, &snap_sock, &config, SocketMode::Bound);
+        let ctd = Containerd::start_with(&format!(
+            "\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"lazypull\"\n    disable_snapshot_annotations = false\n  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n    endpoint = [\"http://{host}\"]\n",
+            q(&snap_sock),
+            host = reg.host
+        ));
+        // The proxy dials its backend on the first call; containerd's socket is known only now.
+        std::os::unix::fs::symlink(&ctd.sock, &backend).unwrap();
+
+        ctd.ctr_ok(&["image", "pull", "--plain-http", "--user", &format!("kube:{SECRET}"), &plain], Duration::from_secs(60));
+        let want = ctd.run_report("overlayfs", &plain, &format!("lp-cricreds-ref-{what}-{}", std::process::id()), Duration::from_secs(60));
+        let (_, want_esgz): (Vec<String>, Vec<String>) = want.listing.iter().cloned().partition(|l| ESTARGZ_METADATA.contains(&path_of(l)));
+
+        let cri = cri_sock.to_str().unwrap();
+        let t = Instant::now();
+        let wrong = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), cri::pull_with(cri, &esgz, Some(("kube", "wrong-password")))).await });
+        let wrong = wrong.unwrap_or_else(|_| panic!("{what}: a pull with wrong credentials hung for 60 s")).expect_err("wrong credentials must fail the pull");
+        assert!(wrong.contains(&reg.host), "{what}: the error names the registry: {wrong}");
+        eprintln!("{what}: wrong credentials failed in {:.2} s: {wrong}", t.elapsed().as_secs_f64());
+
+        let before = snap.log().matches("remote snapshot mounted lazily").count();
+        rt.block_on(cri::pull_with(cri, &esgz, Some(("kube", SECRET)))).unwrap_or_else(|e| panic!("{what}: {e}\nsnapshotter log:\n{}", snap.log()));
+        let log = snap.log();
+        assert_eq!(log.matches("remote snapshot mounted lazily").count() - before, 2, "{what}: every layer must be remote:\n{log}");
+        assert!(!log.contains("falling back"), "{what}: a layer fell back:\n{log}");
+        if what == "token" {
+            // Let the tokens the daemons got at mount expire: the reads below need new ones.
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        let got = ctd.run_report_in("k8s.io", "lazypull", &esgz, &format!("lp-cricreds-{what}-{}", std::process::id()), Duration::from_secs(120));
+        assert!(got.listing == want_esgz, "{what}: rootfs differs from overlayfs (- overlayfs, + lazypull):\n{}\ndaemons:\n{}", diff(&want_esgz, &got.listing), daemon_logs(&state.join("layers")));
+        if what == "token" {
+            assert!(reg.token_requests.load(std::sync::atomic::Ordering::SeqCst) >= 3, "{what}: tokens were not fetched again after expiry");
+        }
+
+        // No secret in anything we wrote.
+        let mut ours = vec![(snap.log.clone(), snap.log())];
+        for f in files_under(&state) {
+            if f.extension().is_some_and(|e| e == "log" || e == "json") {
+                ours.push((f.clone(), std::fs::read_to_string(&f).unwrap_or_default()));
+            }
+        }
+        for (path, text) in &ours {
+            assert!(!text.contains(SECRET), "{what}: the password is in {}", path.display());
+        }
+        let (_, images, _) = ctd.ctr_in("k8s.io", &["image", "ls", "-q"], Duration::from_secs(30));
+        for name in images.lines() {
+            let _ = ctd.ctr_in("k8s.io", &["image", "rm", "--sync", name], Duration::from_secs(30));
+        }
+        drop(ctd);
+        drop(snap);
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
 }
 
 /// A lazypull snapshotter (its own root, socket and TOML `config`) registered with a private

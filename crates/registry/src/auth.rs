@@ -58,12 +58,33 @@ struct AuthEntry {
     identity_token: Option<String>,
 }
 
+/// A source of credentials per repository that changes while the process runs: the
+/// credentials kubelet sent with a CRI `PullImage` (kept by lazypull's CRI proxy), asked again
+/// whenever a registry answers 401, so a rotated secret or an expired token is picked up.
+/// Consulted before the fixed and docker-config credentials.
+pub trait CredentialSource: Send + Sync {
+    /// The credential for `repository` (e.g. `library/busybox`) at `host`, if this source has one.
+    fn credential(&self, host: &str, repository: &str) -> Option<Credential>;
+}
+
 /// Where credentials come from.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Credentials {
     fixed: HashMap<String, Credential>,
     docker_config: Option<PathBuf>,
     helper_dir: Option<PathBuf>,
+    source: Option<std::sync::Arc<dyn CredentialSource>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("fixed", &self.fixed)
+            .field("docker_config", &self.docker_config)
+            .field("helper_dir", &self.helper_dir)
+            .field("source", &self.source.is_some())
+            .finish()
+    }
 }
 
 /// Docker's own key for Docker Hub in `config.json`.
@@ -114,6 +135,23 @@ impl Credentials {
     pub fn with_helper_dir(mut self, dir: &Path) -> Credentials {
         self.helper_dir = Some(dir.to_path_buf());
         self
+    }
+
+    /// Asks `source` first (per repository), then the other sources.
+    pub fn with_source(mut self, source: std::sync::Arc<dyn CredentialSource>) -> Credentials {
+        self.source = Some(source);
+        self
+    }
+
+    /// The credential for `repository` at a registry host: the dynamic source's, else
+    /// [`Credentials::lookup`]'s.
+    pub fn lookup_repository(&self, host: &str, repository: Option<&str>) -> Result<Option<Credential>> {
+        if let (Some(source), Some(repo)) = (&self.source, repository) {
+            if let Some(c) = source.credential(host_of_key(host), repo) {
+                return Ok(Some(c));
+            }
+        }
+        self.lookup(host)
     }
 
     /// The credential for a registry host, if any.

@@ -299,7 +299,10 @@ impl Client {
             .filter_map(|v| v.to_str().ok())
             .find_map(parse_challenge)
             .ok_or_else(|| unauthorized("401 without a usable WWW-Authenticate challenge".into()))?;
-        let cred = self.credentials.lookup(&req.host)?;
+        // The repository of the request's scope (`repository:NAME:pull`), for per-repository
+        // sources such as CRI pull credentials.
+        let repository = req.scope.split(' ').find_map(|s| s.strip_prefix("repository:")).and_then(|s| s.rsplit_once(':')).map(|(name, _)| name);
+        let cred = self.credentials.lookup_repository(&req.host, repository)?;
         match header {
             Challenge::Basic => {
                 let Some(Credential::Basic { username, password }) = cred else {

@@ -14,7 +14,7 @@ pub mod manifest;
 pub mod push;
 pub mod reference;
 
-pub use auth::{Credential, Credentials};
+pub use auth::{Credential, CredentialSource, Credentials};
 pub use blobs::{sha256_digest, FetchedManifest};
 pub use client::{Client, Endpoint};
 pub use config::{HostConfig, Mirror, RegistryConfig, RetryPolicy};
