@@ -41,12 +41,13 @@ struct Answer {
     identity_token: Option<String>,
 }
 
-/// Serves `store` on `listener` until the task is dropped. A bad request gets no answer (the
-/// connection is closed); nothing is logged with a secret in it.
-pub async fn serve_broker(listener: tokio::net::UnixListener, store: CredentialStore) {
+/// Serves `source` (the CRI store, plugins, or both: [`Chain`]) on `listener` until the task
+/// is dropped. A bad request gets no answer (the connection is closed); nothing is logged with
+/// a secret in it. The source is asked on a blocking thread (a plugin may take seconds).
+pub async fn serve_broker(listener: tokio::net::UnixListener, source: Arc<dyn registry::CredentialSource>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let store = store.clone();
+        let source = source.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
@@ -58,7 +59,8 @@ pub async fn serve_broker(listener: tokio::net::UnixListener, store: CredentialS
                 tracing::debug!("credential broker: unreadable request");
                 return;
             };
-            let answer = match store.get(&ask.host, &ask.repository).and_then(|c| c.to_registry()) {
+            let found = tokio::task::spawn_blocking(move || source.credential(&ask.host, &ask.repository)).await.ok().flatten();
+            let answer = match found {
                 Some(registry::Credential::Basic { username, password }) => Answer { username: Some(username), password: Some(password), ..Default::default() },
                 Some(registry::Credential::IdentityToken(t)) => Answer { identity_token: Some(t), ..Default::default() },
                 None => Answer::default(),
@@ -122,6 +124,44 @@ impl registry::CredentialSource for CredentialStore {
     }
 }
 
+/// Several sources, asked in order; the first credential wins.
+pub struct Chain(pub Vec<Arc<dyn registry::CredentialSource>>);
+
+impl registry::CredentialSource for Chain {
+    fn credential(&self, host: &str, repository: &str) -> Option<registry::Credential> {
+        self.0.iter().find_map(|s| s.credential(host, repository))
+    }
+}
+
+/// kubelet's credential provider plugins as a source: the image is `host/repository`, the
+/// plugin runs (or its cached answer is used) on a thread of its own, since callers may be
+/// inside an async runtime. A plugin error is logged (never with a secret) and counts as none.
+impl registry::CredentialSource for crate::provider::Providers {
+    fn credential(&self, host: &str, repository: &str) -> Option<registry::Credential> {
+        let image = format!("{host}/{repository}");
+        if !self.matches(&image) {
+            return None;
+        }
+        let found = std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                Some(rt.block_on(self.lookup(&image)))
+            })
+            .join()
+            .ok()
+            .flatten()
+        });
+        match found {
+            Some(Ok(c)) => c.and_then(|c| c.to_registry()),
+            Some(Err(e)) => {
+                tracing::warn!(%image, error = %e, "credential provider plugin gave no credential");
+                None
+            }
+            None => None,
+        }
+    }
+}
+
 /// For callers that hold the store behind an `Arc<dyn CredentialSource>`.
 pub fn source(store: &CredentialStore) -> Arc<dyn registry::CredentialSource> {
     Arc::new(store.clone())
@@ -139,7 +179,7 @@ mod tests {
         let path = dir.path().join("creds.sock");
         let store = CredentialStore::new(StoreConfig::default());
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let server = tokio::spawn(serve_broker(listener, store.clone()));
+        let server = tokio::spawn(serve_broker(listener, source(&store)));
         let client = BrokerClient::new(&path);
         let ask = |c: &BrokerClient| {
             let c = BrokerClient::new(c.path());

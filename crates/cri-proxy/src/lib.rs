@@ -26,7 +26,7 @@ pub mod provider;
 pub mod proxy;
 pub mod store;
 
-pub use broker::{serve_broker, BrokerClient};
+pub use broker::{serve_broker, BrokerClient, Chain};
 pub use codec::RawCodec;
 pub use provider::{CredentialProviderConfig, ProviderError, ProviderOptions, Providers};
 pub use proxy::{serve, ImageServiceProxy, ProxyConfig, SERVICE_NAME};

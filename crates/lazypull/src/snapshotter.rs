@@ -80,6 +80,11 @@ struct FileConfig {
     cri_backend: Option<PathBuf>,
     /// How long kept pull credentials stay usable without a new pull, in seconds.
     cri_credential_ttl_secs: Option<u64>,
+    /// kubelet's credential provider config (JSON `CredentialProviderConfig`): its plugins give
+    /// the lazy mounts credentials for the images they match.
+    credential_provider_config: Option<PathBuf>,
+    /// Where the plugins are (kubelet's `--image-credential-provider-bin-dir`).
+    credential_provider_bin_dir: Option<PathBuf>,
 }
 
 pub fn run(args: SnapshotterArgs) -> Result<()> {
@@ -99,20 +104,31 @@ pub fn run(args: SnapshotterArgs) -> Result<()> {
     let tails = store::TailCache::new(crate::mount::tails_dir(&daemon_args.state));
     // CRI pull credentials: kept by the proxy, read by our own registry client directly and by
     // the layer daemons through the broker socket. Both sockets are up before any daemon starts.
-    let cri_listen = args.cri_listen.clone().or(file.cri_listen.clone());
-    let credentials = match &cri_listen {
-        Some(listen) => {
-            let backend = args.cri_backend.clone().or(file.cri_backend.clone()).unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
-            let ttl = Duration::from_secs(file.cri_credential_ttl_secs.unwrap_or(cri_proxy::store::DEFAULT_TTL.as_secs()));
-            let creds = cri_proxy::CredentialStore::new(cri_proxy::StoreConfig { ttl, ..Default::default() });
-            let broker = daemon_args.state.join("credentials.sock");
-            start_cri_proxy(&rt, listen, &backend, &broker, &creds)?;
-            daemon_args.serve.credentials_socket = Some(broker);
-            Some(creds)
-        }
-        None => None,
+    let mut sources: Vec<Arc<dyn registry::CredentialSource>> = Vec::new();
+    if let Some(listen) = args.cri_listen.clone().or(file.cri_listen.clone()) {
+        let backend = args.cri_backend.clone().or(file.cri_backend.clone()).unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
+        let ttl = Duration::from_secs(file.cri_credential_ttl_secs.unwrap_or(cri_proxy::store::DEFAULT_TTL.as_secs()));
+        let creds = cri_proxy::CredentialStore::new(cri_proxy::StoreConfig { ttl, ..Default::default() });
+        start_cri_proxy(&rt, &listen, &backend, &creds)?;
+        sources.push(cri_proxy::broker::source(&creds));
+    }
+    if let Some(path) = &file.credential_provider_config {
+        let bin_dir = file.credential_provider_bin_dir.clone().with_context(|| "credential_provider_config needs credential_provider_bin_dir")?;
+        let providers = cri_proxy::Providers::load(path, cri_proxy::ProviderOptions::new(&bin_dir)).with_context(|| format!("loading {}", path.display()))?;
+        info!(config = %path.display(), bin_dir = %bin_dir.display(), "credential provider plugins configured");
+        sources.push(Arc::new(providers));
+    }
+    let source: Option<Arc<dyn registry::CredentialSource>> = match sources.len() {
+        0 => None,
+        1 => sources.pop(),
+        _ => Some(Arc::new(cri_proxy::Chain(sources))),
     };
-    let client = args.registry.client_with(credentials.as_ref().map(cri_proxy::broker::source))?;
+    if let Some(source) = &source {
+        let broker = daemon_args.state.join("credentials.sock");
+        start_broker(&rt, &broker, source.clone())?;
+        daemon_args.serve.credentials_socket = Some(broker);
+    }
+    let client = args.registry.client_with(source)?;
     let resolver = Arc::new(RegistryRemote::new(client, rt.handle().clone(), store, cfg).with_tail_cache(tails));
     if daemons {
         daemon_args.write_serve_config()?;
@@ -171,22 +187,28 @@ fn bind_private(path: &std::path::Path) -> Result<std::os::unix::net::UnixListen
     Ok(l)
 }
 
-/// The CRI image service proxy on `listen` (forwarding to `backend`) and the credential broker
-/// on `broker`, both answering from `creds`.
-fn start_cri_proxy(rt: &tokio::runtime::Runtime, listen: &std::path::Path, backend: &std::path::Path, broker: &std::path::Path, creds: &cri_proxy::CredentialStore) -> Result<()> {
+/// The CRI image service proxy on `listen` (forwarding to `backend`), keeping pull credentials
+/// in `creds`.
+fn start_cri_proxy(rt: &tokio::runtime::Runtime, listen: &std::path::Path, backend: &std::path::Path, creds: &cri_proxy::CredentialStore) -> Result<()> {
     let cri = bind_private(listen)?;
-    let broker_listener = bind_private(broker)?;
     let _enter = rt.enter();
-    let broker_listener = tokio::net::UnixListener::from_std(broker_listener)?;
-    rt.spawn(cri_proxy::serve_broker(broker_listener, creds.clone()));
     let proxy = cri_proxy::ImageServiceProxy::new(cri_proxy::ProxyConfig::new(backend), creds.clone());
-    let (listen_s, backend_s) = (listen.display().to_string(), backend.display().to_string());
+    let listen_s = listen.display().to_string();
     rt.spawn(async move {
         if let Err(e) = cri_proxy::serve(proxy, cri, std::future::pending()).await {
             warn!(socket = %listen_s, error = %e, "CRI image service proxy stopped");
         }
     });
-    info!(socket = %listen.display(), backend = %backend_s, "serving the CRI image service (pull credentials kept for lazy mounts)");
+    info!(socket = %listen.display(), backend = %backend.display(), "serving the CRI image service (pull credentials kept for lazy mounts)");
+    Ok(())
+}
+
+/// The credential broker the layer daemons ask (see `cri_proxy::broker`).
+fn start_broker(rt: &tokio::runtime::Runtime, path: &std::path::Path, source: Arc<dyn registry::CredentialSource>) -> Result<()> {
+    let l = bind_private(path)?;
+    let _enter = rt.enter();
+    let l = tokio::net::UnixListener::from_std(l)?;
+    rt.spawn(cri_proxy::serve_broker(l, source));
     Ok(())
 }
 
@@ -388,6 +410,8 @@ mod tests {
             cri_listen = "/c.sock"
             cri_backend = "/b.sock"
             cri_credential_ttl_secs = 60
+            credential_provider_config = "/p.json"
+            credential_provider_bin_dir = "/bin"
         "#;
         // The test covers the shipped file: a key added there must be added here.
         let shipped = include_str!("../../../contrib/snapshotter.toml");

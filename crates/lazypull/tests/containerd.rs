@@ -2355,7 +2355,8 @@ fn flip_byte(path: &Path, at: u64) {
 /// has no other credentials), the container reads every file correctly (after the tokens have
 /// expired: the layer daemons ask the snapshotter's broker again on 401), wrong credentials fail
 /// the pull with an error naming the registry, and the password appears in no log, status or
-/// settings file of ours.
+/// settings file of ours. The same with a kubelet credential provider plugin (a script speaking
+/// the exec protocol) and no `AuthConfig`.
 #[test]
 fn cri_pull_credentials_reach_the_lazy_mounts() {
     const SECRET: &str = "s3cret-hunter2-lazypull";
@@ -2369,7 +2370,11 @@ fn cri_pull_credentials_reach_the_lazy_mounts() {
     for (what, auth) in [
         ("basic", Auth::Basic { user: "kube".into(), pass: SECRET.into() }),
         ("token", Auth::Token { user: "kube".into(), pass: SECRET.into(), ttl_secs: 2 }),
+        // No AuthConfig: containerd has the credentials in its own registry config, the
+        // snapshotter gets them from a kubelet credential provider plugin.
+        ("plugin", Auth::Basic { user: "kube".into(), pass: SECRET.into() }),
     ] {
+        let plugin = what == "plugin";
         let reg = TestRegistry::start(auth);
         let client = Client::new(RegistryConfig::default(), Credentials::anonymous().with(&reg.host, registry::Credential::Basic { username: "kube".into(), password: SECRET.into() })).unwrap();
         let (plain, esgz) = (format!("{}/private/app:plain", reg.host), format!("{}/private/app:esgz", reg.host));
@@ -2387,11 +2392,35 @@ fn cri_pull_credentials_reach_the_lazy_mounts() {
         let (snap_sock, cri_sock, backend) = (run_dir.join("s.sock"), run_dir.join("cri.sock"), run_dir.join("containerd.sock"));
         let q = |p: &Path| serde_json::to_string(p.to_str().unwrap()).unwrap();
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, format!("background_fetch = false\nsmall_layer_prefetch_bytes = 0\nfetch_timeout_secs = 10\ncri_listen = {}\ncri_backend = {}\n", q(&cri_sock), q(&backend))).unwrap();
+        let mut settings = "background_fetch = false\nsmall_layer_prefetch_bytes = 0\nfetch_timeout_secs = 10\n".to_string();
+        if plugin {
+            // A plugin speaking kubelet's exec protocol (credentialprovider.kubelet.k8s.io/v1).
+            let bin = dir.path().join("plugins");
+            std::fs::create_dir_all(&bin).unwrap();
+            let script = bin.join("test-provider");
+            let response = serde_json::json!({
+                "kind": "CredentialProviderResponse", "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+                "cacheKeyType": "Registry", "cacheDuration": "60s",
+                "auth": { reg.host.clone(): { "username": "kube", "password": SECRET } }
+            });
+            std::fs::write(&script, format!("#!/bin/sh\ncat > /dev/null\necho '{response}'\n")).unwrap();
+            std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            let provider_config = dir.path().join("providers.json");
+            let cfg = serde_json::json!({
+                "kind": "CredentialProviderConfig", "apiVersion": "kubelet.config.k8s.io/v1",
+                "providers": [{ "name": "test-provider", "matchImages": [reg.host.clone()], "defaultCacheDuration": "1m", "apiVersion": "credentialprovider.kubelet.k8s.io/v1" }]
+            });
+            std::fs::write(&provider_config, cfg.to_string()).unwrap();
+            settings += &format!("credential_provider_config = {}\ncredential_provider_bin_dir = {}\n", q(&provider_config), q(&bin));
+        } else {
+            settings += &format!("cri_listen = {}\ncri_backend = {}\n", q(&cri_sock), q(&backend));
+        }
+        std::fs::write(&config, settings).unwrap();
         let state = dir.path().join("root");
         let snap = SnapshotterDaemon::start(&state, &snap_sock, &config, SocketMode::Bound);
+        let containerd_auth = if plugin { format!("  [plugins.\"io.containerd.grpc.v1.cri\".registry.configs.\"{}\".auth]\n    username = \"kube\"\n    password = \"{SECRET}\"\n", reg.host) } else { String::new() };
         let ctd = Containerd::start_with(&format!(
-            "\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"lazypull\"\n    disable_snapshot_annotations = false\n  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n    endpoint = [\"http://{host}\"]\n",
+            "\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"lazypull\"\n    disable_snapshot_annotations = false\n  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n    endpoint = [\"http://{host}\"]\n{containerd_auth}",
             q(&snap_sock),
             host = reg.host
         ));
@@ -2402,15 +2431,18 @@ fn cri_pull_credentials_reach_the_lazy_mounts() {
         let want = ctd.run_report("overlayfs", &plain, &format!("lp-cricreds-ref-{what}-{}", std::process::id()), Duration::from_secs(60));
         let (_, want_esgz): (Vec<String>, Vec<String>) = want.listing.iter().cloned().partition(|l| ESTARGZ_METADATA.contains(&path_of(l)));
 
-        let cri = cri_sock.to_str().unwrap();
-        let t = Instant::now();
-        let wrong = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), cri::pull_with(cri, &esgz, Some(("kube", "wrong-password")))).await });
-        let wrong = wrong.unwrap_or_else(|_| panic!("{what}: a pull with wrong credentials hung for 60 s")).expect_err("wrong credentials must fail the pull");
-        assert!(wrong.contains(&reg.host), "{what}: the error names the registry: {wrong}");
-        eprintln!("{what}: wrong credentials failed in {:.2} s: {wrong}", t.elapsed().as_secs_f64());
-
         let before = snap.log().matches("remote snapshot mounted lazily").count();
-        rt.block_on(cri::pull_with(cri, &esgz, Some(("kube", SECRET)))).unwrap_or_else(|e| panic!("{what}: {e}\nsnapshotter log:\n{}", snap.log()));
+        if plugin {
+            rt.block_on(cri::pull_with(&ctd.sock, &esgz, None)).unwrap_or_else(|e| panic!("{what}: {e}\nsnapshotter log:\n{}", snap.log()));
+        } else {
+            let cri = cri_sock.to_str().unwrap();
+            let t = Instant::now();
+            let wrong = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), cri::pull_with(cri, &esgz, Some(("kube", "wrong-password")))).await });
+            let wrong = wrong.unwrap_or_else(|_| panic!("{what}: a pull with wrong credentials hung for 60 s")).expect_err("wrong credentials must fail the pull");
+            assert!(wrong.contains(&reg.host), "{what}: the error names the registry: {wrong}");
+            eprintln!("{what}: wrong credentials failed in {:.2} s: {wrong}", t.elapsed().as_secs_f64());
+            rt.block_on(cri::pull_with(cri, &esgz, Some(("kube", SECRET)))).unwrap_or_else(|e| panic!("{what}: {e}\nsnapshotter log:\n{}", snap.log()));
+        }
         let log = snap.log();
         assert_eq!(log.matches("remote snapshot mounted lazily").count() - before, 2, "{what}: every layer must be remote:\n{log}");
         assert!(!log.contains("falling back"), "{what}: a layer fell back:\n{log}");
