@@ -34,6 +34,35 @@ pub struct InstallArgs {
     /// Where the systemd units go.
     #[arg(long, default_value = "/etc/systemd/system", value_name = "DIR")]
     unit_dir: PathBuf,
+    /// Where the file loading FUSE at boot goes.
+    #[arg(long, default_value = "/etc/modules-load.d", value_name = "DIR")]
+    modules_load_dir: PathBuf,
+    /// Write the files only; print the commands (systemctl, modprobe) instead of running them:
+    /// hosts without systemd, or an image build that starts services later.
+    #[arg(long)]
+    no_systemd: bool,
+}
+
+/// The real host for files, with commands printed instead of run (`--no-systemd`).
+struct FilesOnly(install::SystemHost);
+
+impl install::Host for FilesOnly {
+    fn read(&self, path: &std::path::Path) -> std::io::Result<Option<Vec<u8>>> {
+        self.0.read(path)
+    }
+    fn write_atomic(&self, path: &std::path::Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+        self.0.write_atomic(path, contents, mode)
+    }
+    fn remove(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.0.remove(path)
+    }
+    fn has_program(&self, _program: &str) -> bool {
+        true
+    }
+    fn run(&self, command: &install::Command) -> Result<(), install::Error> {
+        println!("not run (--no-systemd): {command}");
+        Ok(())
+    }
 }
 
 impl InstallArgs {
@@ -50,15 +79,16 @@ impl InstallArgs {
             binary,
             snapshotter_config: self.config.clone(),
             unit_dir: self.unit_dir.clone(),
-            ..install::Options::default()
+            modules_load_dir: self.modules_load_dir.clone(),
         })
     }
 }
 
 pub fn run(a: InstallArgs, uninstall: bool) -> Result<()> {
     let opts = a.options()?;
-    let host = install::SystemHost;
-    let plan = if uninstall { install::plan_uninstall(&opts, &host)? } else { install::plan_install(&opts, &host)? };
+    let files_only = FilesOnly(install::SystemHost);
+    let host: &dyn install::Host = if a.no_systemd { &files_only } else { &install::SystemHost };
+    let plan = if uninstall { install::plan_uninstall(&opts, host)? } else { install::plan_install(&opts, host)? };
     let what = if uninstall { "uninstall" } else { "install" };
     if a.dry_run {
         print!("{plan}");
@@ -68,7 +98,7 @@ pub fn run(a: InstallArgs, uninstall: bool) -> Result<()> {
         println!("lazypull {what}: nothing to change");
         return Ok(());
     }
-    let applied = install::apply(&plan, &host)?;
+    let applied = install::apply(&plan, host)?;
     for w in &applied.warnings {
         eprintln!("warning: {w}");
     }
@@ -76,7 +106,11 @@ pub fn run(a: InstallArgs, uninstall: bool) -> Result<()> {
         "lazypull {what}: done ({} step{}{})",
         plan.steps.len(),
         if plan.steps.len() == 1 { "" } else { "s" },
-        if plan.changes_containerd_config() { ", containerd restarted" } else { ", containerd config unchanged" }
+        match (plan.changes_containerd_config(), a.no_systemd) {
+            (true, true) => ", containerd config changed: restart containerd",
+            (true, false) => ", containerd restarted",
+            (false, _) => ", containerd config unchanged",
+        }
     );
     Ok(())
 }

@@ -369,6 +369,12 @@ impl Containerd {
 
     /// containerd with its root at `root` (a baked volume's) instead of a fresh directory.
     fn start_at(containerd_root: Option<&Path>, extra_config: &str) -> Containerd {
+        Self::start_hooked(containerd_root, extra_config, &|_| {})
+    }
+
+    /// Like [`Containerd::start_at`], with `hook` run on the written config file before
+    /// containerd starts (e.g. `lazypull install` editing it).
+    fn start_hooked(containerd_root: Option<&Path>, extra_config: &str, hook: &dyn Fn(&Path)) -> Containerd {
         // Per instance: the tests of this file run in parallel, each with its own containerd.
         static INSTANCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -403,6 +409,7 @@ disabled_plugins = [{cri}"io.containerd.internal.v1.opt", "io.containerd.snapsho
             cri = if extra_config.contains("io.containerd.grpc.v1.cri") { "" } else { "\"io.containerd.grpc.v1.cri\", " },
         ) + extra_config;
         std::fs::write(&cfg, config).unwrap();
+        hook(&cfg);
         let path = format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", std::env::var("PATH").unwrap_or_default());
         let child = Command::new(find_in_path("containerd").expect("containerd"))
             .arg("--config")
@@ -2474,6 +2481,112 @@ fn cri_pull_credentials_reach_the_lazy_mounts() {
         drop(snap);
         let _ = std::fs::remove_dir_all(&run_dir);
     }
+}
+
+/// Issue 20: `lazypull install` on a containerd config without lazypull (the harness's v2
+/// config with the CRI plugin): the result parses and keeps every original setting, containerd
+/// started with it pulls through CRI lazily (every layer a remote snapshot), a second install
+/// changes nothing, and `uninstall` restores the original byte for byte. `--no-systemd`: the
+/// files are written, systemctl is not run (this machine's PID 1 is not systemd).
+#[test]
+fn lazypull_install_sets_up_a_containerd_node() {
+    if !can_serve_lazily("the install test") {
+        return;
+    }
+    let img = build_image(&pseudo_random(1 << 20, 0x1a57_a11e_0000_0001));
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(layout.path(), &img);
+    let reg = TestRegistry::start(Auth::None);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = Client::new(RegistryConfig::default(), Credentials::anonymous()).unwrap();
+    let esgz = format!("{}/installed:esgz", reg.host);
+    let dst = Store::Registry { client, reference: Reference::parse(&esgz).unwrap() };
+    rt.block_on(convert_image(&Store::Layout { dir: layout.path().to_path_buf(), tag: "v1".into() }, &dst, &ConvertOptions::default(), Arc::new(|_| {}))).unwrap();
+
+    let dir = tempfile::Builder::new().prefix("lazypull-install-").tempdir().unwrap();
+    let run_dir = PathBuf::from(format!("/run/lazypull-install-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let sock = run_dir.join("lazypull.sock");
+    let state = dir.path().join("root");
+    let snap_config = dir.path().join("snapshotter.toml");
+    std::fs::write(&snap_config, "").unwrap();
+    let snap = SnapshotterDaemon::start(&state, &sock, &snap_config, SocketMode::Bound);
+    let lazypull = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazypull"));
+        cmd.args(args);
+        run_timeout(&mut cmd, Duration::from_secs(60), dir.path())
+    };
+    let (units, mods) = (dir.path().join("units"), dir.path().join("modules-load.d"));
+    let install_args = |verb: &'static str, cfg: &Path| -> Vec<String> {
+        [verb, "--no-systemd", "--containerd-config"].iter().map(|s| s.to_string()).chain([
+            cfg.display().to_string(),
+            "--socket".into(), sock.display().to_string(),
+            "--root".into(), state.display().to_string(),
+            "--config".into(), snap_config.display().to_string(),
+            "--unit-dir".into(), units.display().to_string(),
+            "--modules-load-dir".into(), mods.display().to_string(),
+            "--binary".into(), env!("CARGO_BIN_EXE_lazypull").to_string(),
+        ]).collect()
+    };
+    let original: std::cell::RefCell<Option<(PathBuf, Vec<u8>)>> = Default::default();
+    let cri_only = format!("\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n    endpoint = [\"http://{host}\"]\n", host = reg.host);
+    let ctd = Containerd::start_hooked(None, &cri_only, &|cfg| {
+        let before = std::fs::read(cfg).unwrap();
+        let args = install_args("install", cfg);
+        let (ok, out, err) = lazypull(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "lazypull install: {out}\n{err}");
+        assert!(out.contains("containerd config changed"), "{out}");
+        let after = std::fs::read_to_string(cfg).unwrap();
+        let merged: toml::Value = toml::from_str(&after).unwrap_or_else(|e| panic!("the installed config does not parse: {e}\n{after}"));
+        let old: toml::Value = toml::from_str(std::str::from_utf8(&before).unwrap()).unwrap();
+        let (old_leaves, new_leaves) = (toml_leaves(&old), toml_leaves(&merged));
+        for (k, v) in &old_leaves {
+            assert_eq!(new_leaves.get(k), Some(v), "install changed or dropped {k}");
+        }
+        let cri = &merged["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
+        assert_eq!((cri["snapshotter"].as_str(), cri["disable_snapshot_annotations"].as_bool()), (Some("lazypull"), Some(false)), "{after}");
+        assert_eq!(merged["proxy_plugins"]["lazypull"]["address"].as_str(), sock.to_str(), "{after}");
+        assert!(units.join("lazypull-snapshotter.service").exists() && mods.join("lazypull.conf").exists());
+        // Twice: nothing changes.
+        let (ok, out, err) = lazypull(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok && !out.contains("containerd config changed"), "second install: {out}\n{err}");
+        assert_eq!(std::fs::read_to_string(cfg).unwrap(), after, "a second install changed the config");
+        *original.borrow_mut() = Some((cfg.to_path_buf(), before));
+    });
+    let mounted_before = snap.log().matches("remote snapshot mounted lazily").count();
+    rt.block_on(cri::pull(&ctd.sock, &esgz)).unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", ctd.log_tail()));
+    assert_eq!(snap.log().matches("remote snapshot mounted lazily").count() - mounted_before, 2, "the CRI pull after install was not lazy:\n{}", snap.log());
+    let (cfg, before) = original.borrow_mut().take().expect("the hook ran");
+    let args = install_args("uninstall", &cfg);
+    let (ok, out, err) = lazypull(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "lazypull uninstall: {out}\n{err}");
+    assert!(std::fs::read(&cfg).unwrap() == before, "uninstall did not restore the original config byte for byte");
+    let (_, images, _) = ctd.ctr_in("k8s.io", &["image", "ls", "-q"], Duration::from_secs(30));
+    for name in images.lines() {
+        let _ = ctd.ctr_in("k8s.io", &["image", "rm", "--sync", name], Duration::from_secs(30));
+    }
+    drop(ctd);
+    drop(snap);
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+/// Every leaf value of a TOML document by its dotted path (tables flattened, arrays as values).
+fn toml_leaves(v: &toml::Value) -> std::collections::BTreeMap<String, toml::Value> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, toml::Value>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    walk(&format!("{prefix}.{k}"), v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk("", v, &mut out);
+    out
 }
 
 /// A lazypull snapshotter (its own root, socket and TOML `config`) registered with a private
