@@ -2740,6 +2740,194 @@ fn a_pod_starts_lazily_through_cri() {
     let _ = std::fs::remove_dir_all(&run_dir);
 }
 
+/// Issue 20's pod-level start, side by side (`make bench`; needs the peer registry with the
+/// bench-coldstart images and the Go stargz-snapshotter built by `../shared/peer`): for each
+/// workload of `scripts/bench-coldstart.sh` except "read all", a cold host-network pod through
+/// containerd's CRI — `RunPodSandbox` (local pause image, already pulled, as on a node),
+/// `PullImage`, `CreateContainer`, `StartContainer`, until the container reports ready (its
+/// workload done, a file written into a host directory) — with a full pull (overlayfs), the
+/// Go stargz-snapshotter (ctr-remote's eStargz) and lazypull (our eStargz). Every run is cold:
+/// a fresh containerd and snapshotter, page cache dropped. Loopback only.
+#[test]
+fn pods_start_side_by_side_with_the_peers() {
+    const REPS: usize = 3;
+    let Ok(peer) = std::env::var("LAZYPULL_PEER_REGISTRY") else {
+        eprintln!("skipping the pod bench: LAZYPULL_PEER_REGISTRY is not set");
+        return;
+    };
+    if !can_serve_lazily("the pod bench") {
+        return;
+    }
+    let go_bin = PathBuf::from(std::env::var("STARGZ_BIN").unwrap_or_else(|_| "/tmp/peer-build/containerd-stargz-grpc".into()));
+    assert!(go_bin.exists(), "the Go stargz-snapshotter is not built at {} (../shared/peer/06-stargz-grpc.sh build)", go_bin.display());
+    let reg = TestRegistry::start(Auth::None);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = Client::new(RegistryConfig::default(), Credentials::anonymous()).unwrap();
+    let pause = format!("{}/pause:1", reg.host);
+    let pause_img = image_with_cmd(layer1(), { let mut l = LayerBuilder::new(); l.dir("pause/", 0o755); l.finish() }, &["/bin/busybox", "sleep", "3600"]);
+    rt.block_on(async {
+        let scratch = tempfile::tempdir().unwrap();
+        push_original(&Store::Registry { client, reference: Reference::parse(&pause).unwrap() }, &pause_img, scratch.path()).await;
+    });
+    let workloads = [
+        ("busybox-echo", "test/busybox:1", "/bin/echo hello"),
+        ("debian-script", "test/debian:12", "dpkg -l >/dev/null; apt-get --version >/dev/null; gzip --version >/dev/null; ls -lR /usr/share/doc >/dev/null; cat /etc/os-release >/dev/null"),
+        ("big-5pct", "test/big:1", "cat /data1/rand1.bin /etc/os-release >/dev/null"),
+    ];
+    // (label, snapshotter, tag suffix)
+    let modes = [("full pull", "overlayfs", ""), ("stargz (Go)", "stargz", "-esgz"), ("lazypull", "lazypull", "-lazypull")];
+    let mut table = String::from("| workload | full pull | stargz (Go) | lazypull | lazypull / Go |\n|---|---|---|---|---|\n");
+    for (name, src, script) in workloads {
+        let mut med = Vec::new();
+        for (_, snapshotter, suffix) in modes {
+            let image = format!("{peer}/{src}{suffix}");
+            let mut times: Vec<Duration> = (0..REPS).map(|_| cold_pod(&go_bin, &reg.host, &peer, &pause, snapshotter, &image, script)).collect();
+            times.sort();
+            med.push(times[REPS / 2]);
+        }
+        table.push_str(&format!(
+            "| {name} | {:.3} s | {:.3} s | {:.3} s | {:.2}× |\n",
+            med[0].as_secs_f64(),
+            med[1].as_secs_f64(),
+            med[2].as_secs_f64(),
+            med[2].as_secs_f64() / med[1].as_secs_f64()
+        ));
+    }
+    eprintln!("pod running and ready (cold, loopback, median of {REPS}):\n{table}");
+}
+
+/// The Go stargz-snapshotter on its own root and socket; stopped (SIGINT: it unmounts its
+/// layers) and wiped when dropped.
+struct GoStargz {
+    child: Child,
+    root: PathBuf,
+}
+
+impl GoStargz {
+    fn start(bin: &Path, root: &Path, sock: &Path) -> GoStargz {
+        std::fs::create_dir_all(root).unwrap();
+        let cfg = root.with_extension("toml");
+        std::fs::write(&cfg, "").unwrap();
+        let log = std::fs::File::create(root.with_extension("log")).unwrap();
+        let child = Command::new(bin)
+            .arg("-address")
+            .arg(sock)
+            .arg("-root")
+            .arg(root)
+            .arg("-config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the Go stargz-snapshotter");
+        let g = GoStargz { child, root: root.to_path_buf() };
+        // It listens once it serves (its List does not answer for a snapshotter name it was
+        // not registered under, so a connection is the check).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            assert!(Instant::now() < deadline, "the Go stargz-snapshotter did not listen on {} within 30 s:\n{}", sock.display(), std::fs::read_to_string(root.with_extension("log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        g
+    }
+}
+
+impl Drop for GoStargz {
+    fn drop(&mut self) {
+        // SAFETY: signal to our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let root = self.root.to_str().unwrap().to_string();
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&root)).map(str::to_string).collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// One cold pod of `image` running `script` with `snapshotter`: the time from `RunPodSandbox`
+/// to the container's ready file.
+fn cold_pod(go_bin: &Path, pause_host: &str, peer: &str, pause: &str, snapshotter: &str, image: &str, script: &str) -> Duration {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::Builder::new().prefix("lazypull-podbench-").tempdir().unwrap();
+    let run_dir = PathBuf::from(format!("/run/lazypull-podbench-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let sock = run_dir.join("snap.sock");
+    let q = |p: &Path| serde_json::to_string(p.to_str().unwrap()).unwrap();
+    let (mut lazy, mut go) = (None, None);
+    let proxy = match snapshotter {
+        "lazypull" => {
+            let cfg = dir.path().join("lazypull.toml");
+            std::fs::write(&cfg, "").unwrap();
+            lazy = Some(SnapshotterDaemon::start(&dir.path().join("lazypull"), &sock, &cfg, SocketMode::Bound));
+            format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", q(&sock))
+        }
+        "stargz" => {
+            go = Some(GoStargz::start(go_bin, &dir.path().join("stargz"), &sock));
+            format!("\n[proxy_plugins.stargz]\n  type = \"snapshot\"\n  address = {}\n", q(&sock))
+        }
+        _ => String::new(),
+    };
+    let mirrors: String = [pause_host, peer].iter().map(|h| format!("  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{h}\"]\n    endpoint = [\"http://{h}\"]\n")).collect();
+    let ctd = Containerd::start_with(&format!(
+        "{proxy}\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{pause}\"\n  restrict_oom_score_adj = true\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"{snapshotter}\"\n    disable_snapshot_annotations = false\n{mirrors}"
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // The pause image is on every node before any pod.
+    rt.block_on(cri::pull(&ctd.sock, pause)).unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", ctd.log_tail()));
+    let ready = dir.path().join("ready");
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&ready).unwrap();
+    std::fs::create_dir_all(&logs).unwrap();
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    // What the snapshotter logged for the pause image (plain gzip, unpacked) is not the app's.
+    let log_start = lazy.as_ref().map_or(0, |l| l.log().len());
+
+    let t0 = Instant::now();
+    let sandbox = cri_pod::sandbox(&format!("bench-{n}"), logs.to_str().unwrap());
+    let pod: cri_pod::RunPodSandboxResponse = rt.block_on(cri_pod::call(&ctd.sock, "RunPodSandbox", cri_pod::RunPodSandboxRequest { config: Some(sandbox.clone()) })).unwrap_or_else(|e| panic!("{e}\n{}", ctd.log_tail()));
+    rt.block_on(cri::pull(&ctd.sock, image)).unwrap_or_else(|e| panic!("{snapshotter}: {e}\n{}", ctd.log_tail()));
+    let container = cri_pod::ContainerConfig {
+        metadata: Some(cri_pod::ContainerMetadata { name: "app".into(), attempt: 0 }),
+        image: Some(cri::ImageSpec { image: image.into() }),
+        command: vec!["/bin/sh".into(), "-c".into(), format!("{script}; echo ok > /ready/done")],
+        mounts: vec![cri_pod::Mount { container_path: "/ready".into(), host_path: ready.to_str().unwrap().into(), readonly: false }],
+        log_path: "app.log".into(),
+        linux: Some(cri_pod::LinuxContainerConfig { security_context: Some(cri_pod::LinuxContainerSecurityContext { namespace_options: Some(cri_pod::NamespaceOption { network: 2, pid: 1, ipc: 0 }) }) }),
+    };
+    let created: cri_pod::CreateContainerResponse = rt
+        .block_on(cri_pod::call(&ctd.sock, "CreateContainer", cri_pod::CreateContainerRequest { pod_sandbox_id: pod.pod_sandbox_id.clone(), config: Some(container), sandbox_config: Some(sandbox) }))
+        .unwrap_or_else(|e| panic!("{snapshotter}: {e}\n{}", ctd.log_tail()));
+    let _: cri_pod::Empty = rt.block_on(cri_pod::call(&ctd.sock, "StartContainer", cri_pod::StartContainerRequest { container_id: created.container_id })).unwrap_or_else(|e| panic!("{snapshotter}: {e}\n{}", ctd.log_tail()));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::read_to_string(ready.join("done")).ok().as_deref() != Some("ok\n") {
+        assert!(Instant::now() < deadline, "{snapshotter} {image}: the pod was not ready within 300 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = t0.elapsed();
+    if snapshotter == "lazypull" {
+        let log = lazy.as_ref().unwrap().log()[log_start..].to_string();
+        assert!(!log.contains("falling back") && log.contains("remote snapshot mounted lazily"), "{image}: not every layer was lazy:\n{log}");
+    }
+    let _: Result<cri_pod::Empty, _> = rt.block_on(cri_pod::call(&ctd.sock, "StopPodSandbox", cri_pod::PodSandboxId { pod_sandbox_id: pod.pod_sandbox_id.clone() }));
+    let _: Result<cri_pod::Empty, _> = rt.block_on(cri_pod::call(&ctd.sock, "RemovePodSandbox", cri_pod::PodSandboxId { pod_sandbox_id: pod.pod_sandbox_id }));
+    drop(ctd);
+    drop(lazy);
+    drop(go);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    took
+}
+
 /// Issue 20: `lazypull install` on a containerd config without lazypull (the harness's v2
 /// config with the CRI plugin): the result parses and keeps every original setting, containerd
 /// started with it pulls through CRI lazily (every layer a remote snapshot), a second install
