@@ -23,7 +23,7 @@ use store::{BlobSourceAdapter, ChunkStore, FetchConfig, LayerFetcher, RangeSourc
 
 pub use error::{Error, Result};
 pub use fs::{FsOptions, FsStats, LayerFs};
-pub use mount::{carries, detach, detach_if, is_mountpoint, mount_layer, MountedLayer, Privileges};
+pub use mount::{carries, detach, detach_if, is_mountpoint, mount_layer, unescape_mountinfo, MountedLayer, Privileges};
 pub use serve::{LayerServer, ServeOptions};
 pub use view::LayerView;
 

@@ -216,7 +216,9 @@ pub fn is_mountpoint(path: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape_mountinfo(m) == canon.as_os_str().to_string_lossy()))
 }
 
-fn unescape_mountinfo(s: &str) -> String {
+/// A mount point as `/proc/self/mountinfo` writes it (space, tab, newline and backslash as
+/// `\ooo` octal escapes), unescaped.
+pub fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

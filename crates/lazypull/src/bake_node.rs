@@ -193,35 +193,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 pub(crate) fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
     let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
     let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    let mut out: Vec<PathBuf> = info.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(unescape_mountinfo(p))).filter(|p| p.starts_with(&dir)).collect();
+    let mut out: Vec<PathBuf> = info.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(lazyfs::unescape_mountinfo(p))).filter(|p| p.starts_with(&dir)).collect();
     out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     out.dedup();
     Ok(out)
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo` octal escapes.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn mountinfo_escapes_are_undone() {
-        assert_eq!(super::unescape_mountinfo(r"/a\040b\134c"), "/a b\\c");
-        assert_eq!(super::unescape_mountinfo(r"/plain"), "/plain");
-        assert_eq!(super::unescape_mountinfo(r"/end\04"), r"/end\04");
+        assert_eq!(lazyfs::unescape_mountinfo(r"/a\040b\134c"), "/a b\\c");
+        assert_eq!(lazyfs::unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(lazyfs::unescape_mountinfo(r"/end\04"), r"/end\04");
     }
 }
