@@ -213,13 +213,14 @@ fn prepare_dir(dir: &Path, staging: bool) -> Result<Option<VolumeManifest>> {
 
 /// The snapshotter settings to bake with: the node's file, with background fill, prefetch and
 /// the whole-small-layer fetch turned off (they would put chunks the mode did not ask for into
-/// the volume) and no metrics endpoint (it would clash with the node's own).
+/// the volume), no metrics endpoint and no CRI proxy (they would clash with the node's own
+/// sockets and ports; credential provider plugins stay, for private images).
 fn snapshotter_config(path: Option<&Path>) -> Result<String> {
     let mut table: toml::Table = match path {
         Some(p) => toml::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?).with_context(|| format!("parsing {}", p.display()))?,
         None => toml::Table::new(),
     };
-    for key in ["root", "address", "metrics_address"] {
+    for key in ["root", "address", "metrics_address", "cri_listen", "cri_backend"] {
         table.remove(key);
     }
     table.insert("background_fetch".into(), false.into());
@@ -253,12 +254,12 @@ mod tests {
     fn bake_config_turns_off_what_would_exceed_the_mode() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s.toml");
-        std::fs::write(&p, "cache_size = 1000\nbackground_fetch = true\nmetrics_address = \"127.0.0.1:9\"\nroot = \"/x\"\n").unwrap();
+        std::fs::write(&p, "cache_size = 1000\nbackground_fetch = true\nmetrics_address = \"127.0.0.1:9\"\nroot = \"/x\"\ncri_listen = \"/run/lazypull/cri.sock\"\n").unwrap();
         let t: toml::Table = toml::from_str(&snapshotter_config(Some(&p)).unwrap()).unwrap();
         assert_eq!(t.get("cache_size").and_then(|v| v.as_integer()), Some(1000));
         assert_eq!(t.get("background_fetch").and_then(|v| v.as_bool()), Some(false));
         assert_eq!(t.get("prefetch").and_then(|v| v.as_bool()), Some(false));
-        assert!(t.get("metrics_address").is_none() && t.get("root").is_none());
+        assert!(t.get("metrics_address").is_none() && t.get("root").is_none() && t.get("cri_listen").is_none());
     }
 
     #[test]
