@@ -45,10 +45,9 @@ bench:
 	# (issue 19's check).
 	LAZYPULL_PEER_REGISTRY=127.0.0.1:5000 LAZYPULL_INTEROP=required \
 	  cargo test --release --locked -p lazypull --test containerd baked_volumes_of_the_peer_images -- --nocapture
-	# Pods through CRI (RunPodSandbox … ready): full pull vs the Go stargz-snapshotter vs lazypull
-	# (issue 20's pod-level start).
-	LAZYPULL_PEER_REGISTRY=127.0.0.1:5000 LAZYPULL_INTEROP=required \
-	  cargo test --release --locked -p lazypull --test containerd pods_start_side_by_side -- --nocapture
+	# Pods through CRI (RunPodSandbox … ready): full pull vs the Go stargz-snapshotter vs lazypull,
+	# on loopback and 1 Gbit/s + 2 ms (issue 20's pod-level start).
+	scripts/bench-pods.sh
 
 # Bounded fuzzing of footer+TOC parsing, tar conversion, layer serving and zTOC reading
 # (FUZZ_SECONDS per target).

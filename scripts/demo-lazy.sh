@@ -32,23 +32,7 @@ trap cleanup EXIT
 rm -rf "$run" "$work/registry" "$work/snapshotter" "$work/containerd"
 mkdir -p "$run"
 
-# Servers bind port 0 themselves; their port is read back from the kernel: the TCP socket in
-# LISTEN state (0A) owned by the process (no probe-then-bind race with other programs).
-listen_port() {
-  local inode hex
-  for inode in $(find "/proc/$1/fd" -lname 'socket:*' -printf '%l\n' 2>/dev/null | tr -dc '0-9\n'); do
-    hex=$(awk -v i="$inode" '$4 == "0A" && $10 == i { split($2, a, ":"); print a[2]; exit }' "/proc/$1/net/tcp")
-    if [ -n "$hex" ]; then printf '%d\n' "0x$hex"; return 0; fi
-  done
-  return 1
-}
-# Waits (up to 20 s) for a command to succeed; fails naming what was awaited.
-wait_for() {
-  local what=$1; shift
-  for _ in $(seq 1 200); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "demo: timed out waiting for $what" >&2; return 1
-}
-ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+. "$(dirname "$0")/lib/wait.sh"
 
 # --- registry ------------------------------------------------------------------------------------
 printf 'version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:0\nlog:\n  level: error\n' \
@@ -96,6 +80,22 @@ jq -n --arg m "$man" --argjson ms "$(stat -c %s "$img/manifest.json")" \
 echo '{"imageLayoutVersion":"1.0.0"}' > "$img/layout/oci-layout"
 echo "  converting the sample image ($(( $(stat -c %s "$img/l2.tar") / 1000000 )) MB of data) and pushing it to $ref"
 "$bin" image convert "oci:$img/layout:v1" "$ref" > "$work/image-convert.log" 2>&1
+# The pods' sandbox ("pause") image: the busybox layer, sleeping.
+mkdir -p "$img/pause/blobs/sha256"
+jq -n --arg a "$(dpkg --print-architecture)" --arg d1 "${diffs[0]}" \
+  '{architecture:$a, os:"linux", config:{Cmd:["/bin/busybox","sleep","2147483647"]}, rootfs:{type:"layers", diff_ids:[$d1]}}' > "$img/pause-config.json"
+pcfg=$(put "$img/pause-config.json")
+jq -n --arg c "$pcfg" --argjson cs "$(stat -c %s "$img/pause-config.json")" --arg l1 "${layers[0]}" --argjson s1 "$(stat -c %s "$img/l1.tar.gz")" \
+  '{schemaVersion:2, mediaType:"application/vnd.oci.image.manifest.v1+json",
+    config:{mediaType:"application/vnd.oci.image.config.v1+json", digest:("sha256:"+$c), size:$cs},
+    layers:[{mediaType:"application/vnd.oci.image.layer.v1.tar+gzip", digest:("sha256:"+$l1), size:$s1}]}' > "$img/pause-manifest.json"
+pman=$(put "$img/pause-manifest.json")
+cp -a "$img/layout/blobs" "$img/layout/oci-layout" "$img/pause/"
+jq -n --arg m "$pman" --argjson ms "$(stat -c %s "$img/pause-manifest.json")" \
+  '{schemaVersion:2, manifests:[{mediaType:"application/vnd.oci.image.manifest.v1+json", digest:("sha256:"+$m), size:$ms,
+    annotations:{"org.opencontainers.image.ref.name":"v1"}}]}' > "$img/pause/index.json"
+pause_ref="127.0.0.1:$port/demo/pause:1"
+"$bin" image convert "oci:$img/pause:v1" "$pause_ref" > "$work/pause-convert.log" 2>&1
 image_bytes=$(curl -fs -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
   "http://127.0.0.1:$port/v2/demo/sample/manifests/esgz" | jq '[.layers[].size] | add')
 
@@ -160,3 +160,6 @@ echo "== starting a container from a $(mb "$image_bytes") MB image"
 printf '  %-30s %9s %9s %10s %12s\n' mode "pull ms" "run ms" "total ms" "MB fetched"
 printf '  %-30s %9s %9s %10s %12s\n' "full pull (overlayfs)" "$full_pull" "$full_run" "$((full_pull + full_run))" "$(mb "$image_bytes")"
 printf '  %-30s %9s %9s %10s %12s\n' "lazypull (eStargz, lazy)" "$lazy_pull" "$lazy_run" "$((lazy_pull + lazy_run))" "$(mb "$lazy_bytes")"
+
+echo
+"$(dirname "$0")/demo-pods.sh" "$bin" "$ref" "$pause_ref" "$work/pods"

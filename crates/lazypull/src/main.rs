@@ -11,6 +11,7 @@ mod bake_cmd;
 mod bake_node;
 mod bake_verify;
 mod cache;
+mod cri_cmd;
 mod fallback;
 mod image;
 mod image_layers;
@@ -59,6 +60,9 @@ enum Command {
     Uninstall(install_cmd::InstallArgs),
     /// Serve containerd's snapshots API (proxy plugin) with lazily mounted eStargz layers.
     Snapshotter(snapshotter::SnapshotterArgs),
+    /// kubelet's CRI calls from the command line: pull an image, time a pod's start.
+    #[command(subcommand)]
+    Cri(cri_cmd::CriCommand),
     /// Show and prune the node's chunk store (per image and layer).
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -91,6 +95,7 @@ fn main() {
         Command::Soci(c) => soci_cmd::run(c),
         Command::Mount(a) => mount::image_mount(a),
         Command::Cache(c) => cache::run(c),
+        Command::Cri(c) => cri_cmd::run(c),
         Command::Snapshotter(a) => snapshotter::run(a),
         Command::Rpull(a) => rpull_cmd::run(a),
         Command::Warm(a) => warm_cmd::run(a),

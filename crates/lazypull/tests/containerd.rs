@@ -692,231 +692,27 @@ fn converted_images_run_in_containerd_with_identical_filesystems() {
 // ---------------------------------------------------------------------------------------------
 // lazypull as containerd's snapshotter
 
-/// The kubelet's path: a minimal CRI ImageService client (Debian 12 has no crictl). Only the
-/// fields of `PullImage` we use are declared; field numbers are CRI v1's.
+/// The kubelet's path: CRI calls through `cri_client` (Debian 12 has no crictl); errors as
+/// text for the panics.
 mod cri {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ImageSpec {
-        #[prost(string, tag = "1")]
-        pub image: String,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct AuthConfig {
-        #[prost(string, tag = "1")]
-        pub username: String,
-        #[prost(string, tag = "2")]
-        pub password: String,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PullImageRequest {
-        #[prost(message, optional, tag = "1")]
-        pub image: Option<ImageSpec>,
-        #[prost(message, optional, tag = "2")]
-        pub auth: Option<AuthConfig>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PullImageResponse {
-        #[prost(string, tag = "1")]
-        pub image_ref: String,
+    fn client(socket: &str) -> cri_client::Client {
+        cri_client::Client::new(socket)
     }
 
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ListImagesRequest {}
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Image {
-        #[prost(string, tag = "1")]
-        pub id: String,
-        #[prost(string, repeated, tag = "2")]
-        pub repo_tags: Vec<String>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ListImagesResponse {
-        #[prost(message, repeated, tag = "1")]
-        pub images: Vec<Image>,
+    /// `ImageService.ListImages`: what kubelet sees as present.
+    pub async fn list_images(socket: &str) -> Result<Vec<cri_client::messages::Image>, String> {
+        client(socket).list_images().await.map_err(|e| e.to_string())
     }
 
-    /// `runtime.v1.ImageService/ListImages`: what kubelet sees as present.
-    pub async fn list_images(socket: &str) -> Result<Vec<Image>, String> {
-        let channel = containerd_api::unix_channel(socket);
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.map_err(|e| e.to_string())?;
-        let resp: tonic::Response<ListImagesResponse> = grpc
-            .unary(tonic::Request::new(ListImagesRequest {}), http::uri::PathAndQuery::from_static("/runtime.v1.ImageService/ListImages"), tonic_prost::ProstCodec::default())
-            .await
-            .map_err(|e| format!("ListImages: {e}"))?;
-        Ok(resp.into_inner().images)
-    }
-
-    /// `runtime.v1.ImageService/PullImage` over containerd's unix socket.
+    /// `ImageService.PullImage` over containerd's unix socket.
     pub async fn pull(socket: &str, image: &str) -> Result<String, String> {
         pull_with(socket, image, None).await
     }
 
     /// `PullImage` with kubelet's `AuthConfig` (an image pull secret).
     pub async fn pull_with(socket: &str, image: &str, auth: Option<(&str, &str)>) -> Result<String, String> {
-        let channel = containerd_api::unix_channel(socket);
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.map_err(|e| e.to_string())?;
-        let auth = auth.map(|(u, p)| AuthConfig { username: u.into(), password: p.into() });
-        let req = PullImageRequest { image: Some(ImageSpec { image: image.to_string() }), auth };
-        let resp: tonic::Response<PullImageResponse> = grpc
-            .unary(tonic::Request::new(req), http::uri::PathAndQuery::from_static("/runtime.v1.ImageService/PullImage"), tonic_prost::ProstCodec::default())
-            .await
-            .map_err(|e| format!("PullImage {image}: {e}"))?;
-        Ok(resp.into_inner().image_ref)
-    }
-}
-
-/// The pod half of kubelet's CRI calls (`runtime.v1.RuntimeService`), only the fields a
-/// host-network pod with one container needs; field numbers are CRI v1's.
-mod cri_pod {
-    use std::collections::HashMap;
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PodSandboxMetadata {
-        #[prost(string, tag = "1")]
-        pub name: String,
-        #[prost(string, tag = "2")]
-        pub uid: String,
-        #[prost(string, tag = "3")]
-        pub namespace: String,
-        #[prost(uint32, tag = "4")]
-        pub attempt: u32,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct NamespaceOption {
-        /// POD = 0, CONTAINER = 1, NODE = 2.
-        #[prost(int32, tag = "1")]
-        pub network: i32,
-        #[prost(int32, tag = "2")]
-        pub pid: i32,
-        #[prost(int32, tag = "3")]
-        pub ipc: i32,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct LinuxSandboxSecurityContext {
-        #[prost(message, optional, tag = "1")]
-        pub namespace_options: Option<NamespaceOption>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct LinuxPodSandboxConfig {
-        #[prost(string, tag = "1")]
-        pub cgroup_parent: String,
-        #[prost(message, optional, tag = "2")]
-        pub security_context: Option<LinuxSandboxSecurityContext>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PodSandboxConfig {
-        #[prost(message, optional, tag = "1")]
-        pub metadata: Option<PodSandboxMetadata>,
-        #[prost(string, tag = "2")]
-        pub hostname: String,
-        #[prost(string, tag = "3")]
-        pub log_directory: String,
-        #[prost(map = "string, string", tag = "6")]
-        pub labels: HashMap<String, String>,
-        #[prost(message, optional, tag = "8")]
-        pub linux: Option<LinuxPodSandboxConfig>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RunPodSandboxRequest {
-        #[prost(message, optional, tag = "1")]
-        pub config: Option<PodSandboxConfig>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct RunPodSandboxResponse {
-        #[prost(string, tag = "1")]
-        pub pod_sandbox_id: String,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PodSandboxId {
-        #[prost(string, tag = "1")]
-        pub pod_sandbox_id: String,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Empty {}
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ContainerMetadata {
-        #[prost(string, tag = "1")]
-        pub name: String,
-        #[prost(uint32, tag = "2")]
-        pub attempt: u32,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Mount {
-        #[prost(string, tag = "1")]
-        pub container_path: String,
-        #[prost(string, tag = "2")]
-        pub host_path: String,
-        #[prost(bool, tag = "3")]
-        pub readonly: bool,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct LinuxContainerSecurityContext {
-        #[prost(message, optional, tag = "3")]
-        pub namespace_options: Option<NamespaceOption>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct LinuxContainerConfig {
-        #[prost(message, optional, tag = "2")]
-        pub security_context: Option<LinuxContainerSecurityContext>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ContainerConfig {
-        #[prost(message, optional, tag = "1")]
-        pub metadata: Option<ContainerMetadata>,
-        #[prost(message, optional, tag = "2")]
-        pub image: Option<super::cri::ImageSpec>,
-        #[prost(string, repeated, tag = "3")]
-        pub command: Vec<String>,
-        #[prost(message, repeated, tag = "7")]
-        pub mounts: Vec<Mount>,
-        #[prost(string, tag = "11")]
-        pub log_path: String,
-        #[prost(message, optional, tag = "15")]
-        pub linux: Option<LinuxContainerConfig>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct CreateContainerRequest {
-        #[prost(string, tag = "1")]
-        pub pod_sandbox_id: String,
-        #[prost(message, optional, tag = "2")]
-        pub config: Option<ContainerConfig>,
-        #[prost(message, optional, tag = "3")]
-        pub sandbox_config: Option<PodSandboxConfig>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct CreateContainerResponse {
-        #[prost(string, tag = "1")]
-        pub container_id: String,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct StartContainerRequest {
-        #[prost(string, tag = "1")]
-        pub container_id: String,
-    }
-
-    /// One unary call of `runtime.v1.RuntimeService/METHOD` over containerd's socket.
-    pub async fn call<Req: prost::Message + Send + Sync + 'static, Resp: prost::Message + Default + Send + Sync + 'static>(socket: &str, method: &'static str, req: Req) -> Result<Resp, String> {
-        let channel = containerd_api::unix_channel(socket);
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.map_err(|e| e.to_string())?;
-        let path = http::uri::PathAndQuery::try_from(format!("/runtime.v1.RuntimeService/{method}")).unwrap();
-        let resp: tonic::Response<Resp> = grpc.unary(tonic::Request::new(req), path, tonic_prost::ProstCodec::default()).await.map_err(|e| format!("{method}: {e}"))?;
-        Ok(resp.into_inner())
-    }
-
-    /// A host-network pod's sandbox config.
-    pub fn sandbox(name: &str, log_dir: &str) -> PodSandboxConfig {
-        let node = NamespaceOption { network: 2, pid: 0, ipc: 0 };
-        PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata { name: name.into(), uid: format!("{name}-uid"), namespace: "default".into(), attempt: 0 }),
-            // The node's hostname: host-network pods have no UTS namespace of their own.
-            hostname: String::new(),
-            log_directory: log_dir.into(),
-            labels: HashMap::new(),
-            linux: Some(LinuxPodSandboxConfig { cgroup_parent: String::new(), security_context: Some(LinuxSandboxSecurityContext { namespace_options: Some(node) }) }),
-        }
+        let auth = auth.map(|(u, p)| cri_client::PullAuth { username: u.into(), password: p.into() });
+        client(socket).pull(image, auth.as_ref()).await.map_err(|e| e.to_string())
     }
 }
 
@@ -2685,55 +2481,31 @@ fn a_pod_starts_lazily_through_cri() {
     // restrict_oom_score_adj: CRI gives the sandbox oom_score_adj -998, which this machine's
     // sandbox refuses (runc init dies: "can't get final child's PID from pipe"); the setting
     // keeps it at no less than containerd's own. Kubelet nodes need not set it.
-    let ready_dir = dir.path().join("ready");
-    std::fs::create_dir_all(&ready_dir).unwrap();
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).unwrap();
     let before = snap.log().matches("remote snapshot mounted lazily").count();
-
-    let t0 = Instant::now();
-    let sandbox = cri_pod::sandbox("lazypull-pod", logs.to_str().unwrap());
-    let pod: cri_pod::RunPodSandboxResponse = rt
-        .block_on(cri_pod::call(&ctd.sock, "RunPodSandbox", cri_pod::RunPodSandboxRequest { config: Some(sandbox.clone()) }))
-        .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", ctd.log_tail()));
-    let t_sandbox = t0.elapsed();
-    rt.block_on(cri::pull(&ctd.sock, &app)).unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", ctd.log_tail()));
-    let t_pull = t0.elapsed();
-    let node = cri_pod::NamespaceOption { network: 2, pid: 1, ipc: 0 };
-    let container = cri_pod::ContainerConfig {
-        metadata: Some(cri_pod::ContainerMetadata { name: "app".into(), attempt: 0 }),
-        image: Some(cri::ImageSpec { image: app.clone() }),
-        command: vec!["/bin/sh".into(), "-c".into(), "cat /etc/hello.txt > /ready/hello.tmp && busybox mv /ready/hello.tmp /ready/hello; exec busybox sleep 3600".into()],
-        mounts: vec![cri_pod::Mount { container_path: "/ready".into(), host_path: ready_dir.to_str().unwrap().into(), readonly: false }],
-        log_path: "app.log".into(),
-        linux: Some(cri_pod::LinuxContainerConfig { security_context: Some(cri_pod::LinuxContainerSecurityContext { namespace_options: Some(node) }) }),
+    let client = {
+        let _runtime = rt.enter();
+        cri_client::Client::new(&ctd.sock)
     };
-    let created: cri_pod::CreateContainerResponse = rt
-        .block_on(cri_pod::call(&ctd.sock, "CreateContainer", cri_pod::CreateContainerRequest { pod_sandbox_id: pod.pod_sandbox_id.clone(), config: Some(container), sandbox_config: Some(sandbox) }))
-        .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", ctd.log_tail()));
-    let _: cri_pod::Empty = rt
-        .block_on(cri_pod::call(&ctd.sock, "StartContainer", cri_pod::StartContainerRequest { container_id: created.container_id.clone() }))
-        .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", ctd.log_tail()));
-    // Ready: the container's process has written its report (renamed into place when whole).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let hello = loop {
-        if let Ok(t) = std::fs::read_to_string(ready_dir.join("hello")) {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "the pod's container did not report ready within 60 s\ncontainerd log:\n{}", ctd.log_tail());
-        std::thread::sleep(Duration::from_millis(10));
+    let run = cri_client::pod::PodRun {
+        name: "lazypull-pod".into(),
+        namespace: "default".into(),
+        image: app.clone(),
+        script: format!("cat /etc/hello.txt > {}/hello", cri_client::pod::READY_MOUNT),
+        ready_dir: dir.path().join("ready"),
+        log_dir: dir.path().join("logs"),
+        timeout: Duration::from_secs(60),
     };
-    let t_ready = t0.elapsed();
-    assert_eq!(hello, HELLO);
+    let pod = rt.block_on(cri_client::pod::start(&client, &run, None)).unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", ctd.log_tail()));
+    assert_eq!(std::fs::read_to_string(run.ready_dir.join("hello")).unwrap(), HELLO);
     assert_eq!(snap.log().matches("remote snapshot mounted lazily").count() - before, 2, "the app image's layers must be remote:\n{}", snap.log());
+    let t = pod.times;
     eprintln!(
         "pod via CRI with lazypull: sandbox {:.3} s, + pull {:.3} s, running and ready {:.3} s",
-        t_sandbox.as_secs_f64(),
-        t_pull.as_secs_f64(),
-        t_ready.as_secs_f64()
+        t.sandbox.as_secs_f64(),
+        (t.sandbox + t.pull).as_secs_f64(),
+        t.total().as_secs_f64()
     );
-    let _: Result<cri_pod::Empty, _> = rt.block_on(cri_pod::call(&ctd.sock, "StopPodSandbox", cri_pod::PodSandboxId { pod_sandbox_id: pod.pod_sandbox_id.clone() }));
-    let _: Result<cri_pod::Empty, _> = rt.block_on(cri_pod::call(&ctd.sock, "RemovePodSandbox", cri_pod::PodSandboxId { pod_sandbox_id: pod.pod_sandbox_id }));
+    rt.block_on(pod.remove(&client)).unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", ctd.log_tail()));
     let (_, images, _) = ctd.ctr_in("k8s.io", &["image", "ls", "-q"], Duration::from_secs(30));
     for name in images.lines() {
         let _ = ctd.ctr_in("k8s.io", &["image", "rm", "--sync", name], Duration::from_secs(30));
@@ -2780,7 +2552,12 @@ fn pods_start_side_by_side_with_the_peers() {
     // (label, snapshotter, tag suffix)
     let modes = [("full pull", "overlayfs", ""), ("stargz (Go)", "stargz", "-esgz"), ("lazypull", "lazypull", "-lazypull")];
     let mut table = String::from("| workload | full pull | stargz (Go) | lazypull | lazypull / Go |\n|---|---|---|---|---|\n");
+    // LAZYPULL_POD_WORKLOADS: a comma-separated subset, for looking into one workload.
+    let only = std::env::var("LAZYPULL_POD_WORKLOADS").ok();
     for (name, src, script) in workloads {
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|w| w == name)) {
+            continue;
+        }
         let mut med = Vec::new();
         for (_, snapshotter, suffix) in modes {
             let image = format!("{peer}/{src}{suffix}");
@@ -2796,7 +2573,8 @@ fn pods_start_side_by_side_with_the_peers() {
             med[2].as_secs_f64() / med[1].as_secs_f64()
         ));
     }
-    eprintln!("pod running and ready (cold, loopback, median of {REPS}):\n{table}");
+    let link = std::env::var("LAZYPULL_POD_LINK").unwrap_or_else(|_| "loopback".into());
+    eprintln!("pod running and ready (cold, {link}, registry {peer}, median of {REPS}):\n{table}");
 }
 
 /// The Go stargz-snapshotter on its own root and socket; stopped (SIGINT: it unmounts its
@@ -2887,48 +2665,46 @@ fn cold_pod(go_bin: &Path, pause_host: &str, peer: &str, pause: &str, snapshotte
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // The pause image is on every node before any pod.
     rt.block_on(cri::pull(&ctd.sock, pause)).unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", ctd.log_tail()));
-    let ready = dir.path().join("ready");
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&ready).unwrap();
-    std::fs::create_dir_all(&logs).unwrap();
+    let client = {
+        let _runtime = rt.enter();
+        cri_client::Client::new(&ctd.sock)
+    };
+    let run = cri_client::pod::PodRun {
+        name: format!("bench-{n}"),
+        namespace: "default".into(),
+        image: image.into(),
+        script: script.into(),
+        ready_dir: dir.path().join("ready"),
+        log_dir: dir.path().join("logs"),
+        timeout: Duration::from_secs(300),
+    };
     let _ = Command::new("sync").status();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
     // What the snapshotter logged for the pause image (plain gzip, unpacked) is not the app's.
     let log_start = lazy.as_ref().map_or(0, |l| l.log().len());
 
-    let t0 = Instant::now();
-    let sandbox = cri_pod::sandbox(&format!("bench-{n}"), logs.to_str().unwrap());
-    let pod: cri_pod::RunPodSandboxResponse = rt.block_on(cri_pod::call(&ctd.sock, "RunPodSandbox", cri_pod::RunPodSandboxRequest { config: Some(sandbox.clone()) })).unwrap_or_else(|e| panic!("{e}\n{}", ctd.log_tail()));
-    rt.block_on(cri::pull(&ctd.sock, image)).unwrap_or_else(|e| panic!("{snapshotter}: {e}\n{}", ctd.log_tail()));
-    let container = cri_pod::ContainerConfig {
-        metadata: Some(cri_pod::ContainerMetadata { name: "app".into(), attempt: 0 }),
-        image: Some(cri::ImageSpec { image: image.into() }),
-        command: vec!["/bin/sh".into(), "-c".into(), format!("{script}; echo ok > /ready/done")],
-        mounts: vec![cri_pod::Mount { container_path: "/ready".into(), host_path: ready.to_str().unwrap().into(), readonly: false }],
-        log_path: "app.log".into(),
-        linux: Some(cri_pod::LinuxContainerConfig { security_context: Some(cri_pod::LinuxContainerSecurityContext { namespace_options: Some(cri_pod::NamespaceOption { network: 2, pid: 1, ipc: 0 }) }) }),
-    };
-    let created: cri_pod::CreateContainerResponse = rt
-        .block_on(cri_pod::call(&ctd.sock, "CreateContainer", cri_pod::CreateContainerRequest { pod_sandbox_id: pod.pod_sandbox_id.clone(), config: Some(container), sandbox_config: Some(sandbox) }))
-        .unwrap_or_else(|e| panic!("{snapshotter}: {e}\n{}", ctd.log_tail()));
-    let _: cri_pod::Empty = rt.block_on(cri_pod::call(&ctd.sock, "StartContainer", cri_pod::StartContainerRequest { container_id: created.container_id })).unwrap_or_else(|e| panic!("{snapshotter}: {e}\n{}", ctd.log_tail()));
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while std::fs::read_to_string(ready.join("done")).ok().as_deref() != Some("ok\n") {
-        assert!(Instant::now() < deadline, "{snapshotter} {image}: the pod was not ready within 300 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let took = t0.elapsed();
+    let pod = rt.block_on(cri_client::pod::start(&client, &run, None)).unwrap_or_else(|e| panic!("{snapshotter} {image}: {e}\n{}", ctd.log_tail()));
+    let t = pod.times;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!(
+        "pod {snapshotter} {image}: sandbox {:.0} ms, pull {:.0} ms, create {:.0} ms, start {:.0} ms, ready {:.0} ms, total {:.0} ms",
+        ms(t.sandbox),
+        ms(t.pull),
+        ms(t.create),
+        ms(t.start),
+        ms(t.ready),
+        ms(t.total())
+    );
     if snapshotter == "lazypull" {
         let log = lazy.as_ref().unwrap().log()[log_start..].to_string();
         assert!(!log.contains("falling back") && log.contains("remote snapshot mounted lazily"), "{image}: not every layer was lazy:\n{log}");
     }
-    let _: Result<cri_pod::Empty, _> = rt.block_on(cri_pod::call(&ctd.sock, "StopPodSandbox", cri_pod::PodSandboxId { pod_sandbox_id: pod.pod_sandbox_id.clone() }));
-    let _: Result<cri_pod::Empty, _> = rt.block_on(cri_pod::call(&ctd.sock, "RemovePodSandbox", cri_pod::PodSandboxId { pod_sandbox_id: pod.pod_sandbox_id }));
+    let _ = rt.block_on(pod.remove(&client));
     drop(ctd);
     drop(lazy);
     drop(go);
     let _ = std::fs::remove_dir_all(&run_dir);
-    took
+    t.total()
 }
 
 /// Issue 20: `lazypull install` on a containerd config without lazypull (the harness's v2
