@@ -2648,7 +2648,8 @@ fn cold_pod(go_bin: &Path, pause_host: &str, peer: &str, pause: &str, snapshotte
     let proxy = match snapshotter {
         "lazypull" => {
             let cfg = dir.path().join("lazypull.toml");
-            std::fs::write(&cfg, "").unwrap();
+            // LAZYPULL_POD_CONFIG: snapshotter.toml text for an experiment (e.g. `layer_daemons = false`).
+            std::fs::write(&cfg, std::env::var("LAZYPULL_POD_CONFIG").unwrap_or_default()).unwrap();
             lazy = Some(SnapshotterDaemon::start(&dir.path().join("lazypull"), &sock, &cfg, SocketMode::Bound));
             format!("\n[proxy_plugins.lazypull]\n  type = \"snapshot\"\n  address = {}\n", q(&sock))
         }
@@ -2698,6 +2699,9 @@ fn cold_pod(go_bin: &Path, pause_host: &str, peer: &str, pause: &str, snapshotte
     if snapshotter == "lazypull" {
         let log = lazy.as_ref().unwrap().log()[log_start..].to_string();
         assert!(!log.contains("falling back") && log.contains("remote snapshot mounted lazily"), "{image}: not every layer was lazy:\n{log}");
+        if std::env::var_os("LAZYPULL_POD_SHOW_PREPARES").is_some() {
+            log.lines().filter(|l| l.contains("remote snapshot mounted lazily")).for_each(|l| eprintln!("  {l}"));
+        }
     }
     let _ = rt.block_on(pod.remove(&client));
     drop(ctd);

@@ -235,6 +235,7 @@ impl Client {
         if let Some(url) = cached {
             let resp = self
                 .http
+                .for_url(&url)?
                 .get(&url)
                 .header(RANGE, range)
                 .header("Accept-Encoding", "identity")

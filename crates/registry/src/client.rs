@@ -82,7 +82,7 @@ pub struct Sent {
 /// The OCI distribution client. Cheap to clone; clones share connections and token caches.
 #[derive(Clone)]
 pub struct Client {
-    pub(crate) http: reqwest::Client,
+    pub(crate) http: crate::http::HttpClients,
     pub(crate) config: Arc<RegistryConfig>,
     credentials: Arc<Credentials>,
     auth_cache: Arc<Mutex<HashMap<(String, String), CachedAuth>>>,
@@ -92,7 +92,7 @@ pub struct Client {
     pub(crate) redirects: Arc<Mutex<HashMap<(String, String), String>>>,
 }
 
-fn install_crypto() {
+pub(crate) fn install_crypto() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Several crates may race to install; whichever wins is fine.
@@ -103,13 +103,7 @@ fn install_crypto() {
 impl Client {
     pub fn new(config: RegistryConfig, credentials: Credentials) -> Result<Client> {
         install_crypto();
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(config.connect_timeout_secs.max(1)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("lazypull/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Error::Config(format!("building the HTTP client: {e}")))?;
+        let http = crate::http::HttpClients::new(Duration::from_secs(config.connect_timeout_secs.max(1)))?;
         Ok(Client {
             http,
             config: Arc::new(config),
@@ -233,7 +227,7 @@ impl Client {
         let origin = url::Url::parse(&url).map_err(|e| Error::Config(format!("bad URL {url}: {e}")))?;
         for _hop in 0..6 {
             let same_host = url::Url::parse(&url).ok().is_some_and(|u| u.host_str() == origin.host_str() && u.port() == origin.port());
-            let mut b = self.http.request(req.method.clone(), &url);
+            let mut b = self.http.for_url(&url)?.request(req.method.clone(), &url);
             for (k, v) in &req.headers {
                 b = b.header(k, v);
             }
@@ -356,7 +350,7 @@ impl Client {
                 }
                 form.push(("scope", scopes.join(" ")));
                 let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
-                self.http.post(url.clone()).header("Content-Type", "application/x-www-form-urlencoded").body(body)
+                self.http.for_url(url.as_str())?.post(url.clone()).header("Content-Type", "application/x-www-form-urlencoded").body(body)
             }
             other => {
                 {
@@ -368,7 +362,7 @@ impl Client {
                         q.append_pair("scope", s);
                     }
                 }
-                let mut b = self.http.get(url.clone());
+                let mut b = self.http.for_url(url.as_str())?.get(url.clone());
                 if let Some(Credential::Basic { username, password }) = other {
                     b = b.header(AUTHORIZATION, basic_header(username, password));
                 }

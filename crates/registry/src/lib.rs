@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod client;
 pub mod config;
 pub mod error;
+mod http;
 pub mod manifest;
 pub mod push;
 pub mod reference;

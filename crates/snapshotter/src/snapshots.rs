@@ -163,10 +163,11 @@ impl Snapshotter {
                 if self.meta.get(&target)?.is_some() {
                     return Err(Error::AlreadyExists(target));
                 }
+                let resolving = std::time::Instant::now();
                 match remote.resolve(&labels) {
                     Ok(None) => {}
                     Err(reason) => self.fallback(&reason, key),
-                    Ok(Some(layer)) => match self.create_remote(&target, parent, &labels, layer, remote.as_ref()) {
+                    Ok(Some(layer)) => match self.create_remote(&target, parent, &labels, layer, remote.as_ref(), resolving) {
                         Ok(()) => return Err(Error::AlreadyExists(target)),
                         Err(reason) => self.fallback(&reason, key),
                     },
@@ -207,7 +208,9 @@ impl Snapshotter {
         self.mounts_of(key, &rec)
     }
 
-    fn create_remote(&self, target: &str, parent: &str, labels: &BTreeMap<String, String>, layer: RemoteLayer, remote: &dyn Remote) -> std::result::Result<(), NotLazy> {
+    /// `started`: when resolving began, for the log's timings (Prepare is on the pull's path).
+    fn create_remote(&self, target: &str, parent: &str, labels: &BTreeMap<String, String>, layer: RemoteLayer, remote: &dyn Remote, started: std::time::Instant) -> std::result::Result<(), NotLazy> {
+        let resolve_ms = started.elapsed().as_millis() as u64;
         let failed = |e: String| NotLazy::MountFailed(e);
         let tx = self.meta.write().map_err(|e| failed(e.to_string()))?;
         if !parent.is_empty() && tx.get(parent).map_err(|e| failed(e.to_string()))?.is_none() {
@@ -216,10 +219,12 @@ impl Snapshotter {
         let id = tx.next_id().map_err(|e| failed(e.to_string()))?;
         let dir = self.dir(id);
         std::fs::create_dir_all(dir.join("fs")).map_err(|e| failed(format!("creating {}: {e}", dir.display())))?;
+        let mounting = std::time::Instant::now();
         if let Err(reason) = remote.mount(&layer, &dir.join("fs")) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(reason);
         }
+        let mount_ms = mounting.elapsed().as_millis() as u64;
         let mut labels = labels.clone();
         labels.insert(REMOTE_LABEL.to_string(), "remote snapshot".to_string());
         let rec = Record::new(id, Kind::Committed, parent, labels, Some(layer.clone()));
@@ -229,7 +234,7 @@ impl Snapshotter {
             return Err(failed(e.to_string()));
         }
         self.stats.remote_snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        info!(name = target, image = %layer.image_ref, layer = %layer.digest, "remote snapshot mounted lazily");
+        info!(name = target, image = %layer.image_ref, layer = %layer.digest, resolve_ms, mount_ms, total_ms = started.elapsed().as_millis() as u64, "remote snapshot mounted lazily");
         Ok(())
     }
 
