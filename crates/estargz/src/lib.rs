@@ -33,7 +33,7 @@ pub use compression::Compression;
 pub use digest::Digest;
 pub use error::{Error, Result};
 pub use footer::{Footer, FooterKind};
-pub use reader::{decode_chunk, BlobSource, FileSource, OpenOptions, Reader};
+pub use reader::{decode_chunk, BlobSource, FileSource, OpenOptions, RawToc, Reader};
 pub use time::{format_rfc3339, parse_rfc3339};
 pub use toc::{EntryType, Toc, TocEntry};
 pub use tree::{Chunk, Node, NodeId, NodeKind, Tree, ROOT};

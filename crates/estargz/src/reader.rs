@@ -78,17 +78,29 @@ pub struct Reader<S> {
     bytes_read: AtomicU64,
 }
 
-impl<S: BlobSource> Reader<S> {
-    /// Opens a blob with default options.
-    pub fn open(source: S) -> Result<Self> {
-        Self::open_with(source, &OpenOptions::default())
-    }
+/// A blob's footer and TOC as read and decompressed, not yet parsed: what authenticating a TOC
+/// needs (its digests) without the cost of parsing it. Reading a layer's TOC ahead of its mount
+/// (the snapshotter's read-ahead) stops here, so that the TOC is parsed once, by the mount.
+pub struct RawToc {
+    pub footer: Footer,
+    pub compression: Compression,
+    /// The TOC as stored in the blob (compressed).
+    pub compressed: Vec<u8>,
+    /// The uncompressed TOC JSON.
+    pub json: Vec<u8>,
+    /// Reads made (1 or 2) and compressed bytes read.
+    pub open_reads: u32,
+    pub bytes_read: u64,
+}
 
-    pub fn open_with(source: S, opts: &OpenOptions) -> Result<Self> {
+impl RawToc {
+    /// Reads the tail (and the TOC, when the tail does not hold it) and decompresses the TOC,
+    /// bounded by `opts.max_toc_size`.
+    pub fn read<S: BlobSource + ?Sized>(source: &S, opts: &OpenOptions) -> Result<RawToc> {
         let size = source.size();
         let tail_len = size.min(opts.tail_size.max(MAX_FOOTER_SIZE as u64));
         let mut tail = vec![0u8; tail_len as usize];
-        read(&source, size - tail_len, &mut tail, "blob tail")?;
+        read(source, size - tail_len, &mut tail, "blob tail")?;
         let mut open_reads = 1;
         let footer = parse_footer(&tail, size)?;
         let compression = match footer.kind {
@@ -97,9 +109,8 @@ impl<S: BlobSource> Reader<S> {
         };
         let tail_start = size - tail_len;
         let toc_end = footer.toc_offset + footer.toc_compressed_len;
-        let fetched;
-        let toc_bytes: &[u8] = if footer.toc_offset >= tail_start {
-            &tail[(footer.toc_offset - tail_start) as usize..(toc_end - tail_start) as usize]
+        let compressed = if footer.toc_offset >= tail_start {
+            tail[(footer.toc_offset - tail_start) as usize..(toc_end - tail_start) as usize].to_vec()
         } else {
             if footer.toc_compressed_len > opts.max_toc_size {
                 return Err(Error::InvalidToc(format!(
@@ -108,32 +119,58 @@ impl<S: BlobSource> Reader<S> {
                 )));
             }
             let mut b = vec![0u8; footer.toc_compressed_len as usize];
-            read(&source, footer.toc_offset, &mut b, "TOC")?;
+            read(source, footer.toc_offset, &mut b, "TOC")?;
             open_reads += 1;
-            fetched = b;
-            &fetched
+            b
         };
         let json = match compression {
-            Compression::Gzip => toc_json_from_gzip(toc_bytes, footer.toc_offset, opts.max_toc_size)?,
-            Compression::Zstd => toc_json_from_zstd(toc_bytes, &footer, opts.max_toc_size)?,
+            Compression::Gzip => toc_json_from_gzip(&compressed, footer.toc_offset, opts.max_toc_size)?,
+            Compression::Zstd => toc_json_from_zstd(&compressed, &footer, opts.max_toc_size)?,
         };
-        let toc = Toc::from_json(&json)?;
-        let payload_end = match compression {
-            Compression::Zstd => footer.toc_offset - 8,
-            Compression::Gzip => footer.toc_offset,
-        };
-        let tree = Tree::build(&toc, payload_end)?;
+        let bytes_read = tail_len + if open_reads > 1 { footer.toc_compressed_len } else { 0 };
+        Ok(RawToc { footer, compression, compressed, json, open_reads, bytes_read })
+    }
+
+    /// sha256 of the uncompressed TOC JSON (eStargz's `toc.digest`).
+    pub fn toc_digest(&self) -> Digest {
+        Digest::of(&self.json)
+    }
+
+    /// sha256 of the TOC as stored (zstd:chunked's manifest checksum).
+    pub fn compressed_toc_digest(&self) -> Digest {
+        Digest::of(&self.compressed)
+    }
+
+    /// Where the payload ends: every chunk must lie before it.
+    pub fn payload_end(&self) -> u64 {
+        match self.compression {
+            Compression::Zstd => self.footer.toc_offset - 8,
+            Compression::Gzip => self.footer.toc_offset,
+        }
+    }
+}
+
+impl<S: BlobSource> Reader<S> {
+    /// Opens a blob with default options.
+    pub fn open(source: S) -> Result<Self> {
+        Self::open_with(source, &OpenOptions::default())
+    }
+
+    pub fn open_with(source: S, opts: &OpenOptions) -> Result<Self> {
+        let raw = RawToc::read(&source, opts)?;
+        let toc = Toc::from_json(&raw.json)?;
+        let tree = Tree::build(&toc, raw.payload_end())?;
         Ok(Reader {
             source,
-            footer,
-            compression,
-            toc_json_len: json.len() as u64,
-            toc_digest: Digest::of(&json),
-            compressed_toc_digest: Digest::of(toc_bytes),
+            footer: raw.footer,
+            compression: raw.compression,
+            toc_json_len: raw.json.len() as u64,
+            toc_digest: raw.toc_digest(),
+            compressed_toc_digest: raw.compressed_toc_digest(),
             toc,
             tree,
-            open_reads,
-            bytes_read: AtomicU64::new(tail_len + if open_reads > 1 { footer.toc_compressed_len } else { 0 }),
+            open_reads: raw.open_reads,
+            bytes_read: AtomicU64::new(raw.bytes_read),
         })
     }
 

@@ -16,7 +16,7 @@
 
 mod open;
 
-pub use open::{format_for, open, open_ztoc, LazyFormat, OpenError, OpenOptions, OpenedIndex, Stargz};
+pub use open::{fetch_index, format_for, open, open_ztoc, LazyFormat, OpenError, OpenOptions, OpenedIndex, Stargz};
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -120,6 +120,26 @@ pub fn open_ztoc(ztoc: &[u8], check: &IndexCheck) -> Result<OpenedIndex, OpenErr
     Ok(OpenedIndex { format: Format::Soci, index, index_digest: actual, index_offset: parsed.compressed_size })
 }
 
+/// Reads and authenticates the index of the layer behind `source` without parsing it; returns
+/// the blob offset where the index starts (what [`open`] would read from). For reading an index
+/// ahead of the layer's mount: the mount parses it, so parsing it here too would only compete
+/// for the CPU with the mounts on the critical path. Formats whose index is not in the blob
+/// (SOCI) have nothing to read ahead here.
+pub fn fetch_index(source: &dyn BlobSource, check: Option<&IndexCheck>, opts: &OpenOptions) -> Result<u64, OpenError> {
+    if matches!(check, Some(IndexCheck::SociZtoc(_))) {
+        return Err(OpenError::Soci("a SOCI layer's zTOC lives beside the image, not in the blob".into()));
+    }
+    let ropts = estargz::OpenOptions {
+        tail_size: opts.tail_size,
+        ..estargz::OpenOptions::default()
+    };
+    let raw = estargz::RawToc::read(source, &ropts)?;
+    if let Some(check) = check {
+        check.verify(&raw.toc_digest(), &raw.compressed_toc_digest()).map_err(OpenError::Check)?;
+    }
+    Ok(raw.footer.toc_offset)
+}
+
 /// Opens the index of the layer behind `source` with the format its `check` names.
 pub fn open(source: &dyn BlobSource, check: Option<&IndexCheck>, opts: &OpenOptions) -> Result<OpenedIndex, OpenError> {
     format_for(check).open(source, check, opts)
@@ -190,6 +210,20 @@ mod tests {
         // A garbage zTOC with a matching digest: a parse error, not a panic.
         let junk = b"not a ztoc".to_vec();
         assert!(matches!(open_ztoc(&junk, &IndexCheck::SociZtoc(Digest::of(&junk))), Err(OpenError::Soci(_))));
+    }
+
+    #[test]
+    fn an_index_read_ahead_is_authenticated_without_being_parsed() {
+        for zstd in [false, true] {
+            let b = blob(zstd);
+            let opened = open(&b, None, &OpenOptions::default()).unwrap();
+            let right = IndexCheck::TocDigest(opened.index_digest);
+            assert_eq!(fetch_index(&b, Some(&right), &OpenOptions::default()).unwrap(), opened.index_offset);
+            let wrong = IndexCheck::TocDigest(Digest::of(b"other"));
+            assert!(matches!(fetch_index(&b, Some(&wrong), &OpenOptions::default()), Err(OpenError::Check(m)) if m.contains("mismatch")));
+            assert!(matches!(fetch_index(&b, Some(&IndexCheck::SociZtoc(Digest::of(b"z"))), &OpenOptions::default()), Err(OpenError::Soci(_))));
+        }
+        assert!(matches!(fetch_index(&vec![0u8; 100], None, &OpenOptions::default()), Err(OpenError::Stargz(_))));
     }
 
     #[test]

@@ -782,6 +782,7 @@ impl LayerFetcher {
             let t = Instant::now();
             let res = self.source.read_ranges(&ranges);
             self.stats.observe_latency(t.elapsed());
+            debug!(blob = %self.blob, ms = t.elapsed().as_millis() as u64, ok = res.is_ok(), "fetched");
             res
         };
         let parts = match fetched {
