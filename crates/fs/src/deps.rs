@@ -237,6 +237,35 @@ fn prefetch_closure(cx: &Context, root: u64) {
     }
 }
 
+/// Files that nearly every container start reads, whatever it runs: containerd resolves the
+/// process's groups (and user) from the rootfs's `/etc/group` and `/etc/passwd` before the task
+/// is created, and a dynamically linked program starts with the loader mapping the C library.
+/// On a cold start each is one registry round trip on the start's critical path (seen on
+/// `ctr run … /bin/echo` of a Debian image: 13 ms for `/etc/group`, 23 ms for the loader and
+/// libc), taken while the link is otherwise idle if they are asked for at mount.
+pub const START_FILES: &[&str] = &[
+    "/etc/passwd",
+    "/etc/group",
+    "/lib64/ld-linux-x86-64.so.2",
+    "/lib/x86_64-linux-gnu/libc.so.6",
+    "/lib/ld-linux-aarch64.so.1",
+    "/lib/aarch64-linux-gnu/libc.so.6",
+    "/lib/ld-musl-x86_64.so.1",
+    "/lib/ld-musl-aarch64.so.1",
+];
+
+/// Starts fetching those of [`START_FILES`] this layer holds (symbolic links followed inside
+/// the layer, as `/lib64 -> usr/lib64`); returns how many. The fetch runs on helper threads.
+pub fn prefetch_start_files(view: &LayerView, fetcher: &Arc<LayerFetcher>) -> usize {
+    let files: Vec<&Inode> = START_FILES.iter().filter_map(|p| view.resolve_following(p)).filter_map(|ino| view.get(ino)).filter(|i| i.kind == NodeKind::Reg).collect();
+    let chunks: Vec<usize> = files.iter().flat_map(|i| i.extents.iter().map(|c| c.chunk)).collect();
+    if !chunks.is_empty() {
+        debug!(files = files.len(), "prefetching the files every container start reads");
+        fetcher.fetch_ahead(&chunks);
+    }
+    files.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,6 +40,7 @@ pub struct LayerServer {
     /// `None` once unmounted.
     mount: Option<MountedLayer>,
     fetcher: Arc<LayerFetcher>,
+    view: Arc<crate::view::LayerView>,
     fs_stats: Arc<FsStats>,
     prefetch_end: Option<u64>,
     stop: Arc<AtomicBool>,
@@ -61,11 +62,14 @@ impl LayerServer {
         let fs_stats = fs.stats.clone();
         std::fs::create_dir_all(at).map_err(|e| crate::Error::Mount { path: at.to_path_buf(), reason: format!("creating the mountpoint: {e}") })?;
         let mount = mount_layer(fs, at, fsname, options.threads, options.privileges)?;
-        Ok(LayerServer { mount: Some(mount), fetcher, fs_stats, prefetch_end: end, stop: Arc::new(AtomicBool::new(false)), options })
+        Ok(LayerServer { mount: Some(mount), fetcher, view: opened.view, fs_stats, prefetch_end: end, stop: Arc::new(AtomicBool::new(false)), options })
     }
 
     /// Starts the mount-time prefetch and the background fill (one thread).
     pub fn start_fill(&self) -> std::io::Result<()> {
+        if self.options.prefetch {
+            crate::deps::prefetch_start_files(&self.view, &self.fetcher);
+        }
         self.fetcher.spawn_fill(self.prefetch_end, self.options.background, self.options.background_delay, self.stop.clone()).map(drop)
     }
 

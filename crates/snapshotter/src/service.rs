@@ -27,11 +27,16 @@ impl Service {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> crate::error::Result<T> + Send + 'static) -> Result<T, Status> {
-    match tokio::task::spawn_blocking(f).await {
+/// Runs snapshot operation `op` on the blocking pool; its duration is logged at debug level
+/// (calls on a container's start path: Prepare, Mounts, Stat).
+async fn blocking<T: Send + 'static>(op: &'static str, f: impl FnOnce() -> crate::error::Result<T> + Send + 'static) -> Result<T, Status> {
+    let started = std::time::Instant::now();
+    let out = match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(Status::from),
         Err(e) => Err(Status::internal(format!("snapshot operation panicked: {e}"))),
-    }
+    };
+    tracing::debug!(op, ok = out.is_ok(), us = started.elapsed().as_micros() as u64, "snapshot call");
+    out
 }
 
 fn mounts(v: Vec<Mount>) -> Vec<PbMount> {
@@ -75,42 +80,42 @@ impl Snapshots for Service {
     async fn prepare(&self, r: Request<pb::PrepareSnapshotRequest>) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = r.into_inner();
         let s = self.inner.clone();
-        let m = blocking(move || s.prepare(&r.key, &r.parent, labels(r.labels), Kind::Active)).await?;
+        let m = blocking("prepare", move || s.prepare(&r.key, &r.parent, labels(r.labels), Kind::Active)).await?;
         Ok(Response::new(pb::PrepareSnapshotResponse { mounts: mounts(m) }))
     }
 
     async fn view(&self, r: Request<pb::ViewSnapshotRequest>) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
         let r = r.into_inner();
         let s = self.inner.clone();
-        let m = blocking(move || s.prepare(&r.key, &r.parent, labels(r.labels), Kind::View)).await?;
+        let m = blocking("view", move || s.prepare(&r.key, &r.parent, labels(r.labels), Kind::View)).await?;
         Ok(Response::new(pb::ViewSnapshotResponse { mounts: mounts(m) }))
     }
 
     async fn mounts(&self, r: Request<pb::MountsRequest>) -> Result<Response<pb::MountsResponse>, Status> {
         let r = r.into_inner();
         let s = self.inner.clone();
-        let m = blocking(move || s.mounts(&r.key)).await?;
+        let m = blocking("mounts", move || s.mounts(&r.key)).await?;
         Ok(Response::new(pb::MountsResponse { mounts: mounts(m) }))
     }
 
     async fn commit(&self, r: Request<pb::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = r.into_inner();
         let s = self.inner.clone();
-        blocking(move || s.commit(&r.name, &r.key, labels(r.labels))).await?;
+        blocking("commit", move || s.commit(&r.name, &r.key, labels(r.labels))).await?;
         Ok(Response::new(()))
     }
 
     async fn remove(&self, r: Request<pb::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
         let r = r.into_inner();
         let s = self.inner.clone();
-        blocking(move || s.remove(&r.key)).await?;
+        blocking("remove", move || s.remove(&r.key)).await?;
         Ok(Response::new(()))
     }
 
     async fn stat(&self, r: Request<pb::StatSnapshotRequest>) -> Result<Response<pb::StatSnapshotResponse>, Status> {
         let r = r.into_inner();
         let s = self.inner.clone();
-        let i = blocking(move || s.stat(&r.key)).await?;
+        let i = blocking("stat", move || s.stat(&r.key)).await?;
         Ok(Response::new(pb::StatSnapshotResponse { info: Some(info(i)) }))
     }
 
@@ -119,7 +124,7 @@ impl Snapshots for Service {
         let i = r.info.ok_or_else(|| Status::invalid_argument("update without info"))?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let s = self.inner.clone();
-        let out = blocking(move || s.update(&i.name, labels(i.labels), &paths)).await?;
+        let out = blocking("update", move || s.update(&i.name, labels(i.labels), &paths)).await?;
         Ok(Response::new(pb::UpdateSnapshotResponse { info: Some(info(out)) }))
     }
 
@@ -128,7 +133,7 @@ impl Snapshots for Service {
     async fn list(&self, r: Request<pb::ListSnapshotsRequest>) -> Result<Response<Self::ListStream>, Status> {
         let r = r.into_inner();
         let s = self.inner.clone();
-        let all = blocking(move || s.list(&r.filters)).await?;
+        let all = blocking("list", move || s.list(&r.filters)).await?;
         // Batches of 100, as containerd's own service sends them.
         let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = all
             .chunks(100)
@@ -140,13 +145,13 @@ impl Snapshots for Service {
     async fn usage(&self, r: Request<pb::UsageRequest>) -> Result<Response<pb::UsageResponse>, Status> {
         let r = r.into_inner();
         let s = self.inner.clone();
-        let (size, inodes) = blocking(move || s.usage(&r.key)).await?;
+        let (size, inodes) = blocking("usage", move || s.usage(&r.key)).await?;
         Ok(Response::new(pb::UsageResponse { size, inodes }))
     }
 
     async fn cleanup(&self, _r: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
         let s = self.inner.clone();
-        blocking(move || s.cleanup()).await?;
+        blocking("cleanup", move || s.cleanup()).await?;
         Ok(Response::new(()))
     }
 }

@@ -63,6 +63,18 @@ pub trait Remote: Send + Sync {
     fn is_live(&self, dir: &Path) -> bool {
         lazyfs::is_mountpoint(dir) && answers_within(dir, std::time::Duration::from_secs(2))
     }
+    /// [`Remote::is_live`] of each of `dirs`, asked at once: every Prepare and Mounts of a
+    /// container checks its whole chain, and one by one each FUSE round trip added up (~9 ms
+    /// for 4 layers on a container's start path).
+    fn are_live(&self, dirs: &[PathBuf]) -> Vec<bool> {
+        if dirs.len() < 2 {
+            return dirs.iter().map(|d| self.is_live(d)).collect();
+        }
+        std::thread::scope(|s| {
+            let asked: Vec<_> = dirs.iter().map(|d| s.spawn(move || self.is_live(d))).collect();
+            asked.into_iter().map(|h| h.join().unwrap_or(false)).collect()
+        })
+    }
     /// Frees cached data of layers no longer in `live` (called after a remote snapshot is
     /// removed, e.g. because its image was).
     fn collect_garbage(&self, _live: &[RemoteLayer]) {}
@@ -239,19 +251,27 @@ impl Snapshotter {
     }
 
     /// Committed ancestors' `fs` directories, nearest first. Remote ancestors are checked to be
-    /// served, and mounted again if not: containerd must never get an empty lower directory.
+    /// served (all at once), and mounted again if not: containerd must never get an empty
+    /// lower directory.
     fn lowers(&self, parent: &str) -> Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
+        let mut chain = Vec::new();
         let mut p = parent.to_string();
         while !p.is_empty() {
             let r = self.meta.get(&p)?.ok_or_else(|| Error::NotFound(p.clone()))?;
-            if let Some(layer) = &r.remote {
-                self.ensure_served(&p, layer, &self.fs_dir(r.id))?;
-            }
-            out.push(self.fs_dir(r.id));
-            p = r.parent;
+            let next = r.parent.clone();
+            chain.push((p, r));
+            p = next;
         }
-        Ok(out)
+        if let Some(remote) = &self.remote {
+            let served: Vec<(&str, &RemoteLayer, PathBuf)> = chain.iter().filter_map(|(name, r)| r.remote.as_ref().map(|l| (name.as_str(), l, self.fs_dir(r.id)))).collect();
+            let dirs: Vec<PathBuf> = served.iter().map(|s| s.2.clone()).collect();
+            for ((name, layer, dir), live) in served.iter().zip(remote.are_live(&dirs)) {
+                if !live {
+                    self.ensure_served(name, layer, dir)?;
+                }
+            }
+        }
+        Ok(chain.iter().map(|(_, r)| self.fs_dir(r.id)).collect())
     }
 
     /// Mounts remote snapshot `name` at `dir` again unless its mount is live (its daemon died,
