@@ -21,7 +21,10 @@
 # Knobs: REPS (3), NETS ("loopback 1gbit-2ms 100mbit-20ms"), WORKLOADS, MODES, APPEND, RESULTS
 # (file name under the work dir), REPORT (report | soci: which section is written), SOCI_SPAN
 # (span size of the SOCI indexes, default upstream's 4 MiB), and
-# LP_CONFIG_EXTRA (lines added to the lazypull snapshotter's TOML, e.g. "readahead_bytes = 0").
+# LP_CONFIG_EXTRA (lines added to the lazypull snapshotter's TOML, e.g. "readahead_bytes = 0"),
+# and LP_BIN_BASE: another lazypull binary (e.g. built from an earlier commit) for the mode
+# `lazypull-base`, which runs the `lazypull` mode's images through it — a before/after
+# comparison in one run (REPORT=none leaves docs/benchmarks.md alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -74,7 +77,7 @@ lp_stop() {
 lp_start() {
   mkdir -p "$(dirname "$LP_SOCK")"
   rm -f "$LP_SOCK"
-  setsid "$bin" snapshotter --config "$work/snapshotter.toml" >> "$work/snapshotter.log" 2>&1 < /dev/null &
+  setsid "${run_bin:-$bin}" snapshotter --config "$work/snapshotter.toml" >> "$work/snapshotter.log" 2>&1 < /dev/null &
   echo $! > "$work/snapshotter.pid"
   for _ in $(seq 1 100); do [ -S "$LP_SOCK" ] && break; sleep 0.05; done
 }
@@ -133,7 +136,7 @@ ref_of() { # mode workload host -> reference
   case "$1" in
     overlayfs) echo "$3/$repo:$tag" ;;
     stargz) echo "$3/$repo:$tag-esgz" ;;
-    lazypull) echo "$3/$repo:$tag-lazypull" ;;
+    lazypull|lazypull-base) echo "$3/$repo:$tag-lazypull" ;;
     lazypull-prio) echo "$3/$repo:$tag-prio-$2" ;;
     lazypull-soci) echo "$3/$repo:$tag" ;;
   esac
@@ -175,7 +178,7 @@ pull() { # mode ref
   case "$1" in
     overlayfs) ctr_ image pull --plain-http --snapshotter overlayfs "$2" ;;
     stargz) ctr-remote -a "$SOCK" -n "$NS" image rpull --plain-http "$2" ;;
-    *) "$bin" rpull --address "$SOCK" --namespace "$NS" "$2" ;;
+    *) "${run_bin:-$bin}" rpull --address "$SOCK" --namespace "$NS" "$2" ;;
   esac
 }
 
@@ -183,6 +186,8 @@ pull() { # mode ref
 one_run() { # net workload mode host rep
   local net=$1 wl=$2 mode=$3 host=$4 rep=$5 ref sn log m0 t0 t1 t2 t3 id
   ref=$(ref_of "$mode" "$wl" "$host"); sn=$(snapshotter_of "$mode"); log=$(reglog "$net")
+  run_bin=$bin
+  if [ "$mode" = lazypull-base ]; then run_bin=${LP_BIN_BASE:?the lazypull-base mode needs LP_BIN_BASE}; fi
   cold "$sn"
   # Let responses still in flight for the previous run (e.g. a background fill cut short by
   # the wipe) finish and be logged, so they are not counted here.
@@ -243,14 +248,18 @@ record_and_rebuild() { # workload
 
 # Bound inputs: bytes of manifest + config + TOCs + the chunks of the opened files (from the
 # lazypull image's TOCs), written by the report helper.
-for wl in $WORKLOADS; do record_and_rebuild "$wl"; done
-: > "$work/bound.jsonl"
-for wl in $WORKLOADS; do
-  /usr/bin/python3 "$root/scripts/bench-coldstart-report.py" bound "$REG" "$(ref_of lazypull "$wl" "$REG")" "$work/prio-$wl.txt" "$wl" >> "$work/bound.jsonl"
-done
-cold overlayfs
-: > "$work/warm.jsonl"
-for wl in $WORKLOADS; do warm_floor "$wl" >> "$work/warm.jsonl"; done
+if [[ " $MODES " == *" lazypull-prio "* ]]; then
+  for wl in $WORKLOADS; do record_and_rebuild "$wl"; done
+fi
+if [ "$REPORT" != none ]; then
+  : > "$work/bound.jsonl"
+  for wl in $WORKLOADS; do
+    /usr/bin/python3 "$root/scripts/bench-coldstart-report.py" bound "$REG" "$(ref_of lazypull "$wl" "$REG")" "$work/prio-$wl.txt" "$wl" >> "$work/bound.jsonl"
+  done
+  cold overlayfs
+  : > "$work/warm.jsonl"
+  for wl in $WORKLOADS; do warm_floor "$wl" >> "$work/warm.jsonl"; done
+fi
 
 # APPEND=1 adds to the previous results (e.g. NETS=100mbit-20ms APPEND=1 after a cut-short run).
 [ "${APPEND:-0}" = 1 ] || : > "$work/$RESULTS"
