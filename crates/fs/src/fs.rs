@@ -240,7 +240,7 @@ impl LayerFs {
             // against this layer's digests, once per file (device, inode).
             (Some(slot), _) => {
                 let f = std::fs::File::open(self.fetcher.store().complete_object(&slot.file)?).ok()?;
-                self.verify_backing(i, &f).then_some(f)
+                self.verify_backing(i, &slot.file, &f).then_some(f)
             }
             _ => None,
         }
@@ -263,14 +263,20 @@ impl LayerFs {
         true
     }
 
-    fn verify_backing(&self, i: &Inode, f: &std::fs::File) -> bool {
-        use std::os::unix::fs::{FileExt, MetadataExt};
-        let Ok(md) = f.metadata() else { return false };
-        let id = (md.dev(), md.ino(), md.ctime(), md.ctime_nsec());
+    fn verify_backing(&self, i: &Inode, object: &index::Digest, f: &std::fs::File) -> bool {
+        use std::os::unix::fs::FileExt;
+        let Ok(id) = store::file_identity(f) else { return false };
         if self.verified_backing.lock().unwrap().contains(&id) {
             return true;
         }
-        if md.len() != i.size {
+        // Every piece written by this process (each verified when fetched) and the file
+        // unchanged since: hashing it again would only cost the first passthrough open of
+        // every file its whole size in sha256 (0.4 s for test/big:1's 500 MiB).
+        if self.fetcher.store().object_written_by_us(object) == Some(id) {
+            self.verified_backing.lock().unwrap().insert(id);
+            return true;
+        }
+        if !f.metadata().is_ok_and(|m| m.len() == i.size) {
             return false;
         }
         let mut buf = Vec::new();

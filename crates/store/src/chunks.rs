@@ -97,6 +97,21 @@ struct ObjectState {
     index_len: u64,
     present: std::collections::HashMap<u64, (u64, Digest)>,
     covered: u64,
+    /// Bytes of the object this process wrote itself (each piece verified by its caller).
+    ours: u64,
+    /// The object file's identity (device, inode, ctime) right after our last write to it.
+    written_as: Option<FileIdentity>,
+}
+
+/// A file's device, inode and change time: it changes with every write to the file, so a file
+/// still showing the identity we saw after our last write holds what we wrote.
+pub type FileIdentity = (u64, u64, i64, i64);
+
+/// The identity of an open file.
+pub fn file_identity(f: &fs::File) -> std::io::Result<FileIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    let md = f.metadata()?;
+    Ok((md.dev(), md.ino(), md.ctime(), md.ctime_nsec()))
 }
 
 pub struct ChunkStore {
@@ -398,7 +413,7 @@ impl ChunkStore {
             size: slot.file_size,
             ..Default::default()
         });
-        let write = || -> std::io::Result<u64> {
+        let write = || -> std::io::Result<(u64, Option<FileIdentity>)> {
             if let Some(p) = path.parent() {
                 fs::create_dir_all(p)?;
             }
@@ -407,11 +422,12 @@ impl ChunkStore {
                 f.set_len(slot.file_size)?;
             }
             std::os::unix::fs::FileExt::write_all_at(&f, data, slot.offset)?;
+            let identity = file_identity(&f).ok();
             let mut idx = fs::OpenOptions::new().create(true).append(true).open(index_path(&path))?;
             let line = format!("{} {} {}\n", slot.offset, data.len(), d.hex());
-            idx.write_all(line.as_bytes()).map(|()| line.len() as u64)
+            idx.write_all(line.as_bytes()).map(|()| (line.len() as u64, identity))
         };
-        let line_len = match write() {
+        let (line_len, identity) = match write() {
             Ok(n) => n,
             Err(e) => return Err(Error::io(&path, format!("storing chunk {d} at offset {}", slot.offset), e)),
         };
@@ -422,7 +438,9 @@ impl ChunkStore {
             o.index_len += line_len;
             if o.present.insert(slot.offset, (data.len() as u64, *d)).is_none() {
                 o.covered += data.len() as u64;
+                o.ours += data.len() as u64;
             }
+            o.written_as = identity;
             o.covered
         };
         self.written_since_scan.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -435,6 +453,14 @@ impl ChunkStore {
 
     fn contains_slot_on_disk(&self, d: &Digest, slot: &FileSlot) -> bool {
         self.objects.lock().unwrap().get(&slot.file).is_some_and(|o| o.present.get(&slot.offset).is_some_and(|p| p.1 == *d))
+    }
+
+    /// The identity object `file` had right after our last write to it, if this process wrote
+    /// every byte of it (each piece verified before it was stored). A file that still shows it
+    /// holds exactly what we wrote — no other process has written to, replaced or recreated it
+    /// since — so passing it through needs no hashing of the whole file again.
+    pub fn object_written_by_us(&self, file: &Digest) -> Option<FileIdentity> {
+        self.objects.lock().unwrap().get(file).filter(|o| o.size > 0 && o.ours >= o.size).and_then(|o| o.written_as)
     }
 
     /// Path of a file object whose every byte has been stored (for FUSE passthrough).

@@ -23,7 +23,7 @@ pub mod source;
 pub mod tails;
 pub mod verify;
 
-pub use chunks::{ChunkStore, FileSlot, StoreConfig, StoreStats, StoreUsage};
+pub use chunks::{file_identity, ChunkStore, FileIdentity, FileSlot, StoreConfig, StoreStats, StoreUsage};
 pub use error::{Error, Result};
 pub use link::LinkActivity;
 pub use fetcher::{chunk_refs, object_key, ChunkRef, Codec, FetchConfig, LayerFetcher, LayerStats, LATENCY_BUCKETS_MS};
