@@ -715,6 +715,32 @@ mod tests {
         (Digest::of(&v), Arc::new(v))
     }
 
+    /// An object counts as ours only while we wrote every byte and nothing changed it since.
+    #[test]
+    fn an_object_is_ours_only_if_we_wrote_all_of_it_and_it_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ChunkStore::open(StoreConfig::new(dir.path())).unwrap();
+        let (a, va) = chunk(1, 100);
+        let (b, vb) = chunk(2, 100);
+        let file = Digest::of(b"object");
+        let slot = |offset| FileSlot { file, file_size: 200, offset };
+        s.put_slot(&a, &slot(0), &va).unwrap();
+        assert_eq!(s.object_written_by_us(&file), None, "half written");
+        s.put_slot(&b, &slot(100), &vb).unwrap();
+        let path = s.complete_object(&file).expect("complete");
+        let id = s.object_written_by_us(&file).expect("written whole by us");
+        assert_eq!(file_identity(&fs::File::open(&path).unwrap()).unwrap(), id);
+        // Another writer (a second store on the directory, or anything else) changes the file:
+        // its identity is no longer the one we saw after our last write.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::os::unix::fs::FileExt::write_all_at(&fs::OpenOptions::new().write(true).open(&path).unwrap(), &[9u8; 10], 0).unwrap();
+        assert_ne!(file_identity(&fs::File::open(&path).unwrap()).unwrap(), id);
+        // A store that adopted the object from disk wrote none of it.
+        let other = ChunkStore::open(StoreConfig::new(dir.path())).unwrap();
+        assert!(other.contains_slot(&a, &slot(0), 100));
+        assert_eq!(other.object_written_by_us(&file), None);
+    }
+
     #[test]
     fn put_get_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
