@@ -35,6 +35,8 @@ bench:
 	scripts/bench-fs.sh
 	scripts/bench-coldstart.sh
 	scripts/bench-start.sh
+	# issue 17's cache bound at full size (cache_size = 200 MiB, two ~550 MB images read whole).
+	scripts/bench-cache-bound.sh
 	scripts/bench-soci-build.sh
 	MODES="overlayfs lazypull lazypull-soci" NETS="loopback 1gbit-2ms" RESULTS=results-soci.jsonl REPORT=soci \
 	  scripts/bench-coldstart.sh

@@ -77,7 +77,7 @@ ctr_ image rm --sync "$REG/test/big:1" >/dev/null
 # Allocated bytes of the shared store, every 100 ms, while the lazy containers read.
 cache=$LP_ROOT/layers/cache
 : > "$work/samples.txt"
-( while true; do du -s -B1 "$cache" 2>/dev/null | cut -f1 >> "$work/samples.txt"; sleep 0.1; done ) &
+( set +e +o pipefail; while true; do [ -d "$cache" ] && du -s -B1 "$cache" 2>/dev/null | cut -f1 >> "$work/samples.txt"; sleep 0.1; done ) &
 sampler=$!
 ok=1
 for tag in 1-bound-a 1-bound-b; do
@@ -91,11 +91,15 @@ for tag in 1-bound-a 1-bound-b; do
 done
 kill "$sampler"; sampler=
 peak=$(sort -n "$work/samples.txt" | tail -1)
-errors=$(cat "$LP_ROOT"/layers/mounts/*/daemon.log | grep -ci "read failed\|error" || true)
+# A reply the kernel no longer waits for (its request was interrupted: ENOENT from /dev/fuse)
+# is not a read error; counted apart.
+logs=$(cat "$LP_ROOT"/layers/mounts/*/daemon.log)
+gone=$(grep -c "Failed to send FUSE reply: No such file or directory" <<<"$logs" || true)
+errors=$(grep -i "read failed\| ERROR " <<<"$logs" | grep -vc "Failed to send FUSE reply: No such file or directory" || true)
 {
   echo "cache_size = $CACHE_MIB MiB ($((CACHE_MIB << 20)) bytes), layer daemons (default mode)"
   echo "peak store: $peak bytes ($(awk -v p="$peak" -v c="$((CACHE_MIB << 20))" 'BEGIN{printf "%.1f", p*100/c}')% of the bound) over $(wc -l < "$work/samples.txt") samples; limit $LIMIT_MIB MiB"
-  echo "error lines in the layer daemons' logs: $errors"
+  echo "error lines in the layer daemons' logs: $errors (besides $gone replies to requests the kernel had dropped)"
 } | tee "$work/result.txt"
 [ "$peak" -le $((LIMIT_MIB << 20)) ] || { echo "FAIL: the store exceeded $LIMIT_MIB MiB" >&2; ok=0; }
 [ "$errors" = 0 ] || { echo "FAIL: layer daemons logged errors" >&2; ok=0; }
