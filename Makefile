@@ -37,6 +37,8 @@ bench:
 	scripts/bench-start.sh
 	# issue 17's cache bound at full size (cache_size = 200 MiB, two ~550 MB images read whole).
 	scripts/bench-cache-bound.sh
+	# ... and its dedup across layer daemons at full size (test/big:1 converted at two levels).
+	scripts/bench-dedup.sh
 	scripts/bench-soci-build.sh
 	MODES="overlayfs lazypull lazypull-soci" NETS="loopback 1gbit-2ms" RESULTS=results-soci.jsonl REPORT=soci \
 	  scripts/bench-coldstart.sh
