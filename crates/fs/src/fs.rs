@@ -130,7 +130,7 @@ pub struct LayerFs {
     deps: deps::Context,
     /// Backing files (device, inode, change time) whose every chunk this layer has hashed (see
     /// [`LayerFs::backing_file`]); the change time tells a reused inode number apart.
-    verified_backing: Mutex<std::collections::HashSet<(u64, u64, i64, i64)>>,
+    verified_backing: Mutex<std::collections::HashSet<store::FileIdentity>>,
     pub stats: Arc<FsStats>,
 }
 
@@ -248,9 +248,8 @@ impl LayerFs {
 
     /// Whether the opened chunk file `f` holds exactly the bytes hashing to `want`.
     fn verify_whole(&self, i: &Inode, f: &std::fs::File, want: index::Digest) -> bool {
-        use std::os::unix::fs::{FileExt, MetadataExt};
-        let Ok(md) = f.metadata() else { return false };
-        let id = (md.dev(), md.ino(), md.ctime(), md.ctime_nsec());
+        use std::os::unix::fs::FileExt;
+        let (Ok(md), Ok(id)) = (f.metadata(), store::file_identity(f)) else { return false };
         if self.verified_backing.lock().unwrap().contains(&id) {
             return true;
         }

@@ -67,11 +67,7 @@ pub struct Stargz;
 
 impl LazyFormat for Stargz {
     fn open(&self, source: &dyn BlobSource, check: Option<&IndexCheck>, opts: &OpenOptions) -> Result<OpenedIndex, OpenError> {
-        let ropts = estargz::OpenOptions {
-            tail_size: opts.tail_size,
-            ..estargz::OpenOptions::default()
-        };
-        let reader = estargz::Reader::open_with(source, &ropts)?;
+        let reader = estargz::Reader::open_with(source, &stargz_options(opts))?;
         if let Some(check) = check {
             check.verify(&reader.toc_digest(), &reader.compressed_toc_digest()).map_err(OpenError::Check)?;
         }
@@ -85,6 +81,14 @@ impl LazyFormat for Stargz {
             index_digest: reader.toc_digest(),
             index_offset: reader.footer().toc_offset,
         })
+    }
+}
+
+/// The eStargz reader's options for ours.
+fn stargz_options(opts: &OpenOptions) -> estargz::OpenOptions {
+    estargz::OpenOptions {
+        tail_size: opts.tail_size,
+        ..estargz::OpenOptions::default()
     }
 }
 
@@ -129,11 +133,7 @@ pub fn fetch_index(source: &dyn BlobSource, check: Option<&IndexCheck>, opts: &O
     if matches!(check, Some(IndexCheck::SociZtoc(_))) {
         return Err(OpenError::Soci("a SOCI layer's zTOC lives beside the image, not in the blob".into()));
     }
-    let ropts = estargz::OpenOptions {
-        tail_size: opts.tail_size,
-        ..estargz::OpenOptions::default()
-    };
-    let raw = estargz::RawToc::read(source, &ropts)?;
+    let raw = estargz::RawToc::read(source, &stargz_options(opts))?;
     if let Some(check) = check {
         check.verify(&raw.toc_digest(), &raw.compressed_toc_digest()).map_err(OpenError::Check)?;
     }
