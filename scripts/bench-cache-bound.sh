@@ -35,20 +35,9 @@ cache_size = $((CACHE_MIB << 20))
 background_fetch = false
 small_layer_prefetch_bytes = 0
 TOML
-lp_stop() {
-  if [ -f "$work/snapshotter.pid" ]; then
-    kill "$(cat "$work/snapshotter.pid")" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$(cat "$work/snapshotter.pid")" 2>/dev/null || break; sleep 0.1; done
-    rm -f "$work/snapshotter.pid"
-  fi
-  pkill -f "lazypull mount .*--serve-config $LP_ROOT" 2>/dev/null || true
-  for _ in $(seq 1 100); do pgrep -f "lazypull mount .*--serve-config $LP_ROOT" >/dev/null || break; sleep 0.05; done
-  awk -v r="$LP_ROOT" '$2 ~ "^"r {print $2}' /proc/self/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-}
+. "$root/scripts/lib/peer-snapshotter.sh"
 cleanup() {
-  for c in $(ctr_ c ls -q 2>/dev/null); do ctr_ task rm -f "$c" >/dev/null 2>&1 || true; ctr_ c rm "$c" >/dev/null 2>&1 || true; done
-  for i in $(ctr_ image ls -q 2>/dev/null); do ctr_ image rm --sync "$i" >/dev/null 2>&1 || true; done
-  lp_stop
+  lp_cleanup
   [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -60,13 +49,7 @@ for v in a:4194304 b:1048576; do
   tag=1-bound-${v%%:*}
   tags test/big | grep -q "\"$tag\"" || "$bin" image convert --chunk-size "${v#*:}" "$REG/test/big:1" "$REG/test/big:$tag" >/dev/null
 done
-lp_stop; rm -rf "$LP_ROOT"; mkdir -p "$(dirname "$LP_SOCK")"; rm -f "$LP_SOCK"
-setsid "$bin" snapshotter --config "$work/snapshotter.toml" > "$work/snapshotter.log" 2>&1 < /dev/null &
-echo $! > "$work/snapshotter.pid"
-for _ in $(seq 1 100); do [ -S "$LP_SOCK" ] && break; sleep 0.05; done
-"$PEER/04-containerd.sh" start >/dev/null
-grep -q lazypull "$RUN/containerd.toml" || "$PEER/04-containerd.sh" restart >/dev/null
-for _ in $(seq 1 100); do ctr_ snapshot --snapshotter lazypull prepare lpb-probe >/dev/null 2>&1 && { ctr_ snapshot --snapshotter lazypull rm lpb-probe >/dev/null 2>&1; break; }; sleep 0.2; done
+lp_start_fresh
 
 LIST='find / -xdev -type f -print0 | sort -z | xargs -0 sha256sum'
 # The reference: containerd's own full pull of the original image.

@@ -28,22 +28,8 @@ root = "$LP_ROOT"
 address = "$LP_SOCK"
 background_fetch = false
 TOML
-lp_stop() {
-  if [ -f "$work/snapshotter.pid" ]; then
-    kill "$(cat "$work/snapshotter.pid")" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$(cat "$work/snapshotter.pid")" 2>/dev/null || break; sleep 0.1; done
-    rm -f "$work/snapshotter.pid"
-  fi
-  pkill -f "lazypull mount .*--serve-config $LP_ROOT" 2>/dev/null || true
-  for _ in $(seq 1 100); do pgrep -f "lazypull mount .*--serve-config $LP_ROOT" >/dev/null || break; sleep 0.05; done
-  awk -v r="$LP_ROOT" '$2 ~ "^"r {print $2}' /proc/self/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-}
-cleanup() {
-  for c in $(ctr_ c ls -q 2>/dev/null); do ctr_ task rm -f "$c" >/dev/null 2>&1 || true; ctr_ c rm "$c" >/dev/null 2>&1 || true; done
-  for i in $(ctr_ image ls -q 2>/dev/null); do ctr_ image rm --sync "$i" >/dev/null 2>&1 || true; done
-  lp_stop
-}
-trap cleanup EXIT
+. "$root/scripts/lib/peer-snapshotter.sh"
+trap lp_cleanup EXIT
 
 "$PEER/01-registry.sh" start >/dev/null
 tags() { curl -fsS "http://$REG/v2/$1/tags/list" 2>/dev/null || true; }
@@ -55,13 +41,7 @@ layers 1-lazypull > "$work/layers-a.txt"; layers 1-lazypull-l1 > "$work/layers-b
 if [ -n "$(comm -12 <(cut -d' ' -f1 "$work/layers-a.txt" | sort) <(cut -d' ' -f1 "$work/layers-b.txt" | sort))" ]; then
   echo "bench-dedup: the two conversions share a layer digest; nothing to show" >&2; exit 1
 fi
-lp_stop; rm -rf "$LP_ROOT"; mkdir -p "$(dirname "$LP_SOCK")"; rm -f "$LP_SOCK"
-setsid "$bin" snapshotter --config "$work/snapshotter.toml" > "$work/snapshotter.log" 2>&1 < /dev/null &
-echo $! > "$work/snapshotter.pid"
-for _ in $(seq 1 100); do [ -S "$LP_SOCK" ] && break; sleep 0.05; done
-"$PEER/04-containerd.sh" start >/dev/null
-grep -q lazypull "$RUN/containerd.toml" || "$PEER/04-containerd.sh" restart >/dev/null
-for _ in $(seq 1 100); do ctr_ snapshot --snapshotter lazypull prepare lpd-probe >/dev/null 2>&1 && { ctr_ snapshot --snapshotter lazypull rm lpd-probe >/dev/null 2>&1; break; }; sleep 0.2; done
+lp_start_fresh
 
 mark() { wc -l < "$RLOG" 2>/dev/null || echo 0; }
 # Bytes of GETs of the given blobs since line $1 of the access log.
