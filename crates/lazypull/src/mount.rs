@@ -360,11 +360,14 @@ pub fn tails_dir(state: &Path) -> PathBuf {
 
 /// Records what layer `blob_digest` keeps in the store (see [`node::refs`]).
 pub(crate) fn write_refs(state: &Path, blob_digest: &str, fetcher: &LayerFetcher) -> Result<()> {
-    let items = fetcher.chunks().iter().filter_map(|c| match (&c.slot, c.digest) {
+    let pieces = fetcher.chunks().iter().filter_map(|c| match (&c.slot, c.digest) {
         (Some(slot), _) => Some(StoredItem::Object(slot.file)),
         (None, Some(d)) => Some(StoredItem::Chunk(d)),
         _ => None,
     });
+    // SOCI spans stored whole (store::fetcher::spans) belong to the layer too.
+    let spans = fetcher.chunks().iter().filter_map(|c| c.compressed_digest.map(StoredItem::Chunk));
+    let items = pieces.chain(spans);
     node::write_refs(&StateDir::new(state), blob_digest, items).with_context(|| format!("recording the store references of {blob_digest}"))
 }
 

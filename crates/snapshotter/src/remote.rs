@@ -126,6 +126,9 @@ impl RegistryRemote {
         let Ok(reference) = Reference::parse(image) else { return };
         let (client, runtime, warming, timeout) = (self.client.clone(), self.runtime.clone(), self.warming.clone(), self.config.fetch_timeout);
         let (manifests, image) = (self.manifests.clone(), image.to_string());
+        // The image's SOCI index, looked up by the current layer's resolution if it is not
+        // eStargz: later layers' zTOCs are read ahead like TOCs.
+        let soci = self.soci.lock().unwrap().get(&image).cloned().flatten().map(|(_, index)| index);
         self.runtime.spawn(async move {
             let done = |todo: &[String]| {
                 let mut w = warming.lock().unwrap();
@@ -144,7 +147,13 @@ impl RegistryRemote {
             let mut tasks = Vec::new();
             for d in &todo {
                 let Some(layer) = manifest.layers.iter().find(|l| &l.digest == d) else { continue };
-                let Ok(found) = layer::detect(&layer.media_type, &layer.annotations) else { continue };
+                let Ok(found) = layer::detect(&layer.media_type, &layer.annotations) else {
+                    if let Some(z) = soci.as_ref().and_then(|s| s.ztoc_for(d)) {
+                        let (client, reference, tails, ztoc) = (client.clone(), reference.clone(), tails.clone(), z.ztoc_digest.clone());
+                        tasks.push(tokio::spawn(async move { read_ztoc_ahead(&client, &reference, &ztoc, &tails, timeout).await }));
+                    }
+                    continue;
+                };
                 let toc = found.check;
                 let source: Arc<dyn RangeSource> = Arc::new(RegistryRangeSource::new(client.clone(), reference.clone(), d.clone(), layer.size, runtime.clone(), timeout));
                 let tails = tails.clone();
@@ -305,6 +314,25 @@ impl Remote for RegistryRemote {
         } else if lazyfs::is_mountpoint(dir) {
             let _ = lazyfs::detach(dir);
         }
+    }
+}
+
+/// Fetches zTOC `ztoc` into `tails` (under its digest, where a layer's mount looks first),
+/// unless it is there; only bytes that hash to it are kept.
+async fn read_ztoc_ahead(client: &Client, reference: &Reference, ztoc: &str, tails: &TailCache, timeout: std::time::Duration) {
+    if tails.contains(ztoc) {
+        return;
+    }
+    let Ok(want) = ztoc.parse::<estargz::Digest>() else { return };
+    match tokio::time::timeout(timeout, client.get_blob_bytes(reference, ztoc, 512 << 20)).await {
+        Ok(Ok(bytes)) if estargz::Digest::of(&bytes) == want => {
+            if let Err(e) = tails.save(ztoc, 0, &bytes) {
+                tracing::debug!(%ztoc, error = %e, "a zTOC read ahead was not cached; the mount will fetch it");
+            }
+        }
+        Ok(Ok(_)) => tracing::debug!(%ztoc, "a zTOC read ahead does not match its digest; the mount will fetch it and say so"),
+        Ok(Err(e)) => tracing::debug!(%ztoc, error = %e, "reading a zTOC ahead failed; the mount will fetch it"),
+        Err(_) => tracing::debug!(%ztoc, "reading a zTOC ahead timed out; the mount will fetch it"),
     }
 }
 

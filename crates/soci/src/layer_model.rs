@@ -52,7 +52,7 @@ pub fn layer_index(ztoc: &Ztoc) -> Result<LayerIndex, ModelError> {
             SpanTable::Gzip { checkpoints, .. } => {
                 let c = &checkpoints[span];
                 let span_end = checkpoints.get(span + 1).map(|n| SpanEnd { len: n.uncompressed - c.uncompressed, window: n.window.clone() });
-                Some(Arc::new(Resume { bits: c.bits, window: c.window.clone(), span_end }))
+                Some(Arc::new(Resume::new(c.bits, c.window.clone(), span_end)))
             }
             SpanTable::Tar { .. } => None,
         });

@@ -41,6 +41,7 @@ mod ahead;
 mod decode;
 mod fill;
 mod release;
+mod spans;
 
 /// One chunk of the layer, as the fetcher keeps it: the model's chunk (where, how to decode,
 /// what it must hash to) plus the file object it belongs to.
@@ -104,7 +105,7 @@ impl ChunkRef {
 /// the same span of the same blob share it across layers and images; a zTOC with another
 /// checkpoint window gets other keys, so it cannot poison what a correct one reads.
 pub fn span_chunk_key(range_digest: &Digest, c: &Chunk) -> Digest {
-    let window = c.resume.as_ref().map(|r| (r.bits, Digest::of(&r.window).to_string()));
+    let window = c.resume.as_ref().map(|r| (r.bits, r.window_digest().to_string()));
     let text = format!(
         "lazypull span chunk v1\nrange {range_digest}\ncodec {}\nresume {window:?}\ninner {} size {}\n",
         c.codec.name(),
@@ -232,6 +233,9 @@ impl LayerStats {
 struct Flight {
     result: Mutex<Option<Result<Arc<Vec<u8>>>>>,
     done: Condvar,
+    /// Readers that joined this flight (counted under the in-flight lock): an optional claim
+    /// nobody joined is dropped instead of decoded ([`Claim::optional`]).
+    waiters: AtomicUsize,
 }
 
 impl Flight {
@@ -239,6 +243,7 @@ impl Flight {
         Arc::new(Flight {
             result: Mutex::new(None),
             done: Condvar::new(),
+            waiters: AtomicUsize::new(0),
         })
     }
 
@@ -345,6 +350,12 @@ struct Claim {
     /// A reader is blocked on this chunk: it is decoded and handed out before anything else
     /// the same request brought (readahead), and its disk write happens after the hand-out.
     urgent: bool,
+    /// Claimed only because it shares a span with a chunk being read (SOCI): claiming it makes
+    /// a concurrent reader of it wait for this fetch instead of fetching the span again, but
+    /// if nobody did, it is released undecoded and the verified span is stored whole instead
+    /// ([`LayerFetcher::keep_span`]), so that a 4 MiB span of many files costs one disk object
+    /// rather than one per file nobody read.
+    optional: bool,
 }
 
 impl LayerFetcher {
@@ -546,12 +557,17 @@ impl LayerFetcher {
                 mine.push((k, c.idx));
                 all.push(c);
             }
+            let mut extra = Vec::new();
             if readahead && self.config.readahead > 0 {
                 let last = all.iter().map(|c| c.idx).max().expect("non-empty");
-                all.extend(self.claim_following(last, self.config.readahead));
+                extra.extend(self.claim_following(last, self.config.readahead));
             }
-            let siblings = self.claim_range_siblings(&all);
-            all.extend(siblings);
+            let siblings = self.claim_range_siblings(all.iter().chain(&extra));
+            extra.extend(siblings);
+            for c in &mut extra {
+                c.optional = self.chunks[c.idx].compressed_digest.is_some();
+            }
+            all.extend(extra);
             let fetched = self.fetch_claims(all, self.demand_shape(), Some(self));
             for (k, idx) in mine {
                 match fetched.get(&idx) {
@@ -612,6 +628,7 @@ impl LayerFetcher {
     fn claim(&self, idx: usize, d: Digest) -> std::result::Result<Option<Claim>, Arc<Flight>> {
         let mut inflight = self.inflight.lock().unwrap();
         if let Some(f) = inflight.get(&d) {
+            f.waiters.fetch_add(1, Ordering::Relaxed);
             return Err(f.clone());
         }
         // Checked under the lock: completions store before they leave the map.
@@ -625,6 +642,7 @@ impl LayerFetcher {
             digest: d,
             flight,
             urgent: false,
+            optional: false,
         }))
     }
 
@@ -653,14 +671,14 @@ impl LayerFetcher {
     /// come along (decoded and stored after the urgent ones) instead of costing the span again
     /// when they are read. Measured before: reading all of test/big:1 through SOCI fetched
     /// 613 MB of its 576 MB (a span shared by two files was fetched for each).
-    fn claim_range_siblings(&self, claimed: &[Claim]) -> Vec<Claim> {
+    fn claim_range_siblings<'a>(&self, claimed: impl Iterator<Item = &'a Claim> + Clone) -> Vec<Claim> {
         let mut out = Vec::new();
         let mut ranges = std::collections::HashSet::new();
-        let taken: std::collections::HashSet<usize> = claimed.iter().map(|c| c.idx).collect();
+        let taken: std::collections::HashSet<usize> = claimed.clone().map(|c| c.idx).collect();
         let same = |a: usize, b: usize| self.chunks[a].offset == self.chunks[b].offset && self.chunks[a].next_offset == self.chunks[b].next_offset;
         for cl in claimed {
             let c = &self.chunks[cl.idx];
-            if c.resume.is_none() || !ranges.insert((c.offset, c.next_offset)) {
+            if c.compressed_digest.is_none() || !ranges.insert((c.offset, c.next_offset)) {
                 continue;
             }
             let (mut lo, mut hi) = (cl.idx, cl.idx);
@@ -720,6 +738,23 @@ impl LayerFetcher {
     }
 
     fn fetch_claims_inner(&self, mut claims: Vec<Claim>, shape: Shape, defer_to: Option<&Arc<LayerFetcher>>) -> HashMap<usize, Result<Arc<Vec<u8>>>> {
+        // Pieces of a span already here (inflated in memory, or stored whole) need no request.
+        let mut local = HashMap::new();
+        claims.retain(|cl| {
+            if cl.optional && self.span_is_local(cl) && self.drop_unwanted(cl) {
+                return false;
+            }
+            match self.decode_local(cl) {
+                Some(res) => {
+                    local.insert(cl.idx, self.complete(cl, res));
+                    false
+                }
+                None => true,
+            }
+        });
+        if claims.is_empty() {
+            return local;
+        }
         claims.sort_by_key(|c| c.idx);
         let ranges = self.coalesce(&claims, shape.max_range);
         let workers = shape.workers.max(1).min(ranges.len());
@@ -745,7 +780,8 @@ impl LayerFetcher {
                 handles.into_iter().map(|h| h.join().expect("fetch worker panicked")).collect()
             })
         };
-        results.into_iter().flatten().collect()
+        local.extend(results.into_iter().flatten());
+        local
     }
 
     /// Coalesces the members of the claimed chunks into ranges of at most `max_range` bytes.
@@ -850,7 +886,14 @@ impl LayerFetcher {
             let _ = self.complete(&cl, Ok(v));
         }
         for (bytes, start, claims) in later.decode {
+            // Stored before the optional claims are released: once nothing is in flight, what
+            // was fetched is in the store (`wait_settled`).
+            let optional: Vec<usize> = claims.iter().filter(|c| c.optional).map(|c| c.idx).collect();
+            self.keep_spans(&optional, &bytes, start);
             for cl in claims {
+                if cl.optional && self.drop_unwanted(&cl) {
+                    continue;
+                }
                 let res = self.decode(&cl, &bytes, start);
                 out.push((cl.idx, self.complete(&cl, res)));
             }
