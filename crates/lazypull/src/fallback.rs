@@ -39,8 +39,10 @@ pub async fn extract_layer(store: &Store, d: &Descriptor, state: &Path) -> Resul
         if fs2.exists() {
             std::fs::remove_dir_all(&fs2)?;
         }
+        // The re-indexing added a landmark file, which is not the layer's.
         let opts = unpack::ExtractOptions {
             overlay_whiteouts: true,
+            skip_index_files: true,
             ..Default::default()
         };
         unpack::extract(&reader, &fs2, &opts)?;

@@ -71,6 +71,11 @@ pub fn render(snap: &Snapshotter, layer_state: &Path) -> String {
         "# HELP lazypull_remote_snapshots_total Layers mounted lazily since start.\n# TYPE lazypull_remote_snapshots_total counter\nlazypull_remote_snapshots_total {}",
         snap.stats.remote_snapshots.load(std::sync::atomic::Ordering::Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP lazypull_unpacked_snapshots_total Layers the snapshotter fetched and unpacked itself (SOCI layers without a zTOC) since start.\n# TYPE lazypull_unpacked_snapshots_total counter\nlazypull_unpacked_snapshots_total {}",
+        snap.stats.unpacked_snapshots.load(std::sync::atomic::Ordering::Relaxed)
+    );
     let cache = st.iter().map(|m| m.cache_disk_bytes).max().unwrap_or(0);
     let _ = writeln!(out, "# HELP lazypull_cache_disk_bytes Bytes in the chunk store.\n# TYPE lazypull_cache_disk_bytes gauge\nlazypull_cache_disk_bytes {cache}");
     out

@@ -45,6 +45,7 @@ pub fn run(a: RpullArgs) -> Result<()> {
         match outcome {
             LayerOutcome::Remote => println!("{digest}: remote snapshot (lazily mounted by {})", a.snapshotter),
             LayerOutcome::Present => println!("{digest}: already present"),
+            LayerOutcome::UnpackedBySnapshotter { reason } => println!("{digest}: fetched and unpacked by {} (not lazy: {reason})", a.snapshotter),
             LayerOutcome::Unpacked { bytes } => println!("{digest}: fetched and unpacked ({bytes} bytes; see the snapshotter's log for why it was not lazy)"),
         }
     }
@@ -58,4 +59,12 @@ pub fn run(a: RpullArgs) -> Result<()> {
         report.elapsed.as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rpull_reads_the_label_the_snapshotter_writes_on_layers_it_unpacked() {
+        assert_eq!(rpull::UNPACKED_BY_SNAPSHOTTER_LABEL, snapshotter::snapshots::UNPACKED_LABEL);
+    }
 }

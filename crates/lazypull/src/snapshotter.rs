@@ -332,6 +332,10 @@ impl Remote for DaemonRemote {
         Ok(())
     }
 
+    fn unpack(&self, labels: &std::collections::BTreeMap<String, String>, dir: &std::path::Path) -> std::result::Result<u64, String> {
+        self.resolver.unpack(labels, dir)
+    }
+
     fn collect_garbage(&self, live: &[snapshotter::meta::RemoteLayer]) {
         let mut keep_chunks = std::collections::HashSet::new();
         let mut keep_objects = std::collections::HashSet::new();

@@ -202,6 +202,15 @@ impl Containerd {
         }
     }
 
+    /// `Snapshots.Stat`: the labels of snapshot `key`.
+    pub async fn snapshot_labels(&self, snapshotter: &str, key: &str) -> Result<HashMap<String, String>> {
+        let req = snap::StatSnapshotRequest { snapshotter: snapshotter.to_string(), key: key.to_string() };
+        match SnapshotsClient::new(self.channel.clone()).stat(self.req(req)).await {
+            Ok(r) => Ok(r.into_inner().info.map(|i| i.labels).unwrap_or_default()),
+            Err(s) => Err(Error::containerd("Snapshots.Stat", key, s)),
+        }
+    }
+
     /// `Snapshots.Prepare`: `Ok(None)` when the snapshotter answered AlreadyExists (the target
     /// of `containerd.io/snapshot.ref` now exists: a remote snapshot), else the mounts to unpack onto.
     pub async fn prepare(&self, snapshotter: &str, key: &str, parent: &str, labels: HashMap<String, String>) -> Result<Option<Vec<Mount>>> {

@@ -28,4 +28,4 @@ pub mod labels;
 pub mod pull;
 
 pub use error::{Error, Result};
-pub use pull::{pull, LayerOutcome, PullOptions, PullReport};
+pub use pull::{pull, LayerOutcome, PullOptions, PullReport, UNPACKED_BY_SNAPSHOTTER_LABEL};

@@ -31,6 +31,10 @@ impl Default for PullOptions {
     }
 }
 
+/// Set by lazypull's snapshotter on a snapshot it fetched and unpacked itself (the same name as
+/// `snapshotter::UNPACKED_LABEL`; rpull does not depend on the snapshotter crate).
+pub const UNPACKED_BY_SNAPSHOTTER_LABEL: &str = "lazypull.io/unpacked-by-snapshotter";
+
 /// What happened to one layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayerOutcome {
@@ -38,6 +42,9 @@ pub enum LayerOutcome {
     Present,
     /// The snapshotter mounted it lazily (Prepare answered AlreadyExists).
     Remote,
+    /// The snapshotter fetched and unpacked it itself (Prepare answered AlreadyExists; the
+    /// snapshot's `lazypull.io/unpacked-by-snapshotter` label says why it was not lazy).
+    UnpackedBySnapshotter { reason: String },
     /// Fetched and unpacked by containerd (the snapshotter fell back; its log says why).
     Unpacked { bytes: u64 },
 }
@@ -155,8 +162,19 @@ async fn pull_under_lease(
         // containerd's own key format for unpack snapshots ("extract-<unique> <chainID>").
         let key = format!("extract-{}-{:08x} {chain_id}", std::process::id(), rand::random::<u32>());
         let Some(mounts) = ctd.prepare(&opts.snapshotter, &key, parent, snap_labels.clone()).await? else {
-            tracing::info!(layer = %layer.digest, chain_id = %chain_id, "remote snapshot");
-            outcomes.push((layer.digest.clone(), LayerOutcome::Remote));
+            // A layer the snapshotter unpacked itself says so on the snapshot (one Stat; a
+            // failure to ask is not a failure of the pull).
+            let labels = ctd.snapshot_labels(&opts.snapshotter, chain_id).await.unwrap_or_default();
+            match labels.get(UNPACKED_BY_SNAPSHOTTER_LABEL) {
+                Some(reason) => {
+                    tracing::info!(layer = %layer.digest, chain_id = %chain_id, %reason, "unpacked by the snapshotter");
+                    outcomes.push((layer.digest.clone(), LayerOutcome::UnpackedBySnapshotter { reason: reason.clone() }));
+                }
+                None => {
+                    tracing::info!(layer = %layer.digest, chain_id = %chain_id, "remote snapshot");
+                    outcomes.push((layer.digest.clone(), LayerOutcome::Remote));
+                }
+            }
             continue;
         };
         tracing::info!(layer = %layer.digest, "snapshotter fell back; fetching and unpacking the layer");

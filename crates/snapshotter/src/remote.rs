@@ -307,6 +307,26 @@ impl Remote for RegistryRemote {
         Ok(())
     }
 
+    fn unpack(&self, labels: &BTreeMap<String, String>, dir: &Path) -> std::result::Result<u64, String> {
+        let image = labels.get(STARGZ_REF_LABEL).or_else(|| labels.get(CRI_REF_LABEL)).ok_or("no image label")?;
+        let digest = labels.get(STARGZ_DIGEST_LABEL).or_else(|| labels.get(CRI_DIGEST_LABEL)).ok_or("no layer digest label")?;
+        let m = self.manifest(image).map_err(|e| e.to_string())?;
+        let d = m.layers.iter().find(|l| &l.digest == digest).ok_or_else(|| format!("layer {digest} is not in {image}"))?;
+        if d.size > LOCAL_UNPACK_MAX {
+            return Err(format!("layer {digest} has {} bytes, more than the {LOCAL_UNPACK_MAX} the snapshotter unpacks itself", d.size));
+        }
+        let reference = Reference::parse(image).map_err(|e| format!("{image}: {e}"))?;
+        let (client, digest_owned, timeout) = (self.client.clone(), digest.clone(), self.config.fetch_timeout);
+        // Checked against its digest as it arrives (registry client).
+        let blob = self
+            .runtime
+            .block_on(async move { tokio::time::timeout(timeout, client.get_blob_bytes(&reference, &digest_owned, LOCAL_UNPACK_MAX)).await })
+            .map_err(|_| format!("layer {digest} not fetched within {timeout:?}"))?
+            .map_err(|e| format!("fetching layer {digest}: {e}"))?;
+        unpack::extract_blob(&blob, dir).map_err(|e| format!("unpacking layer {digest}: {e}"))?;
+        Ok(blob.len() as u64)
+    }
+
     fn unmount(&self, dir: &Path) {
         if let Some(m) = self.mounts.lock().unwrap().remove(dir) {
             m.close();
@@ -316,6 +336,10 @@ impl Remote for RegistryRemote {
         }
     }
 }
+
+/// The largest layer the snapshotter fetches and unpacks itself ([`Remote::unpack`]): SOCI's
+/// default minimum layer size is 10 MiB, and the snapshot calls wait while it works.
+const LOCAL_UNPACK_MAX: u64 = 16 << 20;
 
 /// Fetches zTOC `ztoc` into `tails` (under its digest, where a layer's mount looks first),
 /// unless it is there; only bytes that hash to it are kept.

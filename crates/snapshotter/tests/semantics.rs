@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use snapshotter::snapshots::NotLazy;
 use snapshotter::meta::{Kind, RemoteLayer};
-use snapshotter::snapshots::{Mount, Remote, Snapshotter, TARGET_REF_LABEL};
+use snapshotter::snapshots::{Mount, Remote, Snapshotter, TARGET_REF_LABEL, UNPACKED_LABEL};
 use snapshotter::Error;
 
 fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -177,6 +177,9 @@ impl Remote for FakeRemote {
         if d == "plain" {
             return Err(NotLazy::NoIndex { media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into() });
         }
+        if d.starts_with("small") {
+            return Err(NotLazy::NoZtoc { index: "sha256:index".into() });
+        }
         Ok(Some(RemoteLayer {
             image_ref: "reg/img:1".into(),
             digest: d.clone(),
@@ -196,6 +199,46 @@ impl Remote for FakeRemote {
     fn unmount(&self, _dir: &Path) {
         self.unmounts.fetch_add(1, Ordering::SeqCst);
     }
+    /// "small" unpacks (writes a file and a partial one first), "small-broken" fails midway.
+    fn unpack(&self, l: &BTreeMap<String, String>, dir: &Path) -> Result<u64, String> {
+        std::fs::write(dir.join("half"), b"x").unwrap();
+        match l.get("containerd.io/snapshot/cri.layer-digest").map(String::as_str) {
+            Some("small") => {
+                std::fs::write(dir.join("unpacked"), b"ok").unwrap();
+                Ok(2)
+            }
+            _ => Err("blob digest mismatch".into()),
+        }
+    }
+}
+
+#[test]
+fn layers_without_a_ztoc_are_unpacked_by_the_snapshotter_or_left_to_containerd() {
+    let d = tempfile::tempdir().unwrap();
+    let remote = Arc::new(FakeRemote {
+        mounted: Mutex::new(Vec::new()),
+        unmounts: AtomicUsize::new(0),
+    });
+    let s = Snapshotter::open(d.path(), Some(remote.clone())).unwrap();
+    let l = labels(&[(TARGET_REF_LABEL, "sha256:chain1"), ("containerd.io/snapshot/cri.layer-digest", "small")]);
+    assert!(matches!(s.prepare("default/1/extract-1", "", l, Kind::Active), Err(Error::AlreadyExists(n)) if n == "sha256:chain1"));
+    let i = s.stat("sha256:chain1").unwrap();
+    assert_eq!(i.kind, Kind::Committed);
+    assert_eq!(i.labels.get(UNPACKED_LABEL).map(String::as_str), Some("soci_no_ztoc"));
+    assert!(!i.labels.contains_key("containerd.io/snapshot/remote"), "an unpacked layer is no remote snapshot");
+    assert!(s.remote_snapshots().unwrap().is_empty(), "nothing to mount again after a restart");
+    assert_eq!(s.stats.fallbacks.lock().unwrap().get("soci_no_ztoc"), Some(&1), "the reason is still counted");
+    assert_eq!(s.stats.unpacked_snapshots.load(Ordering::SeqCst), 1);
+    // Its content is what a child sees below it.
+    let l2 = labels(&[(TARGET_REF_LABEL, "sha256:chain2"), ("containerd.io/snapshot/cri.layer-digest", "small-broken")]);
+    let m = s.prepare("default/2/extract-2", "sha256:chain1", l2, Kind::Active).expect("a failed unpack falls back to containerd");
+    let lower = m[0].options.iter().find_map(|o| o.strip_prefix("lowerdir=")).map(str::to_string);
+    let lower = lower.or_else(|| (m[0].kind == "bind").then(|| m[0].source.clone())).expect("the unpacked layer is the lower directory");
+    assert_eq!(std::fs::read(Path::new(&lower).join("unpacked")).unwrap(), b"ok");
+    assert!(matches!(s.stat("sha256:chain2"), Err(Error::NotFound(_))), "a failed unpack commits nothing");
+    let dirs = std::fs::read_dir(d.path().join("snapshots")).unwrap().count();
+    assert_eq!(dirs, 2, "the failed unpack's directory is removed (the unpacked one and the fallback's remain)");
+    assert_eq!(s.stats.unpacked_snapshots.load(Ordering::SeqCst), 1);
 }
 
 #[test]

@@ -90,6 +90,9 @@ pub struct ExtractOptions {
     pub chown: bool,
     /// Convert `.wh.*` entries to overlayfs whiteouts.
     pub overlay_whiteouts: bool,
+    /// Leave out the eStargz format's own files at the root (TOC, landmarks), as a lazy mount
+    /// hides them: for a layer that was re-indexed into eStargz only to be extracted.
+    pub skip_index_files: bool,
 }
 
 impl Default for ExtractOptions {
@@ -98,6 +101,7 @@ impl Default for ExtractOptions {
             verify: true,
             chown: nix::unistd::geteuid().is_root(),
             overlay_whiteouts: false,
+            skip_index_files: false,
         }
     }
 }
@@ -114,6 +118,21 @@ pub fn extract<S: BlobSource>(reader: &Reader<S>, dest: &Path, opts: &ExtractOpt
     extract_tree(reader.tree(), |node, c| reader.read_chunk(node, c, opts.verify), dest, opts)
 }
 
+/// Extracts a whole layer blob (a tar, gzip- or zstd-compressed or not) held in memory below
+/// `dest`, with overlayfs whiteouts. The tar is first re-indexed into an in-memory eStargz blob
+/// at compression level 1: a little CPU on a path that is already the slow one, and one audited
+/// extractor (hostile names refused, no symlink followed) instead of a second one for raw tars.
+/// For small layers (the caller bounds `blob`): the re-indexed copy is held in memory too.
+pub fn extract_blob(blob: &[u8], dest: &Path) -> Result<ExtractStats> {
+    let mut indexed = Vec::with_capacity(blob.len() + blob.len() / 4);
+    let build = estargz::BuildOptions { level: Some(1), ..Default::default() };
+    estargz::build(blob, &mut indexed, &build)?;
+    let reader = Reader::open(indexed)?;
+    // The re-indexing added a landmark file; a layer's own root file of that name (or the TOC's)
+    // is left out with it, as a lazy mount of an eStargz layer hides them.
+    extract(&reader, dest, &ExtractOptions { overlay_whiteouts: true, skip_index_files: true, ..Default::default() })
+}
+
 /// Extracts `tree` below `dest`, reading file contents with `read_chunk`. What [`extract`]
 /// does; public so that a tree that did not come from [`Reader::open`] gets the same checks.
 pub fn extract_tree<F>(tree: &Tree, read_chunk: F, dest: &Path, opts: &ExtractOptions) -> Result<ExtractStats>
@@ -125,6 +144,9 @@ where
     let mut dirs: Vec<(PathBuf, NodeId)> = Vec::new();
     let mut stats = ExtractStats::default();
     for (rel, id) in tree.walk() {
+        if opts.skip_index_files && estargz::layer_model::HIDDEN_ROOT_NAMES.contains(&rel.as_str()) {
+            continue;
+        }
         let node = tree.node(id);
         let target = below(dest, &rel, "name")?;
         if !rel.is_empty() {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use estargz::{build, BuildOptions, Reader};
-use unpack::{extract, extract_tree, Error, ExtractOptions};
+use unpack::{extract, extract_blob, extract_tree, Error, ExtractOptions};
 
 #[path = "../../estargz/tests/support/mod.rs"]
 #[allow(dead_code)]
@@ -52,6 +52,7 @@ fn opts() -> ExtractOptions {
         verify: true,
         chown: false,
         overlay_whiteouts: true,
+        skip_index_files: false,
     }
 }
 
@@ -117,4 +118,31 @@ fn valid_whiteouts_still_extract() {
     use std::os::unix::fs::FileTypeExt;
     assert!(wh.file_type().is_char_device(), "sub/gone is an overlay whiteout");
     assert_eq!(std::fs::read(dest.join("sub/kept")).unwrap(), b"kept");
+}
+
+#[test]
+fn a_plain_layer_blob_extracts_with_whiteouts_and_without_the_reindexing_files() {
+    let s = Scratch::new();
+    let (outer, dest) = layout(&s);
+    std::fs::create_dir_all(dest.join("sub/gone")).unwrap();
+    let tar = raw_tar(&[("etc/a", b"x"), ("sub/.wh.gone", b"")]);
+    let stats = extract_blob(&tar, &dest).unwrap();
+    assert!(stats.entries >= 2, "{stats:?}");
+    assert_intact(&outer, &dest);
+    assert_eq!(std::fs::read(dest.join("etc/a")).unwrap(), b"x");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(dest.join("sub/gone")).unwrap().file_type().is_char_device());
+    let mut root: Vec<String> = std::fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    root.sort();
+    assert_eq!(root, ["etc", "sub"], "only the layer's own files (no landmark, no TOC)");
+}
+
+#[test]
+fn a_hostile_plain_layer_blob_is_refused_and_writes_nothing_outside() {
+    let s = Scratch::new();
+    let (outer, dest) = layout(&s);
+    let tar = raw_tar(&[("../escaped", b"x")]);
+    assert!(extract_blob(&tar, &dest).is_err());
+    assert_intact(&outer, &dest);
+    assert!(!outer.join("escaped").exists());
 }

@@ -73,7 +73,9 @@ impl LayerFetcher {
                     }
                 }
                 let need = need.min(index::limits::MAX_CHUNK_SIZE.max(c.inner_offset + c.size));
+                let t = std::time::Instant::now();
                 let whole = index::decode_resumed(resume, member, 0, need as usize).map_err(|e| corrupt(e.to_string()))?;
+                tracing::debug!(blob = %self.blob, offset = c.offset, out = need, us = t.elapsed().as_micros() as u64, "span inflated");
                 let whole = Arc::new(whole);
                 let slice = whole[c.inner_offset as usize..(c.inner_offset + c.size) as usize].to_vec();
                 self.remember_resumed(c.offset, c.next_offset, whole);
@@ -98,16 +100,31 @@ impl LayerFetcher {
 
     /// A chunk's bytes from an already inflated (and verified) resumed range, if kept.
     pub(super) fn resumed_slice(&self, offset: u64, end: u64, inner: u64, size: u64) -> Option<Arc<Vec<u8>>> {
-        let kept = self.resumed.lock().unwrap();
-        let s = kept.iter().find(|s| s.offset == offset && s.end == end)?;
+        let mut kept = self.resumed.lock().unwrap();
+        let at = kept.iter().position(|s| s.offset == offset && s.end == end)?;
         let to = inner.checked_add(size)?;
-        (to <= s.data.len() as u64).then(|| Arc::new(s.data[inner as usize..to as usize].to_vec()))
+        if to > kept[at].data.len() as u64 {
+            return None;
+        }
+        let s = kept.remove(at)?;
+        let out = Arc::new(s.data[inner as usize..to as usize].to_vec());
+        kept.push_front(s);
+        Some(out)
     }
 
     fn remember_resumed(&self, offset: u64, end: u64, data: Arc<Vec<u8>>) {
         let mut kept = self.resumed.lock().unwrap();
         kept.retain(|s| !(s.offset == offset && s.end == end));
         kept.push_front(ResumedSpan { offset, end, data });
-        kept.truncate(super::RESUMED_SPANS_KEPT);
+        let mut total = 0;
+        let keep = kept
+            .iter()
+            .position(|s| {
+                total += s.data.len();
+                total > super::RESUMED_BYTES_KEPT
+            })
+            .unwrap_or(kept.len())
+            .max(1);
+        kept.truncate(keep);
     }
 }
