@@ -251,7 +251,8 @@ record_and_rebuild() { # workload
 if [[ " $MODES " == *" lazypull-prio "* ]]; then
   for wl in $WORKLOADS; do record_and_rebuild "$wl"; done
 fi
-if [ "$REPORT" != none ]; then
+# (Only the main report uses them; the soci report compares modes of one run.)
+if [ "$REPORT" = report ]; then
   : > "$work/bound.jsonl"
   for wl in $WORKLOADS; do
     /usr/bin/python3 "$root/scripts/bench-coldstart-report.py" bound "$REG" "$(ref_of lazypull "$wl" "$REG")" "$work/prio-$wl.txt" "$wl" >> "$work/bound.jsonl"
