@@ -356,7 +356,7 @@ struct Claim {
     /// Claimed only because it shares a span with a chunk being read (SOCI): claiming it makes
     /// a concurrent reader of it wait for this fetch instead of fetching the span again, but
     /// if nobody did, it is released undecoded and the verified span is stored whole instead
-    /// ([`LayerFetcher::keep_span`]), so that a 4 MiB span of many files costs one disk object
+    /// ([`LayerFetcher::keep_spans`]), so that a 4 MiB span of many files costs one disk object
     /// rather than one per file nobody read.
     optional: bool,
 }
