@@ -200,7 +200,7 @@ mod tests {
         ]);
         let v = index_of(r.tree());
         assert!(v.lookup(1, PREFETCH_LANDMARK.as_bytes()).is_none());
-        let Prefetch::UpTo(landmark) = v.prefetch() else { panic!("no landmark: {:?}", v.prefetch()) };
+        let &Prefetch::UpTo(landmark) = v.prefetch() else { panic!("no landmark: {:?}", v.prefetch()) };
         let etc = v.resolve("etc").unwrap();
         let e = v.get(etc).unwrap();
         assert_eq!(e.xattrs.get(OPAQUE_XATTR).map(Vec::as_slice), Some(&b"y"[..]));
@@ -288,6 +288,6 @@ mod tests {
         let mut out = Vec::new();
         build(std::io::Cursor::new(tar.into_inner().unwrap()), &mut out, &BuildOptions::default()).unwrap();
         let r = Reader::open(out).unwrap();
-        assert_eq!(index_of(r.tree()).prefetch(), Prefetch::Nothing);
+        assert_eq!(index_of(r.tree()).prefetch(), &Prefetch::Nothing);
     }
 }

@@ -28,22 +28,21 @@ pub use serve::{LayerServer, ServeOptions};
 pub use view::LayerView;
 
 /// Layers of at most this many compressed bytes are fetched whole right after mount (see
-/// [`prefetch_end`]).
+/// [`prefetch_ranges`]).
 pub const SMALL_LAYER_BYTES: u64 = 2 << 20;
 
-/// Where a layer's mount-time prefetch ends, if it has one: after its prioritized files (the
-/// `.prefetch.landmark`), or, for a layer of at most `small_layer` compressed bytes without a
-/// landmark, after all of it. Why the second: a small layer (a busybox, a config layer) is
+/// The blob ranges of a layer's mount-time prefetch (empty: none): its prioritized files (up
+/// to the `.prefetch.landmark`), the spans its SOCI prefetch artifact names, or, for a layer of
+/// at most `small_layer` compressed bytes that says nothing, all of it. Why the second: a small layer (a busybox, a config layer) is
 /// usually read at container start anyway, and fetching it whole costs one request's worth of
 /// link time, a few tens of milliseconds, while leaving it to on-demand reads costs a round trip
 /// for each first read — the `echo` start on 1 Gbit/s + 2 ms spent two such round trips
 /// (`/etc/passwd` for runc, then the binary) in its run phase. `.no.prefetch.landmark` (the
 /// layer asks for no prefetch) wins over both.
-pub fn prefetch_end(view: &LayerView, fetcher: &LayerFetcher, small_layer: u64) -> Option<u64> {
+pub fn prefetch_ranges(view: &LayerView, fetcher: &LayerFetcher, small_layer: u64) -> Vec<std::ops::Range<u64>> {
     match view.prefetch() {
-        view::Prefetch::Nothing => None,
-        view::Prefetch::UpTo(end) => Some(end),
-        view::Prefetch::Unspecified => (fetcher.total_bytes() <= small_layer).then_some(u64::MAX),
+        view::Prefetch::Unspecified if fetcher.total_bytes() <= small_layer => vec![0..u64::MAX],
+        p => p.blob_ranges(),
     }
 }
 
@@ -89,10 +88,15 @@ pub fn open_layer_cached(source: Arc<dyn RangeSource>, expected: Option<&IndexCh
 }
 
 /// Opens a SOCI layer: its zTOC (fetched by the caller by the digest its SOCI index names) is
-/// checked against `check` and parsed; the blob behind `source` is read span by span.
-pub fn open_ztoc_layer(source: Arc<dyn RangeSource>, ztoc: &[u8], check: &IndexCheck, store: Arc<ChunkStore>, config: FetchConfig) -> Result<OpenedLayer> {
+/// checked against `check` and parsed; the blob behind `source` is read span by span. The
+/// layer's prefetch artifact, when `check` names one and the caller has it, sets what the mount
+/// prefetches; a bad one is logged and left out ([`layer::open_ztoc`]).
+pub fn open_ztoc_layer(source: Arc<dyn RangeSource>, ztoc: &[u8], prefetch: Option<&[u8]>, check: &IndexCheck, store: Arc<ChunkStore>, config: FetchConfig) -> Result<OpenedLayer> {
     let blob = source.name().to_string();
-    let opened = layer::open_ztoc(ztoc, check).map_err(|source| Error::Open { blob, source })?;
+    let opened = layer::open_ztoc(ztoc, check, prefetch).map_err(|source| Error::Open { blob: blob.clone(), source })?;
+    if let Some(why) = &opened.prefetch_ignored {
+        tracing::warn!(%blob, reason = %why, "SOCI prefetch artifact not used; the layer is served without it");
+    }
     Ok(finish_open(opened, source, store, config))
 }
 

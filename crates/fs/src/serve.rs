@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use store::LayerFetcher;
 
-use crate::{mount_layer, prefetch_end, FsOptions, FsStats, LayerFs, MountedLayer, OpenedLayer, Privileges, Result};
+use crate::{mount_layer, prefetch_ranges, FsOptions, FsStats, LayerFs, MountedLayer, OpenedLayer, Privileges, Result};
 
 /// How an opened layer is served.
 #[derive(Debug, Clone)]
@@ -24,7 +24,7 @@ pub struct ServeOptions {
     pub threads: usize,
     pub privileges: Privileges,
     /// Prefetch at mount: the prioritized files, or all of a layer of at most `small_layer`
-    /// compressed bytes without them (see [`prefetch_end`]).
+    /// compressed bytes without them (see [`prefetch_ranges`]).
     pub prefetch: bool,
     pub small_layer: u64,
     /// Fetch the whole layer before mounting it.
@@ -42,7 +42,7 @@ pub struct LayerServer {
     fetcher: Arc<LayerFetcher>,
     view: Arc<crate::view::LayerView>,
     fs_stats: Arc<FsStats>,
-    prefetch_end: Option<u64>,
+    prefetch: Vec<std::ops::Range<u64>>,
     stop: Arc<AtomicBool>,
     options: ServeOptions,
 }
@@ -52,17 +52,17 @@ impl LayerServer {
     /// [`LayerServer::start_fill`].
     pub fn mount(opened: OpenedLayer, at: &Path, fsname: &str, options: ServeOptions) -> Result<LayerServer> {
         let fetcher = opened.fetcher.clone();
-        let mut end = None;
+        let mut prefetch = Vec::new();
         if options.fetch_all {
             fetcher.fetch_all()?;
         } else if options.prefetch {
-            end = prefetch_end(&opened.view, &fetcher, options.small_layer);
+            prefetch = prefetch_ranges(&opened.view, &fetcher, options.small_layer);
         }
         let fs = LayerFs::new(opened.view.clone(), fetcher.clone(), options.fs.clone());
         let fs_stats = fs.stats.clone();
         std::fs::create_dir_all(at).map_err(|e| crate::Error::Mount { path: at.to_path_buf(), reason: format!("creating the mountpoint: {e}") })?;
         let mount = mount_layer(fs, at, fsname, options.threads, options.privileges)?;
-        Ok(LayerServer { mount: Some(mount), fetcher, view: opened.view, fs_stats, prefetch_end: end, stop: Arc::new(AtomicBool::new(false)), options })
+        Ok(LayerServer { mount: Some(mount), fetcher, view: opened.view, fs_stats, prefetch, stop: Arc::new(AtomicBool::new(false)), options })
     }
 
     /// Starts the mount-time prefetch and the background fill (one thread).
@@ -70,7 +70,7 @@ impl LayerServer {
         if self.options.prefetch {
             crate::deps::prefetch_start_files(&self.view, &self.fetcher);
         }
-        self.fetcher.spawn_fill(self.prefetch_end, self.options.background, self.options.background_delay, self.stop.clone()).map(drop)
+        self.fetcher.spawn_fill(self.prefetch.clone(), self.options.background, self.options.background_delay, self.stop.clone()).map(drop)
     }
 
     pub fn fetcher(&self) -> &Arc<LayerFetcher> {

@@ -200,7 +200,7 @@ impl Inode {
 }
 
 /// What a layer asks to be fetched right after it is mounted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Prefetch {
     /// The layer says nothing; the mount decides (small layers are fetched whole).
     Unspecified,
@@ -209,6 +209,20 @@ pub enum Prefetch {
     /// Every chunk whose compressed range starts before this blob offset (eStargz's
     /// prioritized files, ending at `.prefetch.landmark`).
     UpTo(u64),
+    /// Every chunk whose compressed range lies inside one of these blob ranges (a SOCI
+    /// prefetch artifact's spans), in this order.
+    Ranges(std::sync::Arc<[std::ops::Range<u64>]>),
+}
+
+impl Prefetch {
+    /// The blob ranges a mount-time prefetch covers (`UpTo(end)` is `0..end`).
+    pub fn blob_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        match self {
+            Prefetch::UpTo(end) => vec![std::ops::Range { start: 0, end: *end }],
+            Prefetch::Ranges(r) => r.to_vec(),
+            Prefetch::Unspecified | Prefetch::Nothing => Vec::new(),
+        }
+    }
 }
 
 /// Why an index breaks the model's invariants.
@@ -302,8 +316,14 @@ impl LayerIndex {
         &self.chunks
     }
 
-    pub fn prefetch(&self) -> Prefetch {
-        self.prefetch
+    pub fn prefetch(&self) -> &Prefetch {
+        &self.prefetch
+    }
+
+    /// Replaces what the layer asks to prefetch (a format whose prefetch set lives outside
+    /// its index, as SOCI's prefetch artifacts do).
+    pub fn set_prefetch(&mut self, prefetch: Prefetch) {
+        self.prefetch = prefetch;
     }
 
     /// Sum of regular file sizes.

@@ -50,12 +50,15 @@ pub enum IndexCheck {
     TocDigest(Digest),
     /// sha256 of the compressed zstd:chunked manifest (`…zstd-chunked.manifest-checksum`).
     ZstdManifestChecksum(Digest),
-    /// sha256 of a SOCI zTOC blob (its descriptor's digest in the SOCI index).
-    SociZtoc(Digest),
+    /// sha256 of a SOCI zTOC blob (its descriptor's digest in the SOCI index), and of the
+    /// layer's prefetch artifact when the index has one (a best-effort hint: see
+    /// [`open_ztoc`]).
+    SociZtoc(Digest, Option<Digest>),
 }
 
 const ZSTD_CHECK_PREFIX: &str = "zstd-manifest-checksum:";
 const SOCI_CHECK_PREFIX: &str = "soci-ztoc:";
+const SOCI_PREFETCH_PREFIX: &str = ",soci-prefetch:";
 
 impl fmt::Display for IndexCheck {
     /// `sha256:…` for a TOC digest (what older records hold), `zstd-manifest-checksum:sha256:…`
@@ -64,7 +67,8 @@ impl fmt::Display for IndexCheck {
         match self {
             IndexCheck::TocDigest(d) => write!(f, "{d}"),
             IndexCheck::ZstdManifestChecksum(d) => write!(f, "{ZSTD_CHECK_PREFIX}{d}"),
-            IndexCheck::SociZtoc(d) => write!(f, "{SOCI_CHECK_PREFIX}{d}"),
+            IndexCheck::SociZtoc(d, None) => write!(f, "{SOCI_CHECK_PREFIX}{d}"),
+            IndexCheck::SociZtoc(d, Some(p)) => write!(f, "{SOCI_CHECK_PREFIX}{d}{SOCI_PREFETCH_PREFIX}{p}"),
         }
     }
 }
@@ -72,12 +76,32 @@ impl fmt::Display for IndexCheck {
 impl IndexCheck {
     pub fn parse(s: &str) -> Result<IndexCheck, NotLazy> {
         let bad = || NotLazy::BadAnnotation { key: "index check".into(), value: s.into() };
-        if let Some(d) = s.strip_prefix(SOCI_CHECK_PREFIX) {
-            return d.parse().map(IndexCheck::SociZtoc).map_err(|_| bad());
+        if let Some(rest) = s.strip_prefix(SOCI_CHECK_PREFIX) {
+            let (ztoc, prefetch) = match rest.split_once(SOCI_PREFETCH_PREFIX) {
+                Some((z, p)) => (z, Some(p.parse().map_err(|_| bad())?)),
+                None => (rest, None),
+            };
+            return ztoc.parse().map(|z| IndexCheck::SociZtoc(z, prefetch)).map_err(|_| bad());
         }
         match s.strip_prefix(ZSTD_CHECK_PREFIX) {
             Some(d) => d.parse().map(IndexCheck::ZstdManifestChecksum).map_err(|_| bad()),
             None => s.parse().map(IndexCheck::TocDigest).map_err(|_| bad()),
+        }
+    }
+
+    /// The check of a SOCI layer from the digests its SOCI index gives (zTOC, prefetch
+    /// artifact), as text.
+    pub fn soci(ztoc: &str, prefetch: Option<&str>) -> Result<IndexCheck, NotLazy> {
+        let digest = |s: &str, what: &str| s.parse::<Digest>().map_err(|_| NotLazy::IndexUnusable(format!("{what} digest {s:?}")));
+        Ok(IndexCheck::SociZtoc(digest(ztoc, "zTOC")?, prefetch.map(|p| digest(p, "prefetch artifact")).transpose()?))
+    }
+
+    /// The blobs beside the image this check names (a SOCI layer's zTOC and prefetch
+    /// artifact), which a node keeps cached under their digests while the layer is in use.
+    pub fn side_blobs(&self) -> Vec<Digest> {
+        match self {
+            IndexCheck::SociZtoc(z, p) => std::iter::once(*z).chain(*p).collect(),
+            IndexCheck::TocDigest(_) | IndexCheck::ZstdManifestChecksum(_) => Vec::new(),
         }
     }
 
@@ -87,7 +111,7 @@ impl IndexCheck {
         let (want, got, what) = match self {
             IndexCheck::TocDigest(d) => (d, toc_digest, "TOC digest"),
             IndexCheck::ZstdManifestChecksum(d) => (d, compressed_toc_digest, "zstd:chunked manifest checksum"),
-            IndexCheck::SociZtoc(d) => (d, toc_digest, "zTOC digest"),
+            IndexCheck::SociZtoc(d, _) => (d, toc_digest, "zTOC digest"),
         };
         if want == got {
             Ok(())
@@ -194,7 +218,7 @@ mod tests {
 
     #[test]
     fn checks_round_trip_through_their_text() {
-        for c in [IndexCheck::TocDigest(D1.parse().unwrap()), IndexCheck::ZstdManifestChecksum(D2.parse().unwrap()), IndexCheck::SociZtoc(D1.parse().unwrap())] {
+        for c in [IndexCheck::TocDigest(D1.parse().unwrap()), IndexCheck::ZstdManifestChecksum(D2.parse().unwrap()), IndexCheck::SociZtoc(D1.parse().unwrap(), None), IndexCheck::SociZtoc(D1.parse().unwrap(), Some(D2.parse().unwrap()))] {
             assert_eq!(IndexCheck::parse(&c.to_string()).unwrap(), c);
         }
         // Records written before zstd-only layers existed hold a bare TOC digest.

@@ -36,6 +36,8 @@ pub struct OpenedIndex {
     /// Blob offset where the format's index starts: opening read only bytes from here to the
     /// end (what a tails cache keeps to reopen the layer without the network).
     pub index_offset: u64,
+    /// Why a prefetch hint given with the index was not used (the layer opens without it).
+    pub prefetch_ignored: Option<String>,
 }
 
 /// Why a layer's index could not be opened.
@@ -80,6 +82,7 @@ impl LazyFormat for Stargz {
             index: estargz::layer_model::layer_index(reader.tree(), reader.compression())?,
             index_digest: reader.toc_digest(),
             index_offset: reader.footer().toc_offset,
+            prefetch_ignored: None,
         })
     }
 }
@@ -96,7 +99,7 @@ fn stargz_options(opts: &OpenOptions) -> estargz::OpenOptions {
 pub fn format_for(check: Option<&IndexCheck>) -> &'static dyn LazyFormat {
     match check {
         None | Some(IndexCheck::TocDigest(_)) | Some(IndexCheck::ZstdManifestChecksum(_)) => &Stargz,
-        Some(IndexCheck::SociZtoc(_)) => &SociNeedsZtoc,
+        Some(IndexCheck::SociZtoc(..)) => &SociNeedsZtoc,
     }
 }
 
@@ -112,16 +115,44 @@ impl LazyFormat for SociNeedsZtoc {
 
 /// Opens a SOCI layer from its zTOC blob (fetched from the registry by the digest its SOCI
 /// index gives), checked against `check` ([`IndexCheck::SociZtoc`]) before it is parsed.
-pub fn open_ztoc(ztoc: &[u8], check: &IndexCheck) -> Result<OpenedIndex, OpenError> {
+///
+/// `prefetch` is the layer's prefetch artifact when the check names one and the caller could
+/// fetch it. It is a hint, as upstream treats it: one that does not match its digest, does not
+/// parse or names spans the zTOC does not have is left out with the reason in
+/// [`OpenedIndex::prefetch_ignored`], and the layer opens without it (every span is verified
+/// when read, so a hint can cost bandwidth, never correctness).
+pub fn open_ztoc(ztoc: &[u8], check: &IndexCheck, prefetch: Option<&[u8]>) -> Result<OpenedIndex, OpenError> {
     let actual = Digest::of(ztoc);
-    match check {
-        IndexCheck::SociZtoc(want) if *want == actual => {}
-        IndexCheck::SociZtoc(want) => return Err(OpenError::Check(format!("zTOC digest mismatch: the SOCI index says {want}, the blob has {actual}"))),
+    let want_prefetch = match check {
+        IndexCheck::SociZtoc(want, p) if *want == actual => *p,
+        IndexCheck::SociZtoc(want, _) => return Err(OpenError::Check(format!("zTOC digest mismatch: the SOCI index says {want}, the blob has {actual}"))),
         other => return Err(OpenError::Check(format!("a zTOC is checked by its digest, not by {other}"))),
-    }
+    };
     let parsed = soci::Ztoc::from_bytes(ztoc).map_err(|e| OpenError::Soci(e.to_string()))?;
-    let index = soci::layer_model::layer_index(&parsed).map_err(|e| OpenError::Soci(e.to_string()))?;
-    Ok(OpenedIndex { format: Format::Soci, index, index_digest: actual, index_offset: parsed.compressed_size })
+    let mut index = soci::layer_model::layer_index(&parsed).map_err(|e| OpenError::Soci(e.to_string()))?;
+    let prefetch_ignored = match (want_prefetch, prefetch) {
+        (None, _) => None,
+        (Some(want), None) => Some(format!("prefetch artifact {want} not available")),
+        (Some(want), Some(bytes)) => match soci_prefetch(bytes, &want, &parsed) {
+            Ok(ranges) => {
+                index.set_prefetch(index::Prefetch::Ranges(ranges.into()));
+                None
+            }
+            Err(why) => Some(format!("prefetch artifact {want}: {why}")),
+        },
+    };
+    Ok(OpenedIndex { format: Format::Soci, index, index_digest: actual, index_offset: parsed.compressed_size, prefetch_ignored })
+}
+
+/// The blob ranges a prefetch artifact names, once it is authenticated and fits the zTOC.
+fn soci_prefetch(bytes: &[u8], want: &Digest, ztoc: &soci::Ztoc) -> Result<Vec<std::ops::Range<u64>>, String> {
+    let actual = Digest::of(bytes);
+    if actual != *want {
+        return Err(format!("digest mismatch: the blob has {actual}"));
+    }
+    let artifact = soci::PrefetchArtifact::parse(bytes).map_err(|e| e.to_string())?;
+    artifact.check(ztoc).map_err(|e| e.to_string())?;
+    Ok(artifact.blob_ranges(ztoc))
 }
 
 /// Reads and authenticates the index of the layer behind `source` without parsing it; returns
@@ -130,7 +161,7 @@ pub fn open_ztoc(ztoc: &[u8], check: &IndexCheck) -> Result<OpenedIndex, OpenErr
 /// for the CPU with the mounts on the critical path. Formats whose index is not in the blob
 /// (SOCI) have nothing to read ahead here.
 pub fn fetch_index(source: &dyn BlobSource, check: Option<&IndexCheck>, opts: &OpenOptions) -> Result<u64, OpenError> {
-    if matches!(check, Some(IndexCheck::SociZtoc(_))) {
+    if matches!(check, Some(IndexCheck::SociZtoc(..))) {
         return Err(OpenError::Soci("a SOCI layer's zTOC lives beside the image, not in the blob".into()));
     }
     let raw = estargz::RawToc::read(source, &stargz_options(opts))?;
@@ -198,18 +229,58 @@ mod tests {
             let z = soci::build_ztoc(&bytes[..], &soci::BuildOptions::default()).unwrap();
             (bytes, z.to_bytes())
         };
-        let right = IndexCheck::SociZtoc(Digest::of(&ztoc));
-        let opened = open_ztoc(&ztoc, &right).unwrap();
+        let right = IndexCheck::SociZtoc(Digest::of(&ztoc), None);
+        let opened = open_ztoc(&ztoc, &right, None).unwrap();
         assert_eq!(opened.format, Format::Soci);
         assert_eq!(opened.index.get(opened.index.resolve("etc/hello").unwrap()).unwrap().size, 5);
         // A zTOC whose digest does not match the SOCI index: refused, the layer falls back.
-        let wrong = IndexCheck::SociZtoc(Digest::of(b"other"));
-        assert!(matches!(open_ztoc(&ztoc, &wrong), Err(OpenError::Check(m)) if m.contains("zTOC digest mismatch")));
+        let wrong = IndexCheck::SociZtoc(Digest::of(b"other"), None);
+        assert!(matches!(open_ztoc(&ztoc, &wrong, None), Err(OpenError::Check(m)) if m.contains("zTOC digest mismatch")));
         // A SOCI check through the blob-reading entry point names the right one.
         assert!(matches!(open(&tar_bytes, Some(&right), &OpenOptions::default()), Err(OpenError::Soci(m)) if m.contains("open_ztoc")));
         // A garbage zTOC with a matching digest: a parse error, not a panic.
         let junk = b"not a ztoc".to_vec();
-        assert!(matches!(open_ztoc(&junk, &IndexCheck::SociZtoc(Digest::of(&junk))), Err(OpenError::Soci(_))));
+        assert!(matches!(open_ztoc(&junk, &IndexCheck::SociZtoc(Digest::of(&junk), None), None), Err(OpenError::Soci(_))));
+    }
+
+    #[test]
+    fn a_prefetch_artifact_becomes_blob_ranges_or_is_ignored_with_a_reason() {
+        let mut tar = tar::Builder::new(Vec::new());
+        for i in 0..8u8 {
+            let data = vec![i; 100_000];
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            tar.append_data(&mut h, format!("f{i}"), &data[..]).unwrap();
+        }
+        let bytes = tar.into_inner().unwrap();
+        let z = soci::build_ztoc(&bytes[..], &soci::BuildOptions { span_size: 128 << 10, ..Default::default() }).unwrap();
+        assert!(z.spans.span_count() >= 4, "{} spans", z.spans.span_count());
+        let ztoc = z.to_bytes();
+        let artifact = soci::PrefetchArtifact::from_ranges([(1, 2)]).unwrap().to_bytes();
+        let check = IndexCheck::SociZtoc(Digest::of(&ztoc), Some(Digest::of(&artifact)));
+        let opened = open_ztoc(&ztoc, &check, Some(&artifact)).unwrap();
+        assert_eq!(opened.prefetch_ignored, None);
+        let index::Prefetch::Ranges(r) = opened.index.prefetch() else { panic!("{:?}", opened.index.prefetch()) };
+        let (start, _) = z.spans.compressed_range(1, z.compressed_size);
+        let (_, end) = z.spans.compressed_range(2, z.compressed_size);
+        assert_eq!(&r[..], &[start..end]);
+        // Damaged, missing or lying hints: the layer still opens, without prefetch, saying why.
+        let beyond = soci::PrefetchArtifact::from_ranges([(0, 999)]).unwrap().to_bytes();
+        let cases: [(&[u8], Digest, &str); 3] =
+            [(b"{}", Digest::of(&artifact), "digest mismatch"), (&beyond, Digest::of(&beyond), "beyond"), (b"[1]", Digest::of(b"[1]"), "JSON")];
+        for (blob, digest, why) in cases {
+            let opened = open_ztoc(&ztoc, &IndexCheck::SociZtoc(Digest::of(&ztoc), Some(digest)), Some(blob)).unwrap();
+            assert!(opened.prefetch_ignored.as_deref().is_some_and(|m| m.contains(why)), "{:?}", opened.prefetch_ignored);
+            assert_eq!(opened.index.prefetch(), &index::Prefetch::Unspecified);
+        }
+        let opened = open_ztoc(&ztoc, &check, None).unwrap();
+        assert!(opened.prefetch_ignored.unwrap().contains("not available"));
     }
 
     #[test]
@@ -221,7 +292,7 @@ mod tests {
             assert_eq!(fetch_index(&b, Some(&right), &OpenOptions::default()).unwrap(), opened.index_offset);
             let wrong = IndexCheck::TocDigest(Digest::of(b"other"));
             assert!(matches!(fetch_index(&b, Some(&wrong), &OpenOptions::default()), Err(OpenError::Check(m)) if m.contains("mismatch")));
-            assert!(matches!(fetch_index(&b, Some(&IndexCheck::SociZtoc(Digest::of(b"z"))), &OpenOptions::default()), Err(OpenError::Soci(_))));
+            assert!(matches!(fetch_index(&b, Some(&IndexCheck::SociZtoc(Digest::of(b"z"), None)), &OpenOptions::default()), Err(OpenError::Soci(_))));
         }
         assert!(matches!(fetch_index(&vec![0u8; 100], None, &OpenOptions::default()), Err(OpenError::Stargz(_))));
     }

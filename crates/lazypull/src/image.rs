@@ -282,7 +282,7 @@ async fn inspect(store: &Store, platform: Option<&str>) -> Result<()> {
             Ok(found) => match found.check {
                 layer::IndexCheck::TocDigest(t) => format!("lazy: {}, toc {}", found.format, short(&t.to_string())),
                 layer::IndexCheck::ZstdManifestChecksum(t) => format!("lazy: {}, manifest checksum {}", found.format, short(&t.to_string())),
-                layer::IndexCheck::SociZtoc(t) => format!("lazy: {}, zTOC {}", found.format, short(&t.to_string())),
+                layer::IndexCheck::SociZtoc(t, _) => format!("lazy: {}, zTOC {}", found.format, short(&t.to_string())),
             },
             Err(reason) => format!("not lazy: {reason}"),
         };

@@ -51,7 +51,7 @@ impl<'a> ImageLayers<'a> {
         match found {
             None => Err(reason),
             Some(f) => match f.index.ztoc_for(&d.digest) {
-                Some(z) => z.ztoc_digest.parse().map(layer::IndexCheck::SociZtoc).map_err(|_| layer::NotLazy::IndexUnusable(format!("zTOC digest {:?}", z.ztoc_digest))),
+                Some(z) => layer::IndexCheck::soci(&z.ztoc_digest, z.prefetch.as_ref().map(|p| p.digest.as_str())),
                 None => Err(layer::NotLazy::NoZtoc { index: f.digest.clone() }),
             },
         }
@@ -84,32 +84,38 @@ pub fn open_lazy(at: &OpenAt, location: &convert::Store, d: &registry::Descripto
     ));
     let tails = store::TailCache::new(crate::mount::tails_dir(at.state_dir));
     match check {
-        layer::IndexCheck::SociZtoc(ztoc) => {
-            let bytes = match cached_ztoc(&tails, &ztoc) {
-                Some(b) => b,
-                None => {
-                    let b = at.rt.block_on(location.blob_bytes(&ztoc.to_string())).map_err(|e| layer::NotLazy::Registry(format!("fetching zTOC {ztoc}: {e}")))?.to_vec();
-                    if let Err(e) = tails.save(&ztoc.to_string(), 0, &b) {
-                        tracing::warn!(%ztoc, error = %e, "zTOC not cached (a remount will fetch it again)");
-                    }
-                    b
-                }
-            };
-            lazyfs::open_ztoc_layer(source, &bytes, &check, at.store.clone(), at.fetch.clone()).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
+        layer::IndexCheck::SociZtoc(ztoc, prefetch) => {
+            let bytes = side_blob(at, location, &tails, &ztoc, "zTOC")?;
+            // A hint: a prefetch artifact that cannot be fetched costs the prefetch, not the layer.
+            let prefetch = prefetch.and_then(|p| side_blob(at, location, &tails, &p, "prefetch artifact").map_err(|e| warn!(error = %e, "SOCI prefetch artifact not fetched")).ok());
+            lazyfs::open_ztoc_layer(source, &bytes, prefetch.as_deref(), &check, at.store.clone(), at.fetch.clone()).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))
         }
         _ => lazyfs::open_layer_cached(source, Some(&check), at.store.clone(), at.fetch.clone(), &tails).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}"))),
     }
 }
 
-/// A zTOC from the tails cache (kept under its own digest next to the eStargz TOCs, so a
-/// remount after a restart, or on a node started from a baked volume, needs no registry),
-/// if its bytes still hash to `ztoc`; a damaged entry is dropped.
-fn cached_ztoc(tails: &store::TailCache, ztoc: &estargz::Digest) -> Option<Vec<u8>> {
-    let (_, bytes) = tails.load(&ztoc.to_string())?;
-    if estargz::Digest::of(&bytes) == *ztoc {
+/// A blob a SOCI layer needs from beside the image (`what`: its zTOC or prefetch artifact),
+/// from the tails cache or else from the image's location, then cached there.
+fn side_blob(at: &OpenAt, location: &convert::Store, tails: &store::TailCache, digest: &estargz::Digest, what: &str) -> Result<Vec<u8>, layer::NotLazy> {
+    if let Some(b) = cached_side_blob(tails, digest, what) {
+        return Ok(b);
+    }
+    let b = at.rt.block_on(location.blob_bytes(&digest.to_string())).map_err(|e| layer::NotLazy::Registry(format!("fetching {what} {digest}: {e}")))?.to_vec();
+    if let Err(e) = tails.save(&digest.to_string(), 0, &b) {
+        tracing::warn!(%digest, error = %e, "{what} not cached (a remount will fetch it again)");
+    }
+    Ok(b)
+}
+
+/// A zTOC or prefetch artifact from the tails cache (kept under its own digest next to the
+/// eStargz TOCs, so a remount after a restart, or on a node started from a baked volume, needs
+/// no registry), if its bytes still hash to `digest`; a damaged entry is dropped.
+fn cached_side_blob(tails: &store::TailCache, digest: &estargz::Digest, what: &str) -> Option<Vec<u8>> {
+    let (_, bytes) = tails.load(&digest.to_string())?;
+    if estargz::Digest::of(&bytes) == *digest {
         return Some(bytes);
     }
-    tracing::warn!(%ztoc, "cached zTOC does not match its digest; fetching it again");
-    tails.remove(&ztoc.to_string());
+    tracing::warn!(%digest, "cached {what} does not match its digest; fetching it again");
+    tails.remove(&digest.to_string());
     None
 }

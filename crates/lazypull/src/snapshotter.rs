@@ -362,8 +362,10 @@ impl Remote for DaemonRemote {
             }
             Err(e) => warn!(error = %e, "cache GC skipped"),
         }
-        // Layers' tails, and the zTOCs of live SOCI layers (cached under their own digest).
-        let live_digests: std::collections::HashSet<&str> = live.iter().flat_map(|l| std::iter::once(l.digest.as_str()).chain(l.index_check.strip_prefix("soci-ztoc:"))).collect();
+        // Layers' tails, and the zTOCs and prefetch artifacts of live SOCI layers (cached
+        // under their own digests).
+        let side_blobs = |l: &snapshotter::meta::RemoteLayer| layer::IndexCheck::parse(&l.index_check).map(|c| c.side_blobs()).unwrap_or_default();
+        let live_digests: std::collections::HashSet<String> = live.iter().flat_map(|l| std::iter::once(l.digest.clone()).chain(side_blobs(l).into_iter().map(|d| d.to_string()))).collect();
         store::TailCache::new(crate::mount::tails_dir(&self.args.state)).retain(|d| live_digests.contains(d));
         // References of layers no longer in use.
         let live_hex: std::collections::HashSet<String> = live.iter().map(|l| l.digest.trim_start_matches("sha256:").to_string()).collect();

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use convert::Store;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -29,6 +29,13 @@ pub struct IndexArgs {
     /// Layers indexed at once.
     #[arg(long, default_value_t = 2)]
     parallel_layers: usize,
+    /// A file to prefetch when the image is mounted (repeatable): its spans go into a prefetch
+    /// artifact of the topmost indexed layer holding it (upstream's experimental format).
+    #[arg(long = "prefetch-file", value_name = "PATH")]
+    prefetch_files: Vec<String>,
+    /// A JSON array of paths to prefetch, as `--prefetch-file` each.
+    #[arg(long, value_name = "FILE")]
+    prefetch_files_json: Option<std::path::PathBuf>,
 }
 
 impl IndexArgs {
@@ -42,8 +49,19 @@ impl IndexArgs {
             platforms: self.platforms.iter().map(|p| Platform::parse(p)).collect::<Result<_, _>>()?,
             all_platforms: self.all_platforms,
             parallel_layers: self.parallel_layers,
+            prefetch_files: self.prefetch_files()?,
             ..Default::default()
         })
+    }
+
+    fn prefetch_files(&self) -> Result<Vec<String>> {
+        let mut files = self.prefetch_files.clone();
+        if let Some(p) = &self.prefetch_files_json {
+            let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            let listed: Vec<String> = serde_json::from_slice(&text).with_context(|| format!("{}: not a JSON array of paths", p.display()))?;
+            files.extend(listed);
+        }
+        Ok(files)
     }
 }
 
@@ -144,21 +162,41 @@ async fn inspect(store: &Store, platform: Option<&str>) -> Result<()> {
             Some(z) => {
                 let bytes = store.blob_bytes(&z.ztoc_digest).await?;
                 match soci::Ztoc::from_bytes(&bytes) {
-                    Ok(ztoc) => println!(
-                        "  layer {i} {} {:>11}  zTOC {} {} spans of {} B, {} files",
-                        l.digest,
-                        l.size,
-                        z.ztoc_digest,
-                        ztoc.spans.span_count(),
-                        z.span_size,
-                        ztoc.entries.len()
-                    ),
+                    Ok(ztoc) => {
+                        println!(
+                            "  layer {i} {} {:>11}  zTOC {} {} spans of {} B, {} files",
+                            l.digest,
+                            l.size,
+                            z.ztoc_digest,
+                            ztoc.spans.span_count(),
+                            z.span_size,
+                            ztoc.entries.len()
+                        );
+                        if let Some(p) = &z.prefetch {
+                            println!("          prefetch {} {}", p.digest, describe_prefetch(store, &p.digest, &ztoc).await);
+                        }
+                    }
                     Err(e) => println!("  layer {i} {} {:>11}  zTOC {} unusable: {e}", l.digest, l.size, z.ztoc_digest),
                 }
             }
         }
     }
     Ok(())
+}
+
+/// A prefetch artifact's span ranges, or why it is unusable.
+async fn describe_prefetch(store: &Store, digest: &str, ztoc: &soci::Ztoc) -> String {
+    let bytes = match store.blob_bytes(digest).await {
+        Ok(b) => b,
+        Err(e) => return format!("not fetched: {e}"),
+    };
+    match soci::PrefetchArtifact::parse(&bytes).and_then(|a| a.check(ztoc).map(|()| a)) {
+        Ok(a) => {
+            let ranges: Vec<String> = a.prefetch_spans.iter().map(|s| if s.start_span == s.end_span { s.start_span.to_string() } else { format!("{}-{}", s.start_span, s.end_span) }).collect();
+            format!("spans {}", ranges.join(","))
+        }
+        Err(e) => format!("unusable: {e}"),
+    }
 }
 
 fn build_local(layers: &[std::path::PathBuf], output: &std::path::Path, span_size: u64) -> Result<()> {
@@ -224,6 +262,7 @@ fn progress() -> soci_image::Progress {
             }
         }
         Event::LayerSkipped { digest, reason } => eprintln!("{} skipped: {}", short(&digest), reason.as_str()),
+        Event::PrefetchStored { digest, artifact, files, spans } => eprintln!("{} prefetch artifact {} ({files} files, {spans} spans)", short(&digest), short(&artifact)),
         Event::IndexStored { manifest, index, platform } => {
             eprintln!("SOCI index {} for {}{}", short(&index), short(&manifest), platform.map(|p| format!(" ({p})")).unwrap_or_default())
         }

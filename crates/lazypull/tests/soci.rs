@@ -218,3 +218,60 @@ fn soci_indexed_gzip_image_mounts_lazily_and_identically() {
         assert_eq!(l["fallback_reason"], serde_json::Value::Null);
     }
 }
+
+/// Prefetch artifacts (upstream's experimental v0.13 format): `soci create --prefetch-file`
+/// gives each file to the topmost indexed layer holding it, `soci inspect` lists the spans,
+/// and a mount fetches those spans before anything reads them; a file no layer holds is an
+/// error naming it.
+#[test]
+fn soci_prefetch_artifacts_are_built_shown_and_prefetched_at_mount() {
+    if !prerequisites(&[("python3", "-V")]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    fixture(t);
+    let reg = TestRegistry::start(Auth::None);
+    let proxy = FaultProxy::start(&reg.host);
+    let reference = format!("{}/soci/prefetch:v1", proxy.addr);
+    lazypull(&["image", "copy", &format!("oci:{}:latest", t.join("image-layout").display()), &reference]);
+
+    let missing = Command::new(BIN).args(["soci", "create", &reference, "--prefetch-file", "/no/such/file"]).output().unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such/file"), "{}", String::from_utf8_lossy(&missing.stderr));
+
+    // Both layers hold these paths; the upper (multi-member) layer's copies are the ones a
+    // container sees. blob2.bin is at uncompressed 4207616..7091209 there: spans 3-6 of ~1 MiB
+    // (checkpoints fall on deflate block ends, span 4 starts past 4207616); etc/hostname is in
+    // span 0.
+    let list = t.join("prefetch.json");
+    std::fs::write(&list, r#"["etc/hostname"]"#).unwrap();
+    let created = lazypull(&["soci", "create", &reference, "--span-size", "1048576", "--prefetch-file", "/opt/data/blob2.bin", "--prefetch-files-json", list.to_str().unwrap()]);
+    assert!(created.contains("indexed 2 layers"), "{created}");
+    let inspect = lazypull(&["soci", "inspect", &reference]);
+    assert_eq!(inspect.matches("prefetch sha256:").count(), 1, "one layer has a prefetch artifact:\n{inspect}");
+    assert!(inspect.contains("spans 0,3-6"), "{inspect}");
+    let upper = inspect.lines().position(|l| l.contains(MULTI)).unwrap();
+    assert!(inspect.lines().nth(upper + 1).unwrap().contains("prefetch sha256:"), "the artifact belongs to the upper layer:\n{inspect}");
+
+    proxy.clear_requests();
+    let m = Mounted::new(&reference, &t.join("m"), &t.join("s"), &[]);
+    // The prefetch runs after the mount returns: wait until its daemon says it is done (the
+    // spans are then verified and stored).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !m.log().contains("prefetched at mount") {
+        assert!(std::time::Instant::now() < deadline, "no prefetch finished:\n{}", m.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let prefetched = proxy.blob_bytes_requested(MULTI, 11_157_867);
+    assert!((3_000_000..6_000_000).contains(&prefetched), "spans 0 and 3-6 of ~860 KB each, not {prefetched} bytes");
+    let before = proxy.count("GET", MULTI);
+    let extracted_upper = extracted(&t.join("multimember.tar.gz"), &t.join("x1"));
+    assert!(extracted_upper.contains_key("opt/data/blob2.bin"));
+    let got = std::fs::read(m.at.join("opt/data/blob2.bin")).unwrap();
+    assert_eq!(sha_hex(&got), sha_hex(&std::fs::read(t.join("x1/opt/data/blob2.bin")).unwrap()));
+    assert_eq!(std::fs::read(m.at.join("etc/hostname")).unwrap(), std::fs::read(t.join("x1/etc/hostname")).unwrap());
+    assert_eq!(proxy.count("GET", MULTI), before, "the prefetched files were read without a request:\n{}", m.log());
+    assert_eq!(proxy.blob_bytes_requested(MIXED, 12_228_755), 0, "the lower layer has no prefetch artifact and was not read");
+    assert!(m.log().contains("prefetched at mount"), "{}", m.log());
+}

@@ -149,8 +149,10 @@ impl RegistryRemote {
                 let Some(layer) = manifest.layers.iter().find(|l| &l.digest == d) else { continue };
                 let Ok(found) = layer::detect(&layer.media_type, &layer.annotations) else {
                     if let Some(z) = soci.as_ref().and_then(|s| s.ztoc_for(d)) {
-                        let (client, reference, tails, ztoc) = (client.clone(), reference.clone(), tails.clone(), z.ztoc_digest.clone());
-                        tasks.push(tokio::spawn(async move { read_ztoc_ahead(&client, &reference, &ztoc, &tails, timeout).await }));
+                        for blob in std::iter::once(z.ztoc_digest.clone()).chain(z.prefetch.as_ref().map(|p| p.digest.clone())) {
+                            let (client, reference, tails) = (client.clone(), reference.clone(), tails.clone());
+                            tasks.push(tokio::spawn(async move { read_side_blob_ahead(&client, &reference, &blob, &tails, timeout).await }));
+                        }
                     }
                     continue;
                 };
@@ -190,10 +192,7 @@ impl RegistryRemote {
             Err(reason @ NotLazy::NoIndex { .. }) if soci_image::indexable(&d.media_type) => {
                 let Some((index_digest, index)) = self.soci_index(image, &m)? else { return Err(reason) };
                 match index.ztoc_for(digest) {
-                    Some(z) => {
-                        let d_ztoc = z.ztoc_digest.parse().map_err(|_| NotLazy::IndexUnusable(format!("zTOC digest {:?}", z.ztoc_digest)))?;
-                        Ok(remote(d.size, layer::IndexCheck::SociZtoc(d_ztoc)))
-                    }
+                    Some(z) => Ok(remote(d.size, layer::IndexCheck::soci(&z.ztoc_digest, z.prefetch.as_ref().map(|p| p.digest.as_str()))?)),
                     None => Err(NotLazy::NoZtoc { index: index_digest }),
                 }
             }
@@ -243,6 +242,24 @@ impl RegistryRemote {
         Ok(m)
     }
 
+    /// A blob a SOCI layer needs from beside the image (`what`: its zTOC or prefetch
+    /// artifact), digest-checked as it arrives; from the tails cache when read ahead there.
+    fn side_blob(&self, reference: &Reference, digest: &estargz::Digest, what: &str) -> Result<Vec<u8>, NotLazy> {
+        let name = digest.to_string();
+        if let Some((_, b)) = self.tails.as_ref().and_then(|t| t.load(&name)) {
+            if estargz::Digest::of(&b) == *digest {
+                return Ok(b);
+            }
+        }
+        let (client, reference, timeout) = (self.client.clone(), reference.clone(), self.config.fetch_timeout);
+        let bytes = self
+            .runtime
+            .block_on(async move { tokio::time::timeout(timeout, client.get_blob_bytes(&reference, &name, 512 << 20)).await })
+            .map_err(|_| NotLazy::RegistryUnreachable(format!("{what} {digest} not fetched within {timeout:?}")))?
+            .map_err(|e| NotLazy::Registry(format!("fetching {what} {digest}: {e}")))?;
+        Ok(bytes.to_vec())
+    }
+
     /// Per-layer counters of every mounted layer: (fs dir, fetcher).
     pub fn layers(&self) -> Vec<(PathBuf, Arc<LayerFetcher>)> {
         self.mounts.lock().unwrap().iter().map(|(p, m)| (p.clone(), m.fetcher().clone())).collect()
@@ -272,14 +289,12 @@ impl Remote for RegistryRemote {
             self.config.fetch_timeout,
         ));
         let opened = match (&want, &self.tails) {
-            (layer::IndexCheck::SociZtoc(ztoc), _) => {
-                let (client, reference, timeout) = (self.client.clone(), Reference::parse(&layer.image_ref).expect("parsed above"), self.config.fetch_timeout);
-                let bytes = self
-                    .runtime
-                    .block_on(async move { tokio::time::timeout(timeout, client.get_blob_bytes(&reference, &ztoc.to_string(), 512 << 20)).await })
-                    .map_err(|_| NotLazy::RegistryUnreachable(format!("zTOC {ztoc} not fetched within {timeout:?}")))?
-                    .map_err(|e| NotLazy::Registry(format!("fetching zTOC {ztoc}: {e}")))?;
-                lazyfs::open_ztoc_layer(source, &bytes, &want, self.store.clone(), self.config.fetch.clone())
+            (layer::IndexCheck::SociZtoc(ztoc, prefetch), _) => {
+                let reference = Reference::parse(&layer.image_ref).expect("parsed above");
+                let bytes = self.side_blob(&reference, ztoc, "zTOC")?;
+                // A hint: a prefetch artifact that cannot be fetched costs the prefetch, not the layer.
+                let prefetch = prefetch.and_then(|p| self.side_blob(&reference, &p, "prefetch artifact").map_err(|e| tracing::warn!(error = %e, "SOCI prefetch artifact not fetched")).ok());
+                lazyfs::open_ztoc_layer(source, &bytes, prefetch.as_deref(), &want, self.store.clone(), self.config.fetch.clone())
             }
             (_, Some(tails)) => lazyfs::open_layer_cached(source, Some(&want), self.store.clone(), self.config.fetch.clone(), tails),
             (_, None) => lazyfs::open_layer(source, Some(&want), self.store.clone(), self.config.fetch.clone()),
@@ -341,9 +356,9 @@ impl Remote for RegistryRemote {
 /// default minimum layer size is 10 MiB, and the snapshot calls wait while it works.
 const LOCAL_UNPACK_MAX: u64 = 16 << 20;
 
-/// Fetches zTOC `ztoc` into `tails` (under its digest, where a layer's mount looks first),
-/// unless it is there; only bytes that hash to it are kept.
-async fn read_ztoc_ahead(client: &Client, reference: &Reference, ztoc: &str, tails: &TailCache, timeout: std::time::Duration) {
+/// Fetches a SOCI layer's zTOC or prefetch artifact `ztoc` into `tails` (under its digest,
+/// where a layer's mount looks first), unless it is there; only bytes that hash to it are kept.
+async fn read_side_blob_ahead(client: &Client, reference: &Reference, ztoc: &str, tails: &TailCache, timeout: std::time::Duration) {
     if tails.contains(ztoc) {
         return;
     }

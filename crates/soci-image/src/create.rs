@@ -27,6 +27,9 @@ pub struct CreateOptions {
     pub all_platforms: bool,
     pub parallel_layers: usize,
     pub build_tool: String,
+    /// Files to prefetch at mount (`--prefetch-file`): each is looked up from the topmost
+    /// indexed layer down, and its spans go into that layer's prefetch artifact.
+    pub prefetch_files: Vec<String>,
 }
 
 impl Default for CreateOptions {
@@ -38,6 +41,7 @@ impl Default for CreateOptions {
             all_platforms: false,
             parallel_layers: 2,
             build_tool: soci::ztoc::SOCI_BUILD_TOOL.to_owned(),
+            prefetch_files: Vec::new(),
         }
     }
 }
@@ -48,6 +52,7 @@ pub enum Event {
     LayerStart { digest: String, size: u64 },
     LayerIndexed { digest: String, ztoc: String, spans: usize, files: usize, seconds: f64 },
     LayerSkipped { digest: String, reason: SkipReason },
+    PrefetchStored { digest: String, artifact: String, files: usize, spans: u64 },
     IndexStored { manifest: String, index: String, platform: Option<String> },
 }
 
@@ -122,7 +127,7 @@ pub fn indexable(media_type: &str) -> bool {
 /// Builds and stores the zTOCs of one manifest's layers; returns the SOCI index (no subject).
 async fn index_layers(src: &Store, dst: &Store, m: &Manifest, version: IndexVersion, opts: &CreateOptions, progress: &Progress) -> Result<(SociIndex, usize)> {
     let tmp = tempfile::tempdir().map_err(|e| Error::Io { context: "creating a temporary directory".into(), source: e })?;
-    let results: Vec<Option<LayerZtoc>> = stream::iter(m.layers.iter().cloned().enumerate())
+    let results: Vec<Option<(LayerZtoc, LayerHits)>> = stream::iter(m.layers.iter().cloned().enumerate())
         .map(|(i, layer)| {
             let dir = tmp.path().to_path_buf();
             async move {
@@ -149,6 +154,7 @@ async fn index_layers(src: &Store, dst: &Store, m: &Manifest, version: IndexVers
                 .map_err(|e| Error::Invalid(format!("zTOC builder task failed: {e}")))?
                 .map_err(|source| Error::Build { index: i, digest: layer.digest.clone(), source })?;
                 let bytes = Bytes::from(ztoc.to_bytes());
+                let hits = soci::prefetch::spans_of_files(&ztoc, &opts.prefetch_files);
                 let ztoc_digest = dst.put_blob_bytes(&bytes, None).await?;
                 progress(Event::LayerIndexed {
                     digest: layer.digest.clone(),
@@ -157,22 +163,54 @@ async fn index_layers(src: &Store, dst: &Store, m: &Manifest, version: IndexVers
                     files: ztoc.entries.len(),
                     seconds: started.elapsed().as_secs_f64(),
                 });
-                Ok::<_, Error>(Some(LayerZtoc {
+                let z = LayerZtoc {
                     layer_digest: layer.digest.clone(),
                     layer_media_type: layer.media_type.clone(),
                     ztoc_digest,
                     ztoc_size: bytes.len() as u64,
                     span_size: opts.span_size,
-                }))
+                    prefetch: None,
+                };
+                Ok::<_, Error>(Some((z, hits)))
             }
         })
         .buffered(opts.parallel_layers.max(1))
         .try_collect()
         .await?;
     let skipped = results.iter().filter(|r| r.is_none()).count();
-    let ztocs: Vec<LayerZtoc> = results.into_iter().flatten().collect();
+    let mut layers: Vec<(LayerZtoc, LayerHits)> = results.into_iter().flatten().collect();
+    add_prefetch_artifacts(dst, &mut layers, &opts.prefetch_files, progress).await?;
+    let ztocs: Vec<LayerZtoc> = layers.into_iter().map(|(z, _)| z).collect();
     dst.put_blob_bytes(&Bytes::from_static(EMPTY_CONFIG), None).await?;
     Ok((SociIndex { version, ztocs, subject: None, build_tool: Some(opts.build_tool.clone()) }, skipped))
+}
+
+/// Which of the prefetch files a layer holds: (position in the list, inclusive span range).
+type LayerHits = Vec<(usize, (usize, usize))>;
+
+/// Gives each file of `files` to the topmost indexed layer holding it (upstream's rule: the
+/// file a container sees) and stores one prefetch artifact per layer that got any. A file no
+/// indexed layer holds is an error naming it: a typo would otherwise prefetch nothing silently.
+async fn add_prefetch_artifacts(dst: &Store, layers: &mut [(LayerZtoc, LayerHits)], files: &[String], progress: &Progress) -> Result<()> {
+    let mut owner: Vec<Option<usize>> = vec![None; files.len()];
+    for (l, (_, hits)) in layers.iter().enumerate().rev() {
+        for (f, _) in hits {
+            owner[*f].get_or_insert(l);
+        }
+    }
+    if let Some(f) = owner.iter().position(Option::is_none) {
+        return Err(Error::PrefetchFileNotFound(files[f].clone()));
+    }
+    for (l, (z, hits)) in layers.iter_mut().enumerate() {
+        let mine: Vec<(usize, usize)> = hits.iter().filter(|(f, _)| owner[*f] == Some(l)).map(|(_, r)| *r).collect();
+        let Some(artifact) = soci::PrefetchArtifact::from_ranges(mine.iter().copied()) else { continue };
+        let bytes = Bytes::from(artifact.to_bytes());
+        let digest = dst.put_blob_bytes(&bytes, None).await?;
+        let spans = artifact.prefetch_spans.iter().map(|s| s.end_span - s.start_span + 1).sum();
+        progress(Event::PrefetchStored { digest: z.layer_digest.clone(), artifact: digest.clone(), files: mine.len(), spans });
+        z.prefetch = Some(crate::manifest::Blob { digest, size: bytes.len() as u64 });
+    }
+    Ok(())
 }
 
 /// `soci create`: a v1 SOCI index per selected manifest, stored beside the unchanged image

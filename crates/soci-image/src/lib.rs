@@ -11,7 +11,7 @@ pub mod manifest;
 pub mod referrers;
 
 pub use create::{convert_v2, create_v1, indexable, CreateOptions, Event, Progress, Report, SkipReason};
-pub use manifest::{IndexVersion, LayerZtoc, SociIndex};
+pub use manifest::{Blob, IndexVersion, LayerZtoc, SociIndex};
 pub use referrers::{discover, Found, Via};
 
 /// Errors name the image, layer or document involved.
@@ -38,6 +38,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("prefetch file {0:?} is not a regular file of any indexed layer")]
+    PrefetchFileNotFound(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

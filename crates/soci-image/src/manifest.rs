@@ -42,7 +42,8 @@ impl IndexVersion {
     }
 }
 
-/// One indexed layer: the image layer and the zTOC blob for it.
+/// One indexed layer: the image layer, the zTOC blob for it, and its prefetch artifact if the
+/// index has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerZtoc {
     pub layer_digest: String,
@@ -50,6 +51,14 @@ pub struct LayerZtoc {
     pub ztoc_digest: String,
     pub ztoc_size: u64,
     pub span_size: u64,
+    pub prefetch: Option<Blob>,
+}
+
+/// A blob an index points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub digest: String,
+    pub size: u64,
 }
 
 /// A SOCI index, parsed.
@@ -74,22 +83,26 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 }
 
 impl SociIndex {
-    /// The index manifest document.
+    /// The index manifest document: the zTOCs in layer order, then the prefetch artifacts in
+    /// the same order (upstream's layout).
     pub fn to_manifest(&self) -> Manifest {
         let config = Descriptor::new(self.version.artifact_type(), sha256_digest(EMPTY_CONFIG), EMPTY_CONFIG.len() as u64);
-        let layers = self
-            .ztocs
-            .iter()
-            .map(|z| {
-                let mut d = Descriptor::new(ZTOC_MEDIA_TYPE, z.ztoc_digest.clone(), z.ztoc_size);
-                d.annotations = BTreeMap::from([
-                    (LAYER_DIGEST.to_owned(), z.layer_digest.clone()),
-                    (LAYER_MEDIA_TYPE.to_owned(), z.layer_media_type.clone()),
-                    (SPAN_SIZE.to_owned(), z.span_size.to_string()),
-                ]);
-                d
-            })
-            .collect();
+        let ztocs = self.ztocs.iter().map(|z| {
+            let mut d = Descriptor::new(ZTOC_MEDIA_TYPE, z.ztoc_digest.clone(), z.ztoc_size);
+            d.annotations = BTreeMap::from([
+                (LAYER_DIGEST.to_owned(), z.layer_digest.clone()),
+                (LAYER_MEDIA_TYPE.to_owned(), z.layer_media_type.clone()),
+                (SPAN_SIZE.to_owned(), z.span_size.to_string()),
+            ]);
+            d
+        });
+        let prefetches = self.ztocs.iter().filter_map(|z| {
+            let p = z.prefetch.as_ref()?;
+            let mut d = Descriptor::new(soci::PREFETCH_MEDIA_TYPE, p.digest.clone(), p.size);
+            d.annotations = BTreeMap::from([(LAYER_DIGEST.to_owned(), z.layer_digest.clone())]);
+            Some(d)
+        });
+        let layers = ztocs.chain(prefetches).collect();
         let mut annotations = BTreeMap::new();
         if let Some(tool) = &self.build_tool {
             annotations.insert(BUILD_TOOL.to_owned(), tool.clone());
@@ -132,9 +145,14 @@ impl SociIndex {
             INDEX_V2_TYPE => IndexVersion::V2,
             other => return Err(bad(format!("artifact type {other:?} is not a SOCI index"))),
         };
-        let mut ztocs = Vec::new();
+        let mut ztocs: Vec<LayerZtoc> = Vec::new();
+        let mut prefetches = Vec::new();
         for (i, l) in m.layers.iter().enumerate() {
             let get = |key: &str| l.annotations.get(key).cloned().ok_or_else(|| bad(format!("zTOC {i} ({}) has no {key}", l.digest)));
+            if l.media_type == soci::PREFETCH_MEDIA_TYPE {
+                prefetches.push((get(LAYER_DIGEST)?, Blob { digest: l.digest.clone(), size: l.size }));
+                continue;
+            }
             let span_size = get(SPAN_SIZE)?.parse().map_err(|_| bad(format!("zTOC {i} ({}) has a bad {SPAN_SIZE}", l.digest)))?;
             ztocs.push(LayerZtoc {
                 layer_digest: get(LAYER_DIGEST)?,
@@ -142,7 +160,16 @@ impl SociIndex {
                 ztoc_digest: l.digest.clone(),
                 ztoc_size: l.size,
                 span_size,
+                prefetch: None,
             });
+        }
+        for (layer, blob) in prefetches {
+            // A prefetch set for a layer without a zTOC has nothing to name spans of.
+            match ztocs.iter_mut().find(|z| z.layer_digest == layer) {
+                Some(z) if z.prefetch.is_none() => z.prefetch = Some(blob),
+                Some(_) => return Err(bad(format!("two prefetch artifacts for layer {layer}"))),
+                None => return Err(bad(format!("prefetch artifact {} is for layer {layer}, which has no zTOC in the index", blob.digest))),
+            }
         }
         Ok(SociIndex { version, ztocs, subject: m.subject, build_tool: m.annotations.get(BUILD_TOOL).cloned() })
     }
@@ -174,6 +201,7 @@ mod tests {
                 ztoc_digest: "sha256:bb".into(),
                 ztoc_size: 3,
                 span_size: 4 << 20,
+                prefetch: None,
             }],
             subject: None,
             build_tool: Some("t".into()),
@@ -185,5 +213,30 @@ mod tests {
         let missing = String::from_utf8(bytes).unwrap().replace(SPAN_SIZE, "x");
         let err = SociIndex::parse(missing.as_bytes(), "sha256:cc").unwrap_err();
         assert!(err.to_string().contains("sha256:cc") && err.reason.contains(SPAN_SIZE), "{err}");
+    }
+
+    #[test]
+    fn prefetch_artifacts_follow_the_ztocs_and_are_read_back_to_their_layer() {
+        let z = |n: &str, p: Option<&str>| LayerZtoc {
+            layer_digest: format!("sha256:{n}"),
+            layer_media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            ztoc_digest: format!("sha256:z{n}"),
+            ztoc_size: 3,
+            span_size: 4 << 20,
+            prefetch: p.map(|d| Blob { digest: d.into(), size: 60 }),
+        };
+        let idx = SociIndex { version: IndexVersion::V2, ztocs: vec![z("a", Some("sha256:pa")), z("b", None), z("c", Some("sha256:pc"))], subject: None, build_tool: None };
+        let m = idx.to_manifest();
+        let kinds: Vec<(&str, &str)> = m.layers.iter().map(|l| (l.media_type.as_str(), l.digest.as_str())).collect();
+        assert_eq!(
+            kinds,
+            [(ZTOC_MEDIA_TYPE, "sha256:za"), (ZTOC_MEDIA_TYPE, "sha256:zb"), (ZTOC_MEDIA_TYPE, "sha256:zc"), (soci::PREFETCH_MEDIA_TYPE, "sha256:pa"), (soci::PREFETCH_MEDIA_TYPE, "sha256:pc")]
+        );
+        assert_eq!(m.layers[3].annotations, BTreeMap::from([(LAYER_DIGEST.to_owned(), "sha256:a".to_owned())]));
+        assert_eq!(SociIndex::parse(&idx.to_bytes(), "x").unwrap(), idx);
+        // A prefetch set for a layer the index does not index: refused with the layer named.
+        let stray = String::from_utf8(idx.to_bytes()).unwrap().replace("\"com.amazon.soci.image-layer-digest\":\"sha256:c\"}}]", "\"com.amazon.soci.image-layer-digest\":\"sha256:q\"}}]");
+        let err = SociIndex::parse(stray.as_bytes(), "x").unwrap_err();
+        assert!(err.reason.contains("sha256:q"), "{err}");
     }
 }

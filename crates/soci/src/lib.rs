@@ -10,6 +10,7 @@
 //! - [`build`]: the zTOC builder, one streaming pass over a layer blob;
 //! - [`extract`]: inflating bytes from a checkpoint, verifying spans, reading files;
 //! - [`layer_model`]: a zTOC as the format-neutral layer model (what the mount serves);
+//! - [`prefetch`]: prefetch artifacts (span ranges to fetch at mount, kept beside the zTOC);
 //! - [`inflate`]: the block-aware raw inflater the two above share (`index::zran`).
 //!
 //! The reference for every byte is the SOCI project's own builder (v0.15.0); the tests check
@@ -18,6 +19,7 @@
 pub mod build;
 pub mod extract;
 pub mod layer_model;
+pub mod prefetch;
 mod fbs;
 /// The block-aware raw inflater (from the layer model crate, which decodes spans at read time).
 pub use index::zran as inflate;
@@ -28,4 +30,5 @@ pub mod ztoc;
 pub use build::{build_ztoc, BuildError, BuildOptions, DEFAULT_SPAN_SIZE};
 pub use extract::{inflate_at, read_entry, verify_span, BlobRange, ExtractError};
 pub use zinfo::{Checkpoint, SpanTable, ZinfoError};
+pub use prefetch::{PrefetchArtifact, PrefetchError, PREFETCH_MEDIA_TYPE};
 pub use ztoc::{Compression, Entry, EntryKind, Ztoc, ZtocError};

@@ -67,8 +67,12 @@ pub struct Plan {
 pub fn hot_chunks(input: &LayerInput) -> BTreeSet<usize> {
     let idx = input.index;
     let mut hot = BTreeSet::new();
-    if let Prefetch::UpTo(end) = idx.prefetch() {
-        hot.extend(idx.chunks().iter().enumerate().filter(|(_, c)| c.offset < end).map(|(i, _)| i));
+    match idx.prefetch() {
+        Prefetch::UpTo(end) => hot.extend(idx.chunks().iter().enumerate().filter(|(_, c)| c.offset < *end).map(|(i, _)| i)),
+        Prefetch::Ranges(ranges) => {
+            hot.extend(idx.chunks().iter().enumerate().filter(|(_, c)| ranges.iter().any(|r| c.offset >= r.start && c.end <= r.end)).map(|(i, _)| i))
+        }
+        Prefetch::Unspecified | Prefetch::Nothing => {}
     }
     for path in input.recorded {
         let Some(ino) = idx.resolve(path.trim_start_matches('/')) else { continue };

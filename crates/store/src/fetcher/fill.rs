@@ -40,8 +40,23 @@ impl LayerFetcher {
     /// Fetches every chunk whose member ends at or before `end` (the prioritized files, up to
     /// the `.prefetch.landmark`), in blob order.
     pub fn prefetch_until(&self, end: u64) -> Result<()> {
-        let last = self.chunks.partition_point(|c| c.next_offset <= end);
-        let res = self.pipeline(0..last, true);
+        self.prefetch_ranges(&[0..end])
+    }
+
+    /// Fetches every chunk whose member lies inside one of `ranges` (blob offsets: the
+    /// prioritized files, or a SOCI prefetch artifact's spans), range by range in the order
+    /// given, each in blob order; returns the first error (after the other ranges).
+    pub fn prefetch_ranges(&self, ranges: &[Range<u64>]) -> Result<()> {
+        let mut res = Ok(());
+        for r in ranges {
+            // Chunks are in blob order, so those inside the range are contiguous from `first`.
+            let first = self.chunks.partition_point(|c| c.offset < r.start);
+            let inside = first + self.chunks[first..].iter().take_while(|c| c.next_offset <= r.end).count();
+            let r = self.pipeline(first..inside, true);
+            if res.is_ok() {
+                res = r;
+            }
+        }
         self.stats.prefetch_done.store(true, Ordering::Relaxed);
         res
     }
@@ -207,15 +222,17 @@ impl LayerFetcher {
         Ok(bytes)
     }
 
-    /// Starts the layer's fill thread: the prioritized-files prefetch up to `prefetch_end` (if
-    /// any), then, when `background`, the background pass after `delay` (cut short by `stop`).
-    pub fn spawn_fill(self: &Arc<Self>, prefetch_end: Option<u64>, background: bool, delay: Duration, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// Starts the layer's fill thread: the mount-time prefetch of `prefetch` (blob ranges; see
+    /// [`Self::prefetch_ranges`]), then, when `background`, the background pass after `delay`
+    /// (cut short by `stop`).
+    pub fn spawn_fill(self: &Arc<Self>, prefetch: Vec<Range<u64>>, background: bool, delay: Duration, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
         let f = self.clone();
         std::thread::Builder::new().name("fill".into()).spawn(move || {
-            if let Some(end) = prefetch_end {
+            if !prefetch.is_empty() {
                 let t = Instant::now();
-                match f.prefetch_until(end) {
-                    Ok(()) => info!(blob = %f.blob, bytes = end.min(f.total_bytes), ms = t.elapsed().as_millis() as u64, "prefetched at mount"),
+                let bytes = prefetch.iter().map(|r| r.end.min(f.total_bytes).saturating_sub(r.start)).fold(0u64, u64::saturating_add);
+                match f.prefetch_ranges(&prefetch) {
+                    Ok(()) => info!(blob = %f.blob, bytes, ranges = prefetch.len(), ms = t.elapsed().as_millis() as u64, "prefetched at mount"),
                     Err(e) => warn!(blob = %f.blob, error = %e, "prefetch of prioritized files failed; they will be fetched on demand"),
                 }
             }

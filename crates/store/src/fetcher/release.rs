@@ -148,7 +148,7 @@ mod tests {
             gate: Some((Mutex::new(entered_tx), Mutex::new(go_rx))),
         };
         let (f, _dir) = fetcher(src, vec![chunk(10, 40, 0, 1, b"x")]);
-        let fill = f.spawn_fill(Some(u64::MAX), false, Duration::ZERO, Arc::new(AtomicBool::new(false))).unwrap();
+        let fill = f.spawn_fill(vec![0..u64::MAX], false, Duration::ZERO, Arc::new(AtomicBool::new(false))).unwrap();
         entered_rx.recv_timeout(Duration::from_secs(10)).expect("the prefetch asked the source");
         drop(entered_rx); // later requests panic at once
         // A reader joins the prefetch's flight, then the prefetch dies.
@@ -188,7 +188,7 @@ mod tests {
         for c in hostile {
             let (f, _dir) = fetcher(Source { blob: blob.clone(), gate: None }, vec![c.clone()]);
             // Through the fill thread (prefetch and background pass) ...
-            let fill = f.spawn_fill(Some(u64::MAX), true, Duration::ZERO, Arc::new(AtomicBool::new(false))).unwrap();
+            let fill = f.spawn_fill(vec![0..u64::MAX], true, Duration::ZERO, Arc::new(AtomicBool::new(false))).unwrap();
             // ... and through a reader.
             let t = Instant::now();
             assert!(f.get(0).is_err(), "{c:?}");
