@@ -86,6 +86,12 @@ pub fn open_lazy(at: &OpenAt, location: &convert::Store, d: &registry::Descripto
     match check {
         layer::IndexCheck::SociZtoc(ztoc, prefetch) => {
             let bytes = side_blob(at, location, &tails, &ztoc, "zTOC")?;
+            // A small layer the snapshotter indexed itself was kept whole: read it from disk
+            // (every span is still checked against the zTOC's digests).
+            let source = match tails.load_whole(&d.digest, d.size) {
+                Some(blob) => Arc::new(store::TailSource::new(source, Some((0, blob)))) as Arc<dyn RangeSource>,
+                None => source,
+            };
             // A hint: a prefetch artifact that cannot be fetched costs the prefetch, not the layer.
             let prefetch = prefetch.and_then(|p| side_blob(at, location, &tails, &p, "prefetch artifact").map_err(|e| warn!(error = %e, "SOCI prefetch artifact not fetched")).ok());
             lazyfs::open_ztoc_layer(source, &bytes, prefetch.as_deref(), &check, at.store.clone(), at.fetch.clone()).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}")))

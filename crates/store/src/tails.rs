@@ -47,6 +47,22 @@ impl TailCache {
         Some((u64::from_le_bytes(head.try_into().ok()?), rest.to_vec()))
     }
 
+    /// The whole of `blob` (`size` bytes), when the cache holds all of it and it still hashes
+    /// to its digest: a small layer kept whole where it was fetched whole (the snapshotter
+    /// indexing a SOCI layer that has no zTOC), so that its mount reads it from disk. A damaged
+    /// entry is dropped.
+    pub fn load_whole(&self, blob: &str, size: u64) -> Option<Vec<u8>> {
+        let (start, bytes) = self.load(blob)?;
+        if start != 0 || bytes.len() as u64 != size {
+            return None;
+        }
+        if index::Digest::of(&bytes).to_string() != blob {
+            self.remove(blob);
+            return None;
+        }
+        Some(bytes)
+    }
+
     pub fn contains(&self, blob: &str) -> bool {
         self.path(blob).is_some_and(|p| p.exists())
     }
@@ -158,6 +174,25 @@ mod tests {
     use crate::source::FileRangeSource;
 
     const BLOB: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_whole_blob_is_served_only_if_complete_and_still_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = TailCache::new(dir.path().join("tails"));
+        let blob = b"a small layer, kept whole".to_vec();
+        let digest = index::Digest::of(&blob).to_string();
+        c.save(&digest, 0, &blob).unwrap();
+        assert_eq!(c.load_whole(&digest, blob.len() as u64), Some(blob.clone()));
+        assert_eq!(c.load_whole(&digest, blob.len() as u64 + 1), None, "another size: not the whole blob");
+        c.save(&digest, 3, &blob[3..]).unwrap();
+        assert_eq!(c.load_whole(&digest, blob.len() as u64), None, "a tail is not the whole blob");
+        assert!(c.contains(&digest), "a tail is kept for what it is");
+        let mut damaged = blob.clone();
+        damaged[0] ^= 1;
+        c.save(&digest, 0, &damaged).unwrap();
+        assert_eq!(c.load_whole(&digest, blob.len() as u64), None);
+        assert!(!c.contains(&digest), "a damaged whole blob is dropped");
+    }
 
     #[test]
     fn entries_round_trip_and_hostile_digests_are_refused() {
