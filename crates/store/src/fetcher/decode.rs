@@ -112,6 +112,13 @@ impl LayerFetcher {
         Some(out)
     }
 
+    /// Whether [`Self::resumed_slice`] would answer, without copying the bytes or touching the
+    /// recency order.
+    pub(super) fn has_resumed(&self, offset: u64, end: u64, inner: u64, size: u64) -> bool {
+        let Some(to) = inner.checked_add(size) else { return false };
+        self.resumed.lock().unwrap().iter().any(|s| s.offset == offset && s.end == end && to <= s.data.len() as u64)
+    }
+
     fn remember_resumed(&self, offset: u64, end: u64, data: Arc<Vec<u8>>) {
         let mut kept = self.resumed.lock().unwrap();
         kept.retain(|s| !(s.offset == offset && s.end == end));

@@ -40,7 +40,7 @@ impl LayerFetcher {
     pub(super) fn span_is_local(&self, cl: &Claim) -> bool {
         let c = &self.chunks[cl.idx];
         let Some(span) = c.compressed_digest else { return false };
-        self.resumed_slice(c.offset, c.next_offset, c.inner_offset, c.size).is_some() || self.store.contains_len(&span, c.next_offset.saturating_sub(c.offset))
+        self.has_resumed(c.offset, c.next_offset, c.inner_offset, c.size) || self.store.contains_len(&span, c.next_offset.saturating_sub(c.offset))
     }
 
     /// Releases an optional claim nobody joined, leaving its chunk unfetched; false (and the
