@@ -15,9 +15,9 @@
 //! `cacheDuration`, or the provider's `defaultCacheDuration` when the response gives none; a
 //! duration of zero means no caching. Concurrent lookups of one image run its plugin once.
 //!
-//! Config files are read as JSON (no YAML parser is available to this build; kubelet accepts
-//! JSON configs too, so one JSON file can serve both). Errors name the plugin and the image
-//! and never contain the plugin's stdout, which may hold credentials.
+//! Config files are YAML, as kubelet's usually are, or JSON (a document starting with `{`;
+//! kubelet accepts both, so the node's own file serves both). Errors name the plugin and the
+//! image and never contain the plugin's stdout, which may hold credentials.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -73,6 +73,20 @@ pub struct ProviderConfig {
     pub args: Vec<String>,
     #[serde(default)]
     pub env: Vec<EnvVar>,
+    /// kubelet's service-account-token mode (`tokenAttributes`, Kubernetes 1.33+): the plugin
+    /// wants a token of the pulling *pod's* service account in its request. Only kubelet has a
+    /// pod and can ask the API server for that token, so lazypull does not run such a plugin;
+    /// kubelet does, and its credential reaches the lazy mounts as the `AuthConfig` of the
+    /// `PullImage` through the CRI proxy. The attributes are kept only to recognise the mode.
+    #[serde(default)]
+    pub token_attributes: Option<serde_json::Value>,
+}
+
+impl ProviderConfig {
+    /// Whether this plugin needs a pod's service account token (see [`Self::token_attributes`]).
+    pub fn needs_service_account_token(&self) -> bool {
+        self.token_attributes.as_ref().is_some_and(|t| !t.is_null())
+    }
 }
 
 /// An environment variable for a plugin; `Debug` shows only its name (values may be secret).
@@ -104,13 +118,18 @@ pub enum ProviderError {
 }
 
 impl CredentialProviderConfig {
-    /// Parses and validates a config (JSON); `source_name` names it in errors.
+    /// Parses and validates a config (YAML, or JSON when it starts with `{`); `source_name`
+    /// names it in errors.
     pub fn parse(text: &str, source_name: &str) -> Result<CredentialProviderConfig, ProviderError> {
         let err = |reason: String| ProviderError::Config {
             source_name: source_name.to_string(),
             reason,
         };
-        let config: CredentialProviderConfig = serde_json::from_str(text).map_err(|e| err(format!("not a JSON CredentialProviderConfig: {e}")))?;
+        let config: CredentialProviderConfig = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| err(format!("not a JSON CredentialProviderConfig: {e}")))?
+        } else {
+            serde_norway::from_str(text).map_err(|e| err(format!("not a YAML CredentialProviderConfig: {e}")))?
+        };
         config.validate().map_err(err)?;
         Ok(config)
     }
@@ -296,6 +315,16 @@ impl Providers {
         let providers = config
             .providers
             .into_iter()
+            .filter(|p| {
+                let skip = p.needs_service_account_token();
+                if skip {
+                    tracing::info!(
+                        plugin = %p.name,
+                        "credential provider needs a pod's service account token (tokenAttributes): kubelet runs it, and its credential reaches lazy mounts through the CRI proxy's PullImage AuthConfig"
+                    );
+                }
+                !skip
+            })
             .map(|p| Provider {
                 default_cache_duration: parse_go_duration(&p.default_cache_duration).unwrap_or_default(),
                 bin: options.bin_dir.join(&p.name),

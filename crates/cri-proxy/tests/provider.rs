@@ -332,3 +332,55 @@ fn config_validation() {
     let two = serde_json::json!({"providers": [good.clone(), good]}).to_string();
     assert!(CredentialProviderConfig::parse(&two, "c").unwrap_err().to_string().contains("duplicate"));
 }
+
+/// kubelet's config files are usually YAML (the form its documentation shows): read the same
+/// as the JSON form, and a bad one is refused naming the file.
+#[test]
+fn yaml_configs_read_like_json_ones() {
+    let yaml = r#"
+apiVersion: kubelet.config.k8s.io/v1
+kind: CredentialProviderConfig
+providers:
+  - name: ecr-credential-provider
+    matchImages:
+      - "*.dkr.ecr.*.amazonaws.com"
+      - "*.dkr.ecr.*.amazonaws.com.cn"
+    defaultCacheDuration: "12h"
+    apiVersion: credentialprovider.kubelet.k8s.io/v1
+    args:
+      - get-credentials
+    env:
+      - name: AWS_PROFILE
+        value: temp
+"#;
+    let json = serde_json::json!({
+        "apiVersion": "kubelet.config.k8s.io/v1",
+        "kind": "CredentialProviderConfig",
+        "providers": [{
+            "name": "ecr-credential-provider",
+            "matchImages": ["*.dkr.ecr.*.amazonaws.com", "*.dkr.ecr.*.amazonaws.com.cn"],
+            "defaultCacheDuration": "12h",
+            "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+            "args": ["get-credentials"],
+            "env": [{"name": "AWS_PROFILE", "value": "temp"}]
+        }]
+    })
+    .to_string();
+    let (from_yaml, from_json) = (CredentialProviderConfig::parse(yaml, "c.yaml").unwrap(), CredentialProviderConfig::parse(&json, "c.json").unwrap());
+    assert_eq!(format!("{from_yaml:?}"), format!("{from_json:?}"));
+    assert_eq!(from_yaml.providers[0].match_images.len(), 2);
+    assert_eq!(from_yaml.providers[0].args, ["get-credentials"]);
+    // A service-account-token plugin (kubelet's tokenAttributes) is kubelet's to run: not run
+    // by lazypull, whose CRI proxy gets its credential in PullImage's AuthConfig instead.
+    let sa = yaml.replace(
+        "    args:\n",
+        "    tokenAttributes:\n      serviceAccountTokenAudience: ecr.example\n      requireServiceAccount: true\n    args:\n",
+    );
+    let sa = CredentialProviderConfig::parse(&sa, "c.yaml").unwrap();
+    assert!(sa.providers[0].needs_service_account_token() && !from_yaml.providers[0].needs_service_account_token());
+    let p = cri_proxy::provider::Providers::new(sa, cri_proxy::provider::ProviderOptions { bin_dir: "/nonexistent".into(), timeout: Duration::from_secs(1) }).unwrap();
+    assert!(!p.matches("123.dkr.ecr.us-east-1.amazonaws.com/app"), "a token plugin is not lazypull's to run");
+    let bad = yaml.replace("defaultCacheDuration: \"12h\"", "defaultCacheDuration: [12h]");
+    let err = CredentialProviderConfig::parse(&bad, "c.yaml").unwrap_err().to_string();
+    assert!(err.contains("c.yaml") && err.contains("YAML"), "{err}");
+}

@@ -18,7 +18,7 @@ pub struct IndexArgs {
     /// Uncompressed bytes between checkpoints (each span is fetched and verified as a unit).
     #[arg(long, default_value_t = soci::DEFAULT_SPAN_SIZE)]
     span_size: u64,
-    /// Layers smaller than this get no zTOC (they are fetched whole).
+    /// Layers smaller than this get no zTOC (the snapshotter fetches them whole and indexes them itself).
     #[arg(long, default_value_t = soci_image::create::DEFAULT_MIN_LAYER_SIZE)]
     min_layer_size: u64,
     /// Platform(s) to index from an image index (os/arch[/variant]); default: this machine's.
@@ -158,7 +158,7 @@ async fn inspect(store: &Store, platform: Option<&str>) -> Result<()> {
     println!("index:    {} (v{}, found via {})", found.digest, if found.index.version == soci_image::IndexVersion::V1 { 1 } else { 2 }, found.via.as_str());
     for (i, l) in m.layers.iter().enumerate() {
         match found.index.ztoc_for(&l.digest) {
-            None => println!("  layer {i} {} {:>11}  no zTOC (fetched whole)", l.digest, l.size),
+            None => println!("  layer {i} {} {:>11}  no zTOC (fetched whole; the snapshotter indexes it itself up to 16 MiB)", l.digest, l.size),
             Some(z) => {
                 let bytes = store.blob_bytes(&z.ztoc_digest).await?;
                 match soci::Ztoc::from_bytes(&bytes) {
