@@ -124,8 +124,8 @@ def soci(d, md, reps):
            "lazypull-soci\" RESULTS=results-soci.jsonl REPORT=soci`, REPS=%s, medians)\n" % reps]
     out.append("Measured by `make bench` on %s, %s cores, the same containerd, cold runs and links as the section "
                "above, in one run. `lazypull-soci` runs the **unmodified** gzip image (its digest unchanged) with "
-               "a v1 SOCI index made by `lazypull soci create` (%s-byte spans, layers under 10 MiB not indexed "
-               "and pulled whole, as upstream); `lazypull` runs our eStargz conversion of the same image; "
+               "a v1 SOCI index made by `lazypull soci create` (%s-byte spans, layers under 10 MiB not indexed, "
+               "as upstream: the snapshotter fetches those whole and indexes them itself); `lazypull` runs our eStargz conversion of the same image; "
                "overlayfs is containerd's full pull of the same unmodified image.\n" % (
                    datetime.now(timezone.utc).strftime("%Y-%m-%d"),
                    subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(),
