@@ -108,18 +108,34 @@ fn without_implicit_dirs(mut m: std::collections::BTreeMap<String, String>) -> s
     m
 }
 
-#[test]
-fn soci_indexed_gzip_image_mounts_lazily_and_identically() {
+/// The fixture image, copied unchanged into a fresh registry behind a recording proxy.
+struct Pushed {
+    proxy: FaultProxy,
+    reg: TestRegistry,
+    reference: String,
+    /// `image copy`'s output.
+    copied: String,
+    tmp: tempfile::TempDir,
+}
+
+/// [`Pushed`] as `REPO:TAG` (`None`: prerequisites missing, the test is skipped).
+fn pushed(repo_tag: &str) -> Option<Pushed> {
     if !prerequisites(&[("python3", "-V")]) {
-        return;
+        return None;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    fixture(t);
+    fixture(tmp.path());
     let reg = TestRegistry::start(Auth::None);
     let proxy = FaultProxy::start(&reg.host);
-    let reference = format!("{}/soci/plain:v1", proxy.addr);
-    let copied = lazypull(&["image", "copy", &format!("oci:{}:latest", t.join("image-layout").display()), &reference]);
+    let reference = format!("{}/{repo_tag}", proxy.addr);
+    let copied = lazypull(&["image", "copy", &format!("oci:{}:latest", tmp.path().join("image-layout").display()), &reference]);
+    Some(Pushed { proxy, reg, reference, copied, tmp })
+}
+
+#[test]
+fn soci_indexed_gzip_image_mounts_lazily_and_identically() {
+    let Some(Pushed { proxy, reg, reference, copied, tmp }) = pushed("soci/plain:v1") else { return };
+    let t = tmp.path();
     assert!(copied.contains(IMAGE), "{copied}");
 
     // --- v1: beside the unchanged image, found through the fallback tag.
@@ -225,16 +241,8 @@ fn soci_indexed_gzip_image_mounts_lazily_and_identically() {
 /// error naming it.
 #[test]
 fn soci_prefetch_artifacts_are_built_shown_and_prefetched_at_mount() {
-    if !prerequisites(&[("python3", "-V")]) {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    let Some(Pushed { proxy, reg: _reg, reference, tmp, .. }) = pushed("soci/prefetch:v1") else { return };
     let t = tmp.path();
-    fixture(t);
-    let reg = TestRegistry::start(Auth::None);
-    let proxy = FaultProxy::start(&reg.host);
-    let reference = format!("{}/soci/prefetch:v1", proxy.addr);
-    lazypull(&["image", "copy", &format!("oci:{}:latest", t.join("image-layout").display()), &reference]);
 
     let missing = Command::new(BIN).args(["soci", "create", &reference, "--prefetch-file", "/no/such/file"]).output().unwrap();
     assert!(!missing.status.success());
