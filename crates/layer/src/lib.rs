@@ -90,10 +90,10 @@ impl IndexCheck {
     }
 
     /// The check of a SOCI layer from the digests its SOCI index gives (zTOC, prefetch
-    /// artifact), as text.
+    /// artifact), as text. A prefetch digest that is not a sha256 digest is a hint left out.
     pub fn soci(ztoc: &str, prefetch: Option<&str>) -> Result<IndexCheck, NotLazy> {
-        let digest = |s: &str, what: &str| s.parse::<Digest>().map_err(|_| NotLazy::IndexUnusable(format!("{what} digest {s:?}")));
-        Ok(IndexCheck::SociZtoc(digest(ztoc, "zTOC")?, prefetch.map(|p| digest(p, "prefetch artifact")).transpose()?))
+        let z = ztoc.parse::<Digest>().map_err(|_| NotLazy::IndexUnusable(format!("zTOC digest {ztoc:?}")))?;
+        Ok(IndexCheck::SociZtoc(z, prefetch.and_then(|p| p.parse().ok())))
     }
 
     /// The blobs beside the image this check names (a SOCI layer's zTOC and prefetch

@@ -4,7 +4,9 @@
 //!
 //! Why here: `lazypull mount` and `lazypull warm` must agree on exactly this (a layer warmed
 //! must be the layer the daemons serve, keyed the same way in the store); the snapshotter makes
-//! the same decision through the same `layer` and `soci_image` calls.
+//! the same decision through the same `layer` and `soci_image` calls, except that it indexes
+//! small layers a SOCI index leaves out itself (their daemons find that zTOC in the tails
+//! cache, or build it again here: [`open_lazy`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,7 +87,13 @@ pub fn open_lazy(at: &OpenAt, location: &convert::Store, d: &registry::Descripto
     let tails = store::TailCache::new(crate::mount::tails_dir(at.state_dir));
     match check {
         layer::IndexCheck::SociZtoc(ztoc, prefetch) => {
-            let bytes = side_blob(at, location, &tails, &ztoc, "zTOC")?;
+            let bytes = match side_blob(at, location, &tails, &ztoc, "zTOC") {
+                Ok(b) => b,
+                // A zTOC the snapshotter built for a small layer (none in the registry) and no
+                // longer cached: build it again from the layer (deterministic; the digest decides).
+                Err(e) if d.size <= snapshotter::remote::LOCAL_UNPACK_MAX => rebuild_ztoc(at, location, &tails, d, &ztoc).ok_or(e)?,
+                Err(e) => return Err(e),
+            };
             // A small layer the snapshotter indexed itself was kept whole: read it from disk
             // (every span is still checked against the zTOC's digests).
             let source = match tails.load_whole(&d.digest, d.size) {
@@ -98,6 +106,20 @@ pub fn open_lazy(at: &OpenAt, location: &convert::Store, d: &registry::Descripto
         }
         _ => lazyfs::open_layer_cached(source, Some(&check), at.store.clone(), at.fetch.clone(), &tails).map_err(|e| layer::NotLazy::IndexUnusable(format!("{e}"))),
     }
+}
+
+/// The zTOC `want` of small layer `d`, built from the whole blob (fetched digest-checked), if
+/// that is what it builds to; kept in the tails cache with the blob, as the snapshotter keeps them.
+fn rebuild_ztoc(at: &OpenAt, location: &convert::Store, tails: &store::TailCache, d: &registry::Descriptor, want: &estargz::Digest) -> Option<Vec<u8>> {
+    let blob = at.rt.block_on(location.blob_bytes(&d.digest)).ok()?;
+    let ztoc = soci::build_ztoc(&blob[..], &soci::BuildOptions::default()).ok()?.to_bytes();
+    if estargz::Digest::of(&ztoc) != *want {
+        return None;
+    }
+    info!(layer = %d.digest, ztoc = %want, "zTOC built again from the layer (it was built locally and is no longer cached)");
+    let _ = tails.save(&d.digest, 0, &blob);
+    let _ = tails.save(&want.to_string(), 0, &ztoc);
+    Some(ztoc)
 }
 
 /// A blob a SOCI layer needs from beside the image (`what`: its zTOC or prefetch artifact),

@@ -272,10 +272,13 @@ impl RegistryRemote {
     /// milliseconds, off the critical path, and its mount is served like any SOCI layer (one
     /// span, fetched whole at mount as small layers are).
     fn local_ztoc(&self, image: &str, digest: &str, size: u64, media_type: &str) -> Option<estargz::Digest> {
-        if let Some(z) = self.local_ztocs.lock().unwrap().get(digest) {
-            return Some(*z);
-        }
         let tails = self.tails.as_ref()?;
+        // Only while the tails cache still holds both (GC removes what no live layer uses).
+        if let Some(z) = self.local_ztocs.lock().unwrap().get(digest) {
+            if tails.contains(&z.to_string()) && tails.contains(digest) {
+                return Some(*z);
+            }
+        }
         if size > LOCAL_UNPACK_MAX || !soci_image::indexable(media_type) {
             return None;
         }
@@ -343,7 +346,21 @@ impl Remote for RegistryRemote {
         let opened = match (&want, &self.tails) {
             (layer::IndexCheck::SociZtoc(ztoc, prefetch), _) => {
                 let reference = Reference::parse(&layer.image_ref).expect("parsed above");
-                let bytes = self.side_blob(&reference, ztoc, "zTOC")?;
+                let bytes = match self.side_blob(&reference, ztoc, "zTOC") {
+                    Ok(b) => b,
+                    // A zTOC built here and no longer cached: build it again (the builder is
+                    // deterministic; the digest decides).
+                    Err(e) => match self.tails.as_ref().filter(|_| layer.size <= LOCAL_UNPACK_MAX) {
+                        Some(tails) => {
+                            let (client, timeout) = (self.client.clone(), self.config.fetch_timeout);
+                            match self.runtime.block_on(index_small_layer(&client, &reference, &layer.digest, tails, timeout)) {
+                                Ok(z) if z == *ztoc => self.side_blob(&reference, ztoc, "zTOC")?,
+                                _ => return Err(e),
+                            }
+                        }
+                        None => return Err(e),
+                    },
+                };
                 // A small layer indexed here was kept whole: read it from disk.
                 let source = match self.tails.as_ref().and_then(|t| t.load_whole(&layer.digest, layer.size)) {
                     Some(blob) => Arc::new(store::TailSource::new(source, Some((0, blob)))) as Arc<dyn RangeSource>,
@@ -411,7 +428,7 @@ impl Remote for RegistryRemote {
 
 /// The largest layer the snapshotter fetches and unpacks itself ([`Remote::unpack`]): SOCI's
 /// default minimum layer size is 10 MiB, and the snapshot calls wait while it works.
-const LOCAL_UNPACK_MAX: u64 = 16 << 20;
+pub const LOCAL_UNPACK_MAX: u64 = 16 << 20;
 
 /// Fetches a small layer whole (digest-checked by the client, at most [`LOCAL_UNPACK_MAX`]
 /// bytes), builds its zTOC (default span size) and keeps it in `tails` under its digest.

@@ -23,6 +23,9 @@ pub const SPAN_SIZE: &str = "com.amazon.soci.span-size";
 pub const BUILD_TOOL: &str = "com.amazon.soci.build-tool-identifier";
 pub const INDEX_DIGEST: &str = "com.amazon.soci.index-digest";
 pub const IMAGE_MANIFEST_DIGEST: &str = "com.amazon.soci.image-manifest-digest";
+/// The largest prefetch artifact an index may name (a span range is ~40 bytes of JSON; a
+/// layer has at most a few thousand spans).
+pub const MAX_PREFETCH_ARTIFACT: u64 = 1 << 20;
 /// The config blob of every SOCI index.
 pub const EMPTY_CONFIG: &[u8] = b"{}";
 
@@ -150,7 +153,10 @@ impl SociIndex {
         for (i, l) in m.layers.iter().enumerate() {
             let get = |key: &str| l.annotations.get(key).cloned().ok_or_else(|| bad(format!("zTOC {i} ({}) has no {key}", l.digest)));
             if l.media_type == soci::PREFETCH_MEDIA_TYPE {
-                prefetches.push((get(LAYER_DIGEST)?, Blob { digest: l.digest.clone(), size: l.size }));
+                // A hint: one without its layer, or implausibly large, is left out (below).
+                if let (Some(layer), true) = (l.annotations.get(LAYER_DIGEST), l.size <= MAX_PREFETCH_ARTIFACT) {
+                    prefetches.push((layer.clone(), Blob { digest: l.digest.clone(), size: l.size }));
+                }
                 continue;
             }
             let span_size = get(SPAN_SIZE)?.parse().map_err(|_| bad(format!("zTOC {i} ({}) has a bad {SPAN_SIZE}", l.digest)))?;
@@ -163,12 +169,12 @@ impl SociIndex {
                 prefetch: None,
             });
         }
+        // Prefetch artifacts are hints (upstream's are experimental): one for a layer without a
+        // zTOC has nothing to name spans of, and of two for one layer the first is used; neither
+        // makes the index unusable. A layer digest that appears twice gets it on every copy.
         for (layer, blob) in prefetches {
-            // A prefetch set for a layer without a zTOC has nothing to name spans of.
-            match ztocs.iter_mut().find(|z| z.layer_digest == layer) {
-                Some(z) if z.prefetch.is_none() => z.prefetch = Some(blob),
-                Some(_) => return Err(bad(format!("two prefetch artifacts for layer {layer}"))),
-                None => return Err(bad(format!("prefetch artifact {} is for layer {layer}, which has no zTOC in the index", blob.digest))),
+            for z in ztocs.iter_mut().filter(|z| z.layer_digest == layer && z.prefetch.is_none()) {
+                z.prefetch = Some(blob.clone());
             }
         }
         Ok(SociIndex { version, ztocs, subject: m.subject, build_tool: m.annotations.get(BUILD_TOOL).cloned() })
@@ -234,9 +240,13 @@ mod tests {
         );
         assert_eq!(m.layers[3].annotations, BTreeMap::from([(LAYER_DIGEST.to_owned(), "sha256:a".to_owned())]));
         assert_eq!(SociIndex::parse(&idx.to_bytes(), "x").unwrap(), idx);
-        // A prefetch set for a layer the index does not index: refused with the layer named.
-        let stray = String::from_utf8(idx.to_bytes()).unwrap().replace("\"com.amazon.soci.image-layer-digest\":\"sha256:c\"}}]", "\"com.amazon.soci.image-layer-digest\":\"sha256:q\"}}]");
-        let err = SociIndex::parse(stray.as_bytes(), "x").unwrap_err();
-        assert!(err.reason.contains("sha256:q"), "{err}");
+        // A prefetch set for a layer the index does not index is a hint with nothing to apply
+        // to: left out, the index still usable.
+        let bytes = String::from_utf8(idx.to_bytes()).unwrap();
+        let (tail, stray_tail) = ("\"com.amazon.soci.image-layer-digest\":\"sha256:c\"}}]", "\"com.amazon.soci.image-layer-digest\":\"sha256:q\"}}]");
+        assert!(bytes.contains(tail), "{bytes}");
+        let parsed = SociIndex::parse(bytes.replace(tail, stray_tail).as_bytes(), "x").unwrap();
+        assert_eq!(parsed.ztocs[2].prefetch, None);
+        assert_eq!(parsed.ztocs[0].prefetch, idx.ztocs[0].prefetch);
     }
 }

@@ -51,6 +51,8 @@ pub enum PrefetchError {
     Empty,
     #[error("prefetch range {start}..={end} is reversed or beyond the layer's {spans} spans")]
     Range { start: u64, end: u64, spans: usize },
+    #[error("prefetch artifact lists {ranges} ranges for a layer of {spans} spans")]
+    TooMany { ranges: usize, spans: usize },
 }
 
 impl PrefetchArtifact {
@@ -90,6 +92,10 @@ impl PrefetchArtifact {
     /// the layer, not a hint to trim.
     pub fn check(&self, ztoc: &Ztoc) -> Result<(), PrefetchError> {
         let spans = ztoc.spans.span_count();
+        // More ranges than spans can only repeat them: work for the fill thread, nothing else.
+        if self.prefetch_spans.len() > spans {
+            return Err(PrefetchError::TooMany { ranges: self.prefetch_spans.len(), spans });
+        }
         match self.prefetch_spans.iter().find(|s| s.start_span > s.end_span || s.end_span >= spans as u64) {
             Some(s) => Err(PrefetchError::Range { start: s.start_span, end: s.end_span, spans }),
             None => Ok(()),

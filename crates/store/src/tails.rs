@@ -73,7 +73,11 @@ impl TailCache {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("not a sha256 digest: {blob:?}")));
         };
         std::fs::create_dir_all(&self.dir)?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Unique per save: two writers of one entry (a read-ahead and a mount, in one process
+        // or two) each rename a whole file of their own; the last one wins, both are complete.
+        static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
         let mut data = offset.to_le_bytes().to_vec();
         data.extend_from_slice(bytes);
         std::fs::write(&tmp, data)?;
@@ -86,11 +90,20 @@ impl TailCache {
         }
     }
 
-    /// Removes every entry whose blob digest `keep` rejects; returns how many went.
+    /// Removes every entry whose blob digest `keep` rejects; returns how many went. Files
+    /// being written (`<hex>.tmp…`) are not entries: they are left to their writers, unless an
+    /// hour old (a writer that crashed).
     pub fn retain(&self, keep: impl Fn(&str) -> bool) -> usize {
         let mut n = 0;
         for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
+            if name.contains('.') {
+                let stale = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > std::time::Duration::from_secs(3600));
+                if stale {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                continue;
+            }
             if !keep(&format!("sha256:{name}")) && std::fs::remove_file(e.path()).is_ok() {
                 n += 1;
             }

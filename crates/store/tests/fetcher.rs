@@ -281,6 +281,24 @@ fn prefetch_fetches_a_prefix_in_few_requests() {
 }
 
 #[test]
+fn prefetch_of_ranges_takes_exactly_the_chunks_inside_them() {
+    let l = layer();
+    let store = tempfile::tempdir().unwrap();
+    let (f, _) = fetcher(&l, store.path(), None, FetchConfig::default());
+    let c = f.chunks().to_vec();
+    let n = c.len();
+    assert!(n >= 8, "{n} chunks");
+    // Two ranges, the later one first: chunks [n/2, n/2 + 2) and [1, 3); a range that ends one
+    // byte short of a chunk's end leaves that chunk out.
+    let ranges = [c[n / 2].offset..c[n / 2 + 1].next_offset, c[1].offset..c[3].next_offset - 1];
+    f.prefetch_ranges(&ranges).unwrap();
+    let inside = |i: usize| (n / 2..n / 2 + 2).contains(&i) || (1..3).contains(&i);
+    for (i, chunk) in c.iter().enumerate() {
+        assert_eq!(f.store().contains(&chunk.digest.unwrap()), inside(i), "chunk {i}");
+    }
+}
+
+#[test]
 fn background_fill_waits_for_a_quiet_link_and_then_completes() {
     let l = layer();
     let store = tempfile::tempdir().unwrap();
